@@ -1,0 +1,1 @@
+"""llamaserve: a self-hosted Llama API platform."""

@@ -1,0 +1,1 @@
+"""Prompt rendering: chat templates, and later tool-call formats and image inputs."""

@@ -1,0 +1,86 @@
+"""The `llamaserve` command."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from llamaserve.config import ModelNotFound, ServeConfig
+from llamaserve.engine import LlamaError
+
+if TYPE_CHECKING:
+    from llamaserve.backends.local import LocalModel
+
+app = typer.Typer(help="llamaserve: a self-hosted, OpenAI-compatible Llama API.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """llamaserve: a self-hosted, OpenAI-compatible Llama API."""
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    model: Annotated[str | None, typer.Option(help="GGUF file to serve (default: the embedded SmolLM2-135M).")] = None,
+    model_id: Annotated[str | None, typer.Option(help="Model name clients use (default: from the file).")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for llama.cpp.")] = max(1, os.cpu_count() or 1),
+    parallel: Annotated[int, typer.Option(help="Sequences generated at once (engine slots).")] = 16,
+    ctx: Annotated[int, typer.Option(help="KV cache size in tokens, shared by all slots.")] = 16384,
+    batch: Annotated[int, typer.Option(help="Most tokens per engine step (decode + prompt chunks).")] = 512,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 503.")] = 1024,
+) -> None:
+    """Serve the OpenAI-compatible API on one model with the continuous-batching engine."""
+    import uvicorn
+
+    from llamaserve.api.app import create_app
+
+    config = ServeConfig(
+        host=host,
+        port=port,
+        model=model,
+        model_id=model_id,
+        threads=threads,
+        parallel=parallel,
+        ctx=ctx,
+        batch=batch,
+        max_queue=max_queue,
+    )
+    try:
+        local = _load(config)
+    except (ModelNotFound, LlamaError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    url = f"http://{host}:{port}"
+    console.print(
+        f"[green]llamaserve ready[/green] at {url}/v1 · model [bold]{local.id}[/bold] "
+        f"({parallel} slots, {local.max_model_len}-token context, {threads} threads)\n"
+        f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{local.id}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
+    )
+    uvicorn.run(create_app(local), host=host, port=port, log_level="warning")
+
+
+def _load(config: ServeConfig) -> LocalModel:
+    from llamaserve.backends.local import LocalModel
+
+    with Progress(
+        TextColumn("loading model"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("load", total=1.0)
+        return LocalModel(config, on_progress=lambda p: progress.update(task, completed=p))
+
+
+if __name__ == "__main__":
+    app()

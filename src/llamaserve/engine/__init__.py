@@ -1,0 +1,19 @@
+"""The llama.cpp continuous-batching engine."""
+
+from llamaserve.engine.engine import Engine, EngineOverloaded, EngineStats, PromptTooLong, RequestHandle
+from llamaserve.engine.llama import ContextConfig, LlamaError, LlamaModel
+from llamaserve.engine.sampling import SamplingParams
+from llamaserve.engine.sequence import Output
+
+__all__ = [
+    "ContextConfig",
+    "Engine",
+    "EngineOverloaded",
+    "EngineStats",
+    "LlamaError",
+    "LlamaModel",
+    "Output",
+    "PromptTooLong",
+    "RequestHandle",
+    "SamplingParams",
+]

@@ -1,0 +1,227 @@
+"""A thin, typed layer over llama.cpp's C API (the `llama_cpp` ctypes module).
+
+Only what the engine needs: load a model into one context with many sequence slots and a unified KV cache,
+tokenize, detokenize piece by piece, decode batches, and edit the KV cache per sequence.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import llama_cpp as C
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        # Silence llama.cpp's own logging; we report progress ourselves.
+        C.llama_log_set(_silent_log, ctypes.c_void_p())
+        C.llama_backend_init()
+        _backend_ready = True
+
+
+@C.llama_log_callback
+def _silent_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    n_ctx: int = 16384  # KV cells shared by all sequences (unified cache)
+    n_seq_max: int = 16  # sequence slots
+    n_batch: int = 512  # tokens per llama_decode call
+    n_threads: int = max(1, os.cpu_count() or 1)
+
+
+class LlamaError(RuntimeError):
+    pass
+
+
+class LlamaModel:
+    """One GGUF model with one llama_context."""
+
+    def __init__(
+        self,
+        path: str,
+        config: ContextConfig,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> None:
+        _init_backend()
+        self.path = path
+        self.config = config
+        model_params = C.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        model_params.use_extra_bufts = False
+        if on_progress is not None:
+            # Keep a reference: ctypes callbacks are freed with their Python object.
+            self._progress_cb = C.llama_progress_callback(lambda p, _: on_progress(p) or True)
+            model_params.progress_callback = self._progress_cb
+        self.model = C.llama_model_load_from_file(path.encode(), model_params)
+        if not self.model:
+            raise LlamaError(f"could not load model from {path!r} (is it a GGUF file?)")
+        self.vocab = C.llama_model_get_vocab(self.model)
+        self.n_vocab: int = C.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train: int = C.llama_model_n_ctx_train(self.model)
+
+        ctx_params = C.llama_context_default_params()
+        ctx_params.n_ctx = config.n_ctx
+        ctx_params.n_batch = config.n_batch
+        ctx_params.n_ubatch = config.n_batch
+        ctx_params.n_seq_max = config.n_seq_max
+        ctx_params.n_threads = config.n_threads
+        ctx_params.n_threads_batch = config.n_threads
+        ctx_params.kv_unified = True  # one pool of cells: sequences can share a prefix's cells
+        ctx_params.no_perf = True
+        self.ctx = C.llama_init_from_model(self.model, ctx_params)
+        if not self.ctx:
+            C.llama_model_free(self.model)
+            raise LlamaError("could not create a llama.cpp context (too little memory for --ctx?)")
+        self.n_ctx: int = C.llama_n_ctx(self.ctx)
+        self.memory = C.llama_get_memory(self.ctx)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # --- metadata -------------------------------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(65536)
+        n = C.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            C.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        raw = C.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8") if raw else None
+
+    def token_text(self, token: int) -> str:
+        """The token's text with special tokens rendered (e.g. '<|im_end|>'), for templates."""
+        return self._piece(token, special=True).decode("utf-8", errors="replace")
+
+    @property
+    def bos(self) -> int:
+        return C.llama_vocab_bos(self.vocab)
+
+    @property
+    def eos(self) -> int:
+        return C.llama_vocab_eos(self.vocab)
+
+    @property
+    def adds_bos(self) -> bool:
+        return bool(C.llama_vocab_get_add_bos(self.vocab))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    # --- tokens ---------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (C.llama_token * cap)()
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (C.llama_token * cap)()
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The raw bytes a generated token contributes to the text (special tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self._pieces[token] = self._piece(token, special=False)
+        return cached
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        buf = self._piece_buf
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        if not tokens:
+            return ""
+        arr = (C.llama_token * len(tokens))(*tokens)
+        cap = len(tokens) * 16 + 16
+        buf = ctypes.create_string_buffer(cap)
+        n = C.llama_detokenize(self.vocab, arr, len(tokens), buf, cap, False, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_detokenize(self.vocab, arr, len(tokens), buf, -n, False, special)
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+    def is_valid_token(self, token: int) -> bool:
+        return 0 <= token < self.n_vocab
+
+    # --- KV cache -------------------------------------------------------------------------------------------
+    def kv_remove(self, seq_id: int, start: int = -1, end: int = -1) -> None:
+        """Forget seq_id's cells at positions [start, end) (-1: open end)."""
+        C.llama_memory_seq_rm(self.memory, seq_id, start, end)
+
+    def kv_copy(self, src: int, dst: int, end: int) -> None:
+        """Let dst share src's cells at positions [0, end): no compute, the cells gain a sequence id."""
+        C.llama_memory_seq_cp(self.memory, src, dst, 0, end)
+
+    def kv_clear(self) -> None:
+        C.llama_memory_clear(self.memory, True)
+
+    # --- compute --------------------------------------------------------------------------------------------
+    def decode(self, batch: Batch) -> int:
+        return C.llama_decode(self.ctx, batch.raw)
+
+    def logits(self, index: int) -> ctypes.Array[ctypes.c_float]:
+        """Logits of the batch's index-th token that asked for them (valid until the next decode)."""
+        ptr = C.llama_get_logits_ith(self.ctx, index)
+        return (ctypes.c_float * self.n_vocab).from_address(ctypes.addressof(ptr.contents))
+
+    def close(self) -> None:
+        if self.ctx:
+            C.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            C.llama_model_free(self.model)
+            self.model = None
+
+
+class Batch:
+    """A reusable llama_batch of token inputs, each with one sequence id."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = C.llama_batch_init(capacity, 0, 1)
+        self._token = self.raw.token
+        self._pos = self.raw.pos
+        self._n_seq_id = self.raw.n_seq_id
+        self._seq_id = self.raw.seq_id
+        self._logits = self.raw.logits
+        for i in range(capacity):
+            self._n_seq_id[i] = 1
+
+    @property
+    def size(self) -> int:
+        return self.raw.n_tokens
+
+    def clear(self) -> None:
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_id: int, want_logits: bool) -> int:
+        """Append one token; returns its index in the batch."""
+        i = self.raw.n_tokens
+        self._token[i] = token
+        self._pos[i] = pos
+        self._seq_id[i][0] = seq_id
+        self._logits[i] = want_logits
+        self.raw.n_tokens = i + 1
+        return i
+
+    def free(self) -> None:
+        C.llama_batch_free(self.raw)
