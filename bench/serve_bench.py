@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -169,9 +170,7 @@ def argmax_rows(model: Any, rows: int, banned: list[int]) -> list[int]:
     import llama_cpp
 
     ptr = llama_cpp.llama_get_logits(model.ctx)
-    logits = np.ctypeslib.as_array(
-        ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(rows, model.n_vocab)
-    )
+    logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(rows, model.n_vocab))
     logits[:, banned] = -np.inf
     return logits.argmax(axis=1).tolist()
 
@@ -419,9 +418,7 @@ def run_workload_a(base: str, model: str, args: argparse.Namespace, nonce: str) 
     for c in args.concurrency:
         per = requests_per_client(c, args.requests_per_client)
         results, wall = asyncio.run(
-            run_clients(
-                base, model, c, per, lambda n: workload_a_messages(next(counter), nonce), args.out_tokens
-            )
+            run_clients(base, model, c, per, lambda n: workload_a_messages(next(counter), nonce), args.out_tokens)
         )
         out[c] = summarize(results, wall)
         print(f"  c={c}: {out[c]['requests']} requests, {out[c]['tok_s']:.1f} tok/s", flush=True)
@@ -435,9 +432,7 @@ def run_workload_b(base: str, model: str, out_tokens: int, nonce: str) -> dict[s
         run_clients(base, model, N_SEQ, 1, lambda n: workload_b_messages(n, system), out_tokens)
     )
     after = engine_stats(base)
-    delta = {
-        k: after[k] - before[k] for k in after if isinstance(after[k], int) and isinstance(before.get(k), int)
-    }
+    delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int) and isinstance(before.get(k), int)}
     cached = [r.cached_tokens for r in results]
     prompts = [r.prompt_tokens for r in results]
     return summarize(results, wall) | {
@@ -470,21 +465,18 @@ def report(res: dict[str, Any]) -> None:
         res.get("workload_a", {}),
         res.get("workload_b"),
     )
-    print(f"\n## Setup\nthreads={res['threads']} out_tokens={res['out_tokens']} model={res['model']}\n")
+    print(f"\n## Setup\nthreads={res['threads']} out_tokens={res['out_tokens']} model={res['model']}", end=" ")
+    print(f"loadavg 1-min start/end={res['loadavg_start']}/{res['loadavg_end']}\n")
     rows: list[list[Any]] = []
     if base:
         rows.append(["baseline: Llama.create_completion, serial", base["requests"], round(base["tok_s"], 1)])
     if ceil:
-        rows.append(
-            [f"ceiling: bare loop, {ceil['sequences']} seqs", ceil["sequences"], round(ceil["tok_s"], 1)]
-        )
+        rows.append([f"ceiling: bare loop, {ceil['sequences']} seqs", ceil["sequences"], round(ceil["tok_s"], 1)])
     print(table(["reference", "requests", "output tok/s"], rows))
     if a:
         print("\n## Workload A: distinct prompts, streaming\n")
         cols = ["tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
-        rows = [
-            [c, s["requests"], s["prompt_tokens_per_request"]] + [s[k] for k in cols] for c, s in a.items()
-        ]
+        rows = [[c, s["requests"], s["prompt_tokens_per_request"]] + [s[k] for k in cols] for c, s in a.items()]
         print(
             table(
                 [
@@ -552,9 +544,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
-    p.add_argument(
-        "--requests-per-client", type=int, default=None, help="default: max(3, ceil(16 / concurrency))"
-    )
+    p.add_argument("--requests-per-client", type=int, default=None, help="default: max(3, ceil(16 / concurrency))")
     p.add_argument("--baseline-requests", type=int, default=4)
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--skip-ceiling", action="store_true")
@@ -567,12 +557,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the server subprocess is stopped
     nonce = uuid.uuid4().hex[:8]
     res: dict[str, Any] = {
         "threads": args.threads,
         "out_tokens": args.out_tokens,
         "model": Path(model_path()).name,
+        "loadavg_start": round(os.getloadavg()[0], 2),
     }
+    if res["loadavg_start"] > 0.5:
+        # llama.cpp's threads spin at barriers: any other busy process on these cores skews every number.
+        print(f"warning: 1-min load average is {res['loadavg_start']}; results may be noisy", file=sys.stderr)
     if not args.skip_baseline:
         print("baseline: llama-cpp-python Llama, serial ...", flush=True)
         res["baseline"] = run_baseline(args.threads, args.out_tokens, args.baseline_requests, nonce)
@@ -588,6 +583,7 @@ def main(argv: list[str] | None = None) -> None:
             if not args.skip_b:
                 print("workload B ...", flush=True)
                 res["workload_b"] = run_workload_b(base, model, args.out_tokens, nonce)
+    res["loadavg_end"] = round(os.getloadavg()[0], 2)
     report(res)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(res, indent=2, default=str) + "\n")

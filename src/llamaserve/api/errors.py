@@ -48,7 +48,8 @@ def _validation_message(err: dict[str, Any], param: str | None) -> str:
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
-    param = param_name(first.get("loc", ()))
+    # A JSON syntax error's location is a character offset, not a parameter.
+    param = None if first.get("type") == "json_invalid" else param_name(first.get("loc", ()))
     code = "unrecognized_argument" if first.get("type") == "extra_forbidden" else "invalid_value"
     detail = ErrorDetail(
         message=_validation_message(first, param), type="invalid_request_error", param=param, code=code

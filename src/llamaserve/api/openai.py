@@ -15,7 +15,7 @@ from starlette.background import BackgroundTask
 
 from llamaserve.backends.local import LocalModel
 from llamaserve.chat.template import TemplateError
-from llamaserve.engine import EngineOverloaded, Output, PromptTooLong, RequestHandle, SamplingParams
+from llamaserve.engine import EngineOverloaded, InvalidPrompt, Output, RequestHandle, SamplingParams
 from llamaserve.protocol.chat import ChatCompletionRequest, ChatMessage
 from llamaserve.protocol.common import SamplingFields
 from llamaserve.protocol.completions import CompletionRequest
@@ -98,8 +98,8 @@ def _template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 def _submit(model: LocalModel, prompt: list[int], params: SamplingParams, n: int, param: str) -> RequestHandle:
     try:
         return model.engine.submit(prompt, params, n)
-    except PromptTooLong as e:
-        raise invalid(str(e), param, code="context_length_exceeded") from e
+    except InvalidPrompt as e:
+        raise invalid(str(e), param, code=e.code) from e
     except EngineOverloaded as e:
         raise APIError(
             503, str(e), type="server_overloaded", code="engine_overloaded", headers={"Retry-After": "1"}
@@ -154,8 +154,9 @@ async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Outp
 
 
 async def _until_disconnected(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.25)
+    """Returns when the client closes the connection (the body has been read, so that is the next message)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _collect(request: Request, handles: list[RequestHandle], n: int) -> tuple[list[str], list[str | None]]:
@@ -174,15 +175,15 @@ async def _collect(request: Request, handles: list[RequestHandle], n: int) -> tu
     work = asyncio.create_task(consume())
     watch = asyncio.create_task(_until_disconnected(request))
     try:
-        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
         if not work.done():
-            work.cancel()  # the client left: closing the handles frees their slots
-            for h in handles:
+            work.cancel()
+            for h in handles:  # frees their slots at the engine's next step
                 h.close()
-    if work.cancelled():
-        raise asyncio.CancelledError
+    if work not in done:
+        raise APIError(499, "the client closed the connection", code="client_closed_request")
     work.result()
     return texts, reasons
 

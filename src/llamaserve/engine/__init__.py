@@ -1,6 +1,6 @@
 """The llama.cpp continuous-batching engine."""
 
-from llamaserve.engine.engine import Engine, EngineOverloaded, EngineStats, PromptTooLong, RequestHandle
+from llamaserve.engine.engine import Engine, EngineOverloaded, EngineStats, InvalidPrompt, RequestHandle
 from llamaserve.engine.llama import ContextConfig, LlamaError, LlamaModel
 from llamaserve.engine.sampling import SamplingParams
 from llamaserve.engine.sequence import Output
@@ -13,7 +13,7 @@ __all__ = [
     "LlamaError",
     "LlamaModel",
     "Output",
-    "PromptTooLong",
+    "InvalidPrompt",
     "RequestHandle",
     "SamplingParams",
 ]

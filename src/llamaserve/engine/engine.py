@@ -28,8 +28,12 @@ class EngineOverloaded(RuntimeError):
     """The waiting queue is full."""
 
 
-class PromptTooLong(ValueError):
-    pass
+class InvalidPrompt(ValueError):
+    """A prompt the engine cannot run; `code` says why (empty_prompt, context_length_exceeded)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -123,10 +127,13 @@ class Engine:
 
     def submit(self, prompt: list[int], params: SamplingParams, n: int = 1, request_id: str = "") -> RequestHandle:
         """Queue a request of n choices; iterate `handle.outputs()` for its text. Call on the event loop."""
+        if not prompt:
+            raise InvalidPrompt("the prompt is empty: give at least one token", "empty_prompt")
         if len(prompt) >= self.max_model_len:
-            raise PromptTooLong(
+            raise InvalidPrompt(
                 f"the prompt is {len(prompt)} tokens; this model's context is {self.max_model_len} tokens "
-                "and leaves no room to generate"
+                "and leaves no room to generate",
+                "context_length_exceeded",
             )
         if self.outstanding + n > self.n_slots + self.max_waiting:
             raise EngineOverloaded(

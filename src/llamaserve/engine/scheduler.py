@@ -138,8 +138,15 @@ class Scheduler:
             return
         self.running.remove(seq)
         self.reserved -= seq.reserve
-        seq.slot.seq = None
-        seq.slot.last_used = self.clock
+        slot = seq.slot
+        slot.seq = None
+        slot.last_used = self.clock
+        # Keep only the prompt's KV as cache. Generated tokens were computed one per step, by llama.cpp's
+        # matrix-vector path; a later prompt that contains them (the next chat turn) computes them as a batch,
+        # whose kernels round differently. Recomputing them keeps outputs identical with and without the cache.
+        if len(slot.tokens) > seq.prompt_len:
+            self.model.kv_remove(slot.id, seq.prompt_len, -1)
+            del slot.tokens[seq.prompt_len :]
 
     def evict_idle(self) -> None:
         for slot in self.slots:

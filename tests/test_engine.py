@@ -1,0 +1,189 @@
+"""The engine under the API: continuous batching, cancellation, the queue bound, and the prefix cache."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL, Server, start_server
+
+SYSTEM = (
+    "You are the support assistant of Northwind Outfitters, a company that sells hiking boots, tents, sleeping "
+    "bags, stoves and rain gear in twelve countries. Always answer politely and briefly. Our return window is "
+    "sixty days from delivery for unused items and thirty days for used items with a receipt. Shipping is free "
+    "above fifty euros; below that it costs five euros within the European Union and fifteen euros elsewhere. "
+    "Repairs of boots and tents are free for two years. Warranty claims need the order number, a photo of the "
+    "damage, and the date of purchase. Never promise delivery dates; give the usual range of three to seven "
+    "working days. Do not discuss competitors. If a customer is angry, apologise once and offer a human agent. "
+    "Sizes run small for the Alpine boot line; suggest half a size up. Gift cards never expire and cannot be "
+    "exchanged for cash. Stores open from nine to six on weekdays and from ten to four on Saturdays."
+)
+
+
+def chat(server: Server, messages: list[dict[str, str]], **kw: object) -> dict:
+    r = httpx.post(f"{server.v1}/chat/completions", json={"model": MODEL, "messages": messages, **kw}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def stream_text(client: openai.AsyncOpenAI, content: str, max_tokens: int) -> tuple[str, int, str]:
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    text, usage, finish = "", 0, ""
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage.completion_tokens
+    return text, usage, finish
+
+
+def test_sixteen_concurrent_streams_share_batches() -> None:
+    with start_server("--parallel", "16") as server:
+        client = server.async_openai()
+
+        async def run() -> list[tuple[str, int, str]]:
+            return await asyncio.gather(
+                *(stream_text(client, f"Tell me fact {i} about rivers.", 24) for i in range(16))
+            )
+
+        results = asyncio.run(run())
+        stats = server.wait_idle()
+    assert [r[1:] for r in results] == [(24, "length")] * 16
+    assert all(r[0] for r in results)
+    # Continuous batching really happened: one llama_decode advanced (nearly) all 16 streams at once.
+    assert stats["max_batch_generating"] >= 12, stats
+    assert stats["generated_tokens"] == 16 * 24
+
+
+def test_client_disconnect_frees_its_slot() -> None:
+    with start_server("--parallel", "2") as server:
+        for _ in range(2):  # two streams that would run for 4000 tokens, dropped after a few chunks
+            with httpx.stream(
+                "POST",
+                f"{server.v1}/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "Count forever."}],
+                    "max_tokens": 4000,
+                    "stream": True,
+                    "ignore_eos": True,
+                },
+                timeout=60,
+            ) as r:
+                lines = r.iter_lines()
+                for _ in range(5):
+                    next(lines)
+        stats = server.wait_idle(timeout=10)
+        assert stats["generated_tokens"] < 1000, stats
+        # Both slots are free again: two new requests run side by side.
+        client = server.async_openai()
+
+        async def two() -> list[tuple[str, int, str]]:
+            return await asyncio.gather(*(stream_text(client, f"Hi {i}", 16) for i in range(2)))
+
+        assert [r[1] for r in asyncio.run(two())] == [16, 16]
+        assert server.wait_idle()["max_batch_generating"] == 2
+
+
+def test_non_streaming_disconnect_cancels_generation() -> None:
+    with start_server("--parallel", "1") as server:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Go"}], "max_tokens": 4000, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.v1}/chat/completions", json=body, timeout=1.0)
+        stats = server.wait_idle(timeout=10)
+        assert stats["generated_tokens"] < 1000, stats
+
+
+def test_queue_bound_gives_503() -> None:
+    with start_server("--parallel", "1", "--max-queue", "1") as server:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Go"}], "max_tokens": 40, "ignore_eos": True}
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(timeout=120) as c:
+                rs = await asyncio.gather(*(c.post(f"{server.v1}/chat/completions", json=body) for _ in range(4)))
+            return sorted(r.status_code for r in rs)
+
+        codes = asyncio.run(burst())
+        assert codes[:2] == [200, 200] and set(codes[2:]) == {503}, codes
+        r = httpx.post(f"{server.v1}/chat/completions", json={**body, "max_tokens": 2})
+        assert r.status_code == 200
+
+
+def test_second_chat_turn_reuses_the_first() -> None:
+    first = [{"role": "user", "content": "Name three colours."}]
+    with start_server() as warm, start_server() as cold:
+        reply = chat(warm, first, max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
+        second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "And three animals?"}]
+        cached = chat(warm, second, max_tokens=24, temperature=0.7, seed=7)
+        fresh = chat(cold, second, max_tokens=24, temperature=0.7, seed=7)
+    details = cached["usage"]["prompt_tokens_details"]
+    assert details["cached_tokens"] > 0
+    assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert cached["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+
+
+def test_shared_system_prompt_is_reused() -> None:
+    def ask(question: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+    with start_server() as warm, start_server() as cold:
+        chat(warm, ask("Can I return used boots?"), max_tokens=8)
+        cached = chat(warm, ask("Do gift cards expire?"), max_tokens=24, temperature=0.7, seed=3)
+        fresh = chat(cold, ask("Do gift cards expire?"), max_tokens=24, temperature=0.7, seed=3)
+    assert cached["usage"]["prompt_tokens_details"]["cached_tokens"] >= 150
+    assert cached["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+
+
+def test_burst_sharing_a_system_prompt_prefills_it_once() -> None:
+    with start_server("--parallel", "8") as server:
+        client = server.async_openai()
+
+        async def burst() -> list:
+            return await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model=MODEL,
+                        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question {i}?"}],
+                        max_tokens=4,
+                    )
+                    for i in range(8)
+                )
+            )
+
+        responses = asyncio.run(burst())
+        stats = server.wait_idle()
+    prompt_len = responses[0].usage.prompt_tokens
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in responses]
+    assert sum(1 for c in cached if c >= 150) >= 7, cached
+    # Computed once for the shared part, plus each request's own few tokens: far below 8 full prefills.
+    assert stats["prompt_tokens_computed"] < prompt_len + 8 * 20, (stats, prompt_len)
+
+
+def test_n_choices_prefill_the_prompt_once() -> None:
+    with start_server() as server:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello"}]
+        r = chat(server, messages, n=4, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+        stats = server.wait_idle()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    prompt_len = r["usage"]["prompt_tokens"]
+    assert r["usage"]["completion_tokens"] == 4 * 6
+    # The prompt once, then one token (the last, for its own logits) per extra choice.
+    assert stats["prompt_tokens_computed"] == prompt_len + 3, (stats, prompt_len)
+
+
+def test_engine_keeps_serving_after_long_idle_wait(server: Server) -> None:
+    time.sleep(0.6)  # the engine thread blocks on its inbox when idle; a new request must wake it
+    assert chat(server, [{"role": "user", "content": "Hi"}], max_tokens=2)["usage"]["completion_tokens"] == 2
