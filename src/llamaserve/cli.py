@@ -33,7 +33,7 @@ def serve(
     threads: Annotated[int, typer.Option(help="CPU threads for llama.cpp.")] = max(1, os.cpu_count() or 1),
     parallel: Annotated[int, typer.Option(help="Sequences generated at once (engine slots).")] = 16,
     ctx: Annotated[int, typer.Option(help="KV cache size in tokens, shared by all slots.")] = 16384,
-    batch: Annotated[int, typer.Option(help="Most tokens per engine step (decode + prompt chunks).")] = 512,
+    batch: Annotated[int, typer.Option(help="Most tokens per engine step (decode + prompt chunks).")] = 128,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 503.")] = 1024,
 ) -> None:
     """Serve the OpenAI-compatible API on one model with the continuous-batching engine."""

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from llamaserve.api import errors, openai
 from llamaserve.backends.local import LocalModel
@@ -46,8 +46,10 @@ def create_app(model: LocalModel) -> FastAPI:
     app.include_router(openai.router)
 
     @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
-        return {"status": "ok", "model": model.id, "engine": _engine_stats(model)}
+    async def health(request: Request) -> JSONResponse:
+        ok = model.engine.alive
+        body = {"status": "ok" if ok else "engine stopped", "model": model.id, "engine": _engine_stats(model)}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:

@@ -111,6 +111,10 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="llamaserve-engine", daemon=True)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def n_slots(self) -> int:
         return self.config.n_seq_max
 
@@ -135,6 +139,8 @@ class Engine:
                 "and leaves no room to generate",
                 "context_length_exceeded",
             )
+        if not self.alive:
+            raise EngineOverloaded("the engine has stopped; see the server log")
         if self.outstanding + n > self.n_slots + self.max_waiting:
             raise EngineOverloaded(
                 f"the engine is at capacity ({self.n_slots} running, {self.max_waiting} queued); retry shortly"

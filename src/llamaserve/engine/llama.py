@@ -34,7 +34,7 @@ def _silent_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 class ContextConfig:
     n_ctx: int = 16384  # KV cells shared by all sequences (unified cache)
     n_seq_max: int = 16  # sequence slots
-    n_batch: int = 512  # tokens per llama_decode call
+    n_batch: int = 128  # tokens per llama_decode call
     n_threads: int = max(1, os.cpu_count() or 1)
 
 
