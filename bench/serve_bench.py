@@ -200,7 +200,7 @@ def time_single_prefill(model: Any, batch: Any, tokens: list[int], repeats: int 
 def run_ceiling(threads: int, out_tokens: int, nonce: str) -> dict[str, Any]:
     from llamaserve.engine.llama import Batch, ContextConfig, LlamaModel
 
-    model = LlamaModel(model_path(), ContextConfig(n_ctx=16384, n_seq_max=N_SEQ, n_threads=threads))
+    model = LlamaModel(model_path(), ContextConfig(n_seq_max=N_SEQ, n_threads=threads))
     batch = Batch(model.config.n_batch)
     try:
         banned = [t for t in range(model.n_vocab) if model.is_eog(t)]

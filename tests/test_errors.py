@@ -14,7 +14,7 @@ COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 BASE: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4}
 JSON_HEADERS = {"content-type": "application/json"}
-LONG_TEXT = "hello " * 9000  # about 9000 tokens: more than the 8192-token context
+LONG_TEXT = "hello " * 9000  # about 9000 tokens: more than the slot context and the model's own 8192
 
 
 def chat_body(**fields: Any) -> dict[str, Any]:
@@ -146,7 +146,8 @@ def test_prompt_longer_than_context(http: httpx.Client, path: str, body: dict[st
     error = error_of(http.post(path, json=body), 400)
     assert error["code"] == "context_length_exceeded"
     assert error["param"] == param
-    assert "8192" in error["message"]
+    max_model_len = http.get("/v1/models").json()["data"][0]["max_model_len"]
+    assert f"context is {max_model_len} tokens" in error["message"]
 
 
 COMPLETIONS_400 = [

@@ -32,7 +32,7 @@ def serve(
     model_id: Annotated[str | None, typer.Option(help="Model name clients use (default: from the file).")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for llama.cpp.")] = max(1, os.cpu_count() or 1),
     parallel: Annotated[int, typer.Option(help="Sequences generated at once (engine slots).")] = 16,
-    ctx: Annotated[int, typer.Option(help="KV cache size in tokens, shared by all slots.")] = 16384,
+    ctx: Annotated[int, typer.Option(help="Context of each slot in tokens (KV memory: ctx × parallel).")] = 4096,
     batch: Annotated[int, typer.Option(help="Most tokens per engine step (decode + prompt chunks).")] = 128,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 503.")] = 1024,
 ) -> None:

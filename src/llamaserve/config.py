@@ -47,7 +47,7 @@ class ServeConfig:
     model_id: str | None = None  # the name clients use; defaults to the file's
     threads: int = max(1, os.cpu_count() or 1)
     parallel: int = 16  # sequence slots: requests generated at once
-    ctx: int = 16384  # KV cells shared by all slots
+    ctx: int = 4096  # context of each slot; KV memory grows with ctx × parallel
     batch: int = 128  # tokens per engine step: bounds how long a prompt chunk stalls the streams decoding
     max_queue: int = 1024  # requests waiting for a slot before new ones get 503
     default_max_tokens: int = 512  # chat completions, as the seed documents

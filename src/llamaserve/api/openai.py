@@ -16,9 +16,9 @@ from starlette.background import BackgroundTask
 from llamaserve.backends.local import LocalModel
 from llamaserve.chat.template import TemplateError
 from llamaserve.engine import EngineOverloaded, InvalidPrompt, Output, RequestHandle, SamplingParams
-from llamaserve.protocol.chat import ChatCompletionRequest, ChatMessage
+from llamaserve.protocol.chat import ChatCompletion, ChatCompletionRequest, ChatMessage
 from llamaserve.protocol.common import SamplingFields
-from llamaserve.protocol.completions import CompletionRequest
+from llamaserve.protocol.completions import Completion, CompletionRequest
 from llamaserve.protocol.errors import APIError, invalid
 from llamaserve.protocol.tokenize import (
     DetokenizeRequest,
@@ -206,7 +206,7 @@ def _sse_response(stream: AsyncIterator[str], handles: list[RequestHandle]) -> S
 
 
 # --- chat -----------------------------------------------------------------------------------------------------
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     model = _model(request, body.model)
     _check_sampling(body, model)
@@ -303,7 +303,7 @@ async def _chat_stream(
 
 
 # --- completions ----------------------------------------------------------------------------------------------
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     model = _model(request, body.model)
     _check_sampling(body, model)

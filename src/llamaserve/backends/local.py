@@ -20,7 +20,9 @@ class LocalModel:
         self.config = config
         self.llama = LlamaModel(
             str(path),
-            ContextConfig(n_ctx=config.ctx, n_seq_max=config.parallel, n_batch=config.batch, n_threads=config.threads),
+            ContextConfig(
+                n_ctx_seq=config.ctx, n_seq_max=config.parallel, n_batch=config.batch, n_threads=config.threads
+            ),
             on_progress=on_progress,
         )
         self.engine = Engine(self.llama, max_waiting=config.max_queue)

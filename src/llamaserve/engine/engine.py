@@ -98,7 +98,7 @@ class Engine:
     def __init__(self, model: LlamaModel, max_waiting: int = 1024) -> None:
         self.model = model
         self.config: ContextConfig = model.config
-        self.max_model_len = min(model.n_ctx, model.n_ctx_train or model.n_ctx)
+        self.max_model_len = min(model.n_ctx_seq, model.n_ctx_train or model.n_ctx_seq)
         self.max_waiting = max_waiting
         self.stats = EngineStats()
         self.outstanding = 0  # sequences submitted and not yet consumed (touched on the event loop only)
@@ -197,9 +197,6 @@ class Engine:
 
     def _step(self, plan: list[Scheduled]) -> None:
         rc = self.model.decode(self._batch)
-        if rc == 1:  # no room in the KV cache: give up the prefix cache and try once more
-            self._scheduler.evict_idle()
-            rc = self.model.decode(self._batch)
         if rc != 0:
             self._fail([s.seq for s in plan], f"llama_decode failed with code {rc}")
             return

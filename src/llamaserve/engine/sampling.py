@@ -50,7 +50,7 @@ class Sampler:
                 if b.bias <= -100:
                     b.bias = float("-inf")
             add(C.llama_sampler_init_logit_bias(model.n_vocab, len(biases), biases))
-        window = model.n_ctx
+        window = model.n_ctx_seq
         if params.presence_penalty or params.frequency_penalty:
             add(
                 C.llama_sampler_init_penalties(

@@ -62,11 +62,6 @@ class Sequence:
         return len(self.tokens) - self.prompt_len
 
     @property
-    def reserve(self) -> int:
-        """KV cells this sequence may need at most."""
-        return self.prompt_len + self.max_new
-
-    @property
     def pending(self) -> int:
         """Tokens not yet in the KV cache: the rest of the prompt, or the last sampled token."""
         assert self.slot is not None
