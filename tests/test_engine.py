@@ -187,3 +187,23 @@ def test_n_choices_prefill_the_prompt_once() -> None:
 def test_engine_keeps_serving_after_long_idle_wait(server: Server) -> None:
     time.sleep(0.6)  # the engine thread blocks on its inbox when idle; a new request must wake it
     assert chat(server, [{"role": "user", "content": "Hi"}], max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def test_same_request_same_output_after_other_traffic(server: Server) -> None:
+    """Each slot keeps its KV in a stream of its own, so other requests' cached prefixes do not change how a
+    sequence's cells are laid out, and an identical request gives identical output."""
+    question = [{"role": "user", "content": "Describe a lighthouse at night."}]
+    first = chat(server, question, max_tokens=32, temperature=0.8, seed=11)
+
+    async def churn() -> None:
+        async with httpx.AsyncClient(timeout=120) as c:
+            bodies = [
+                {"model": MODEL, "messages": [{"role": "user", "content": f"Topic {i}: bees"}], "max_tokens": 12}
+                for i in range(24)
+            ]
+            await asyncio.gather(*(c.post(f"{server.v1}/chat/completions", json=b) for b in bodies))
+
+    asyncio.run(churn())
+    again = chat(server, question, max_tokens=32, temperature=0.8, seed=11)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]

@@ -1,6 +1,6 @@
 """A thin, typed layer over llama.cpp's C API (the `llama_cpp` ctypes module).
 
-Only what the engine needs: load a model into one context with many sequence slots and a unified KV cache,
+Only what the engine needs: load a model into one context with many sequence slots, each its own KV stream,
 tokenize, detokenize piece by piece, decode batches, and edit the KV cache per sequence.
 """
 
