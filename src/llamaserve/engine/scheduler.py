@@ -49,32 +49,27 @@ class Scheduler:
         self.slots = [Slot(i) for i in range(n_slots)]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
-        self.clock = 0
-
-    def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
 
     # --- admission ------------------------------------------------------------------------------------------
     def admit(self) -> None:
-        self.clock += 1
         for seq in list(self.waiting):
-            free = [s for s in self.slots if s.seq is None]
-            if not free:
+            target = next((s for s in self.slots if s.seq is None), None)
+            if target is None:
                 return
-            source, shared = self._best_prefix(seq)
+            source, shared = self._best_prefix(seq, target)
             if self._prefix_in_flight(seq, shared):
                 continue  # keeps its place; others behind it may start meanwhile
             self.waiting.remove(seq)
-            self._attach(seq, free[0], source, shared)
+            self._attach(seq, target, source, shared)
 
-    def _best_prefix(self, seq: Sequence) -> tuple[Slot | None, int]:
+    def _best_prefix(self, seq: Sequence, target: Slot) -> tuple[Slot | None, int]:
         """The slot whose KV holds the longest prefix of this prompt (all but its last token, whose logits
-        we need), preferring a free slot on ties so the cells are reused in place."""
+        we need), preferring the target slot on ties: reused in place, the prefix needs no copy."""
         want = seq.tokens[: seq.prompt_len - 1]
         best: Slot | None = None
         best_key = (0, False)
         for slot in self.slots:
-            key = (common_prefix_len(want, slot.tokens), slot.seq is None)
+            key = (common_prefix_len(want, slot.tokens), slot is target)
             if key[0] > 0 and key > best_key:
                 best, best_key = slot, key
         best_len = best_key[0]
@@ -118,7 +113,6 @@ class Scheduler:
         self.running.remove(seq)
         slot = seq.slot
         slot.seq = None
-        slot.last_used = self.clock
         # Keep only the prompt's KV as cache. Generated tokens were computed one per step, by llama.cpp's
         # matrix-vector path; a later prompt that contains them (the next chat turn) computes them as a batch,
         # whose kernels round differently. Recomputing them keeps outputs identical with and without the cache.

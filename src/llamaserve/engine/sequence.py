@@ -21,7 +21,6 @@ class Slot:
     id: int
     tokens: list[int] = field(default_factory=list)
     seq: Sequence | None = None
-    last_used: int = 0
 
 
 @dataclass
