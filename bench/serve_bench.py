@@ -20,6 +20,7 @@ import ctypes
 import importlib.metadata
 import json
 import math
+import multiprocessing
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -572,6 +574,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def in_child(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run an in-process measurement in a child process, so that llama.cpp's worker threads and buffers are
+    gone before the server is measured (they outlive the model in whichever process loaded it)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the server subprocess is stopped
@@ -587,10 +596,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: 1-min load average is {res['loadavg_start']}; results may be noisy", file=sys.stderr)
     if not args.skip_baseline:
         print("baseline: llama-cpp-python Llama, serial ...", flush=True)
-        res["baseline"] = run_baseline(args.threads, args.out_tokens, args.baseline_requests, nonce)
+        res["baseline"] = in_child(run_baseline, args.threads, args.out_tokens, args.baseline_requests, nonce)
     if not args.skip_ceiling:
         print("ceiling: bare llama.cpp batch loop ...", flush=True)
-        res["ceiling"] = run_ceiling(args.threads, args.out_tokens, nonce)
+        res["ceiling"] = in_child(run_ceiling, args.threads, args.out_tokens, nonce)
     if not args.skip_server:
         with server(args.port or free_port(), args.threads) as base:
             model = model_id(base)
