@@ -264,10 +264,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(port: int, threads: int, parallel: int = N_SEQ) -> Iterator[str]:
+def server(port: int, threads: int, extra: list[str], parallel: int = N_SEQ) -> Iterator[str]:
     """Run `llamaserve.cli serve` until the block ends; yields its base URL once /health says 200."""
     cmd = [sys.executable, "-m", "llamaserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--threads", str(threads), "--parallel", str(parallel)]
+    cmd += ["--threads", str(threads), "--parallel", str(parallel), *extra]
     log = tempfile.NamedTemporaryFile("w+", prefix="serve_bench_", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -570,6 +570,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-server", action="store_true", help="only the in-process baseline and ceiling")
     p.add_argument("--skip-b", action="store_true", help="skip workload B")
     p.add_argument("--port", type=int, default=0, help="default: a free port")
+    p.add_argument(
+        "--server-arg", action="append", default=[], help="passed on to `llamaserve serve` (repeat; e.g. --batch=256)"
+    )
     p.add_argument("--output", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
@@ -601,7 +604,7 @@ def main(argv: list[str] | None = None) -> None:
         print("ceiling: bare llama.cpp batch loop ...", flush=True)
         res["ceiling"] = in_child(run_ceiling, args.threads, args.out_tokens, nonce)
     if not args.skip_server:
-        with server(args.port or free_port(), args.threads) as base:
+        with server(args.port or free_port(), args.threads, args.server_arg) as base:
             model = model_id(base)
             res["server_model_id"] = model
             print(f"server up at {base}, model {model}; workload A ...", flush=True)
