@@ -343,22 +343,27 @@ async def stream_chat(
         "ignore_eos": True,
     }
     res, times, usage = RequestResult(), [], None
+    received: list[tuple[float, str]] = []
     t0 = time.perf_counter()
     async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:500]!r}")
+        # Only timestamp lines while streaming; parse afterwards. On 2 cores the client's CPU slows the
+        # server it measures (llama.cpp's threads wait at spin barriers), and the baseline has no client.
         async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise RuntimeError(f"stream error: {chunk['error']}")
-            if any(is_token_chunk(c.get("delta") or {}) for c in chunk.get("choices") or []):
-                times.append(time.perf_counter())
-            usage = chunk.get("usage") or usage
+            received.append((time.perf_counter(), line))
+    for at, line in received:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise RuntimeError(f"stream error: {chunk['error']}")
+        if any(is_token_chunk(c.get("delta") or {}) for c in chunk.get("choices") or []):
+            times.append(at)
+        usage = chunk.get("usage") or usage
     if times:
         res.ttft = times[0] - t0
         res.itl = [b - a for a, b in zip(times, times[1:], strict=False)]
