@@ -85,8 +85,6 @@ class LlamaModel:
         # 0.8 apart for one prompt in one batch vs two), so prefix-cache hits would change outputs. Without
         # it, prefill is split-invariant and a cached prefix gives bit-identical results.
         ctx_params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        if os.environ.get("KVF32"):
-            ctx_params.type_k = ctx_params.type_v = 0
         self.ctx = C.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             C.llama_model_free(self.model)
