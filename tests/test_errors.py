@@ -17,6 +17,14 @@ JSON_HEADERS = {"content-type": "application/json"}
 LONG_TEXT = "hello " * 9000  # about 9000 tokens: more than the slot context and the model's own 8192
 
 
+def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+def tool(name: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": parameters or {"type": "object"}}}
+
+
 def chat_body(**fields: Any) -> dict[str, Any]:
     return {**BASE, **fields}
 
@@ -60,12 +68,45 @@ CHAT_400 = [
     pytest.param(chat_body(frobnicate=1), "frobnicate", id="unknown-field"),
     pytest.param(chat_body(stream_options={"include_usage": True}), "stream_options", id="stream_options-no-stream"),
     pytest.param(chat_body(n=17), "n", id="n-over-slots"),
-    pytest.param(chat_body(logprobs=True), "logprobs", id="logprobs"),
-    pytest.param(chat_body(response_format={"type": "json_object"}), "response_format", id="response_format-json"),
+    pytest.param(chat_body(top_logprobs=3), "top_logprobs", id="top_logprobs-without-logprobs"),
+    pytest.param(chat_body(response_format={"type": "xml"}), "response_format.type", id="response_format-xml"),
     pytest.param(
-        chat_body(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}], tool_choice="auto"),
-        "tools",
-        id="tools-auto",
+        chat_body(response_format={"type": "json_schema"}), "response_format.json_schema", id="json_schema-missing"
+    ),
+    pytest.param(
+        chat_body(response_format=schema_format({"type": "integer", "minimum": 3})),
+        "response_format.json_schema.schema",
+        id="json_schema-minimum",
+    ),
+    pytest.param(
+        chat_body(response_format=schema_format({"type": "string", "format": "email"})),
+        "response_format.json_schema.schema",
+        id="json_schema-format-email",
+    ),
+    pytest.param(
+        chat_body(response_format={"type": "json_object"}, ignore_eos=True), "ignore_eos", id="json-ignore_eos"
+    ),
+    pytest.param(chat_body(tools=[{"type": "function", "function": {}}]), "tools[0].function.name", id="tool-no-name"),
+    pytest.param(
+        chat_body(tools=[tool("f", {"type": "string"})]), "tools[0].function.parameters", id="tool-params-not-object"
+    ),
+    pytest.param(
+        chat_body(tools=[tool("f", {"type": "object", "properties": {"x": {"not": {}}}})], tool_choice="required"),
+        "tools[0].function.parameters",
+        id="tool-params-unsupported",
+    ),
+    pytest.param(chat_body(tools=[tool("f"), tool("f")]), "tools[1]", id="tool-duplicate-name"),
+    pytest.param(
+        chat_body(tools=[tool("f")], tool_choice={"type": "function", "function": {"name": "g"}}),
+        "tool_choice",
+        id="tool_choice-unknown-function",
+    ),
+    pytest.param(chat_body(tool_choice="required"), "tool_choice", id="tool_choice-without-tools"),
+    pytest.param(chat_body(tools=[tool("f")], tool_choice="sometimes"), "tool_choice", id="tool_choice-bad-value"),
+    pytest.param(
+        chat_body(tools=[tool("f")], tool_choice="required", response_format={"type": "json_object"}),
+        "response_format",
+        id="forced-call-and-json",
     ),
 ]
 
@@ -82,10 +123,16 @@ def test_unknown_field_message_names_it(http: httpx.Client) -> None:
     assert "frobnicate" in error["message"]
 
 
-def test_unsupported_features_say_so(http: httpx.Client) -> None:
-    for body in (chat_body(logprobs=True), chat_body(response_format={"type": "json_object"})):
-        error = error_of(http.post(CHAT, json=body), 400)
-        assert error["code"] == "unsupported_parameter", error
+def test_unsupported_schema_names_the_keyword(http: httpx.Client) -> None:
+    for schema, keyword in [
+        ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}, "minimum"),
+        ({"type": "string", "pattern": "^a+$"}, "pattern"),
+        ({"not": {"type": "null"}}, "not"),
+        ({"type": "string", "format": "email"}, "email"),
+    ]:
+        error = error_of(http.post(CHAT, json=chat_body(response_format=schema_format(schema))), 400)
+        assert error["code"] == "unsupported_schema", error
+        assert keyword in error["message"], error
 
 
 def test_image_input_is_refused(http: httpx.Client) -> None:
@@ -153,7 +200,7 @@ def test_prompt_longer_than_context(http: httpx.Client, path: str, body: dict[st
 COMPLETIONS_400 = [
     pytest.param({"prompt": []}, "prompt", id="empty-list"),
     pytest.param({"prompt": [999999]}, "prompt", id="token-out-of-vocab"),
-    pytest.param({"prompt": "hi", "logprobs": 2}, "logprobs", id="logprobs"),
+    pytest.param({"prompt": "hi", "logprobs": 21}, "logprobs", id="logprobs-21"),
     pytest.param({"prompt": "hi", "suffix": "bye"}, "suffix", id="suffix"),
     pytest.param({"prompt": "hi", "top_p": 0}, "top_p", id="top_p-0"),
     pytest.param({"prompt": "hi", "n": 17}, "n", id="n-over-slots"),

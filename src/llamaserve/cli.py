@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -17,6 +18,12 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="llamaserve: a self-hosted, OpenAI-compatible Llama API.", no_args_is_help=True)
 console = Console(stderr=True)
+
+
+class ChatFormatName(StrEnum):
+    auto = "auto"
+    llama3 = "llama3"
+    template = "template"
 
 
 @app.callback()
@@ -35,6 +42,9 @@ def serve(
     ctx: Annotated[int, typer.Option(help="Context of each slot in tokens (KV memory: ctx × parallel).")] = 4096,
     batch: Annotated[int, typer.Option(help="Most tokens per engine step (decode + prompt chunks).")] = 128,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 503.")] = 1024,
+    chat_format: Annotated[
+        ChatFormatName, typer.Option(help="Prompt format: llama3 (Meta's), template (the GGUF's), auto: detect.")
+    ] = ChatFormatName.auto,
 ) -> None:
     """Serve the OpenAI-compatible API on one model with the continuous-batching engine."""
     import uvicorn
@@ -51,6 +61,7 @@ def serve(
         ctx=ctx,
         batch=batch,
         max_queue=max_queue,
+        chat_format=chat_format.value,
     )
     try:
         local = _load(config)

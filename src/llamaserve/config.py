@@ -51,3 +51,4 @@ class ServeConfig:
     batch: int = 128  # tokens per engine step: bounds how long a prompt chunk stalls the streams decoding
     max_queue: int = 1024  # requests waiting for a slot before new ones get 503
     default_max_tokens: int = 512  # chat completions, as the seed documents
+    chat_format: str = "auto"  # "llama3" (Meta's format, built in), "template" (the GGUF's), or "auto": detect

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from llamaserve.api import errors, openai
+from llamaserve.api import chat, completions, errors, openai
 from llamaserve.backends.local import LocalModel
 
 
@@ -43,6 +43,8 @@ def create_app(model: LocalModel) -> FastAPI:
     app.state.model = model
     app.state.started = int(time.time())
     errors.install(app)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
     app.include_router(openai.router)
 
     @app.get("/health")

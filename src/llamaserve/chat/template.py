@@ -41,6 +41,9 @@ class ChatTemplate:
         self._template = env.from_string(self.source)
         self.bos_token = bos_token
         self.eos_token = eos_token
+        # Templates that take `tools` render definitions, calls and results themselves; for the others we
+        # write them into the messages (chat/tools.py).
+        self.renders_tools = "tools" in self.source
 
     def render(
         self,

@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from llamaserve.engine.llama import Batch, ContextConfig, LlamaModel
-from llamaserve.engine.sampling import Sampler, SamplingParams
+from llamaserve.engine.logprobs import TokenLogprob, token_logprob
+from llamaserve.engine.sampling import GrammarError, Sampler, SamplingParams
 from llamaserve.engine.scheduler import Scheduled, Scheduler
 from llamaserve.engine.sequence import Output, Sequence
 
@@ -181,10 +182,7 @@ class Engine:
             return
         while True:
             if cmd == "add":
-                for seq in handle.sequences:
-                    seq.sampler = Sampler(self.model, seq.params, seed_offset=seq.choice)
-                    seq.sampler.accept_prompt(seq.prompt)
-                    self._scheduler.waiting.append(seq)
+                self._add(handle)
             elif cmd == "abort":
                 for seq in handle.sequences:
                     if seq.finish_reason is None:
@@ -194,6 +192,16 @@ class Engine:
                 cmd, handle = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _add(self, handle: RequestHandle) -> None:
+        try:
+            for seq in handle.sequences:
+                seq.sampler = Sampler(self.model, seq.params, seed_offset=seq.choice)
+                seq.sampler.accept_prompt(seq.prompt)
+        except GrammarError as e:
+            self._fail(handle.sequences, str(e))  # frees the samplers made so far
+            return
+        self._scheduler.waiting.extend(handle.sequences)
 
     def _step(self, plan: list[Scheduled]) -> None:
         rc = self.model.decode(self._batch)
@@ -211,13 +219,18 @@ class Engine:
             assert slot is not None and seq.sampler is not None
             if item.start < seq.prompt_len:
                 stats.prompt_tokens_computed += min(item.count, seq.prompt_len - item.start)
+                if seq.prompt_logprobs is not None:
+                    self._prompt_logprobs(seq, item)
             slot.tokens.extend(seq.tokens[item.start : item.start + item.count])
             if item.logits_index < 0:
                 continue
             if seq.n_generated == 0:
                 stats.prompt_tokens_cached += seq.cached_tokens
             sampled += 1
-            seq.append(seq.sampler.sample(self.model, item.logits_index), self.model)
+            token = seq.sampler.sample(self.model, item.logits_index)
+            n_top = seq.params.logprobs
+            logprob = None if n_top is None else token_logprob(self.model, item.logits_index, token, n_top)
+            seq.append(token, self.model, logprob)
             out = seq.take_output()
             if out is not None:
                 outputs.append((seq.handle, out))
@@ -227,6 +240,16 @@ class Engine:
         stats.generated_tokens += sampled
         stats.max_batch_generating = max(stats.max_batch_generating, sampled)
         self._send(outputs)
+
+    def _prompt_logprobs(self, seq: Sequence, item: Scheduled) -> None:
+        """Logprobs of the prompt tokens this chunk predicts: the logits at position p score token p + 1."""
+        assert seq.prompt_logprobs is not None
+        n_top = seq.params.prompt_logprobs or 0
+        if item.start == 0:
+            seq.prompt_logprobs.append(TokenLogprob(seq.tokens[0], None))
+        for pos in range(item.start, min(item.start + item.count, seq.prompt_len - 1)):
+            index = item.first_index + pos - item.start
+            seq.prompt_logprobs.append(token_logprob(self.model, index, seq.tokens[pos + 1], n_top))
 
     def _send(self, outputs: list[tuple[RequestHandle, Output]]) -> None:
         if outputs and self._loop is not None and not self._loop.is_closed():

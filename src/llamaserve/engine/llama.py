@@ -91,8 +91,7 @@ class LlamaModel:
             raise LlamaError("could not create a llama.cpp context (too little memory for --ctx?)")
         self.n_ctx_seq: int = C.llama_n_ctx_seq(self.ctx)
         self.memory = C.llama_get_memory(self.ctx)
-        self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self._pieces: dict[tuple[int, bool], bytes] = {}
 
     # --- metadata -------------------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -140,15 +139,16 @@ class LlamaModel:
             n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
-        """The raw bytes a generated token contributes to the text (special tokens render as nothing)."""
-        cached = self._pieces.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The raw bytes a generated token contributes to the text; control tokens render as nothing unless
+        `special` (then as their text, e.g. b'<|python_tag|>')."""
+        cached = self._pieces.get((token, special))
         if cached is None:
-            cached = self._pieces[token] = self._piece(token, special=False)
+            cached = self._pieces[(token, special)] = self._piece(token, special)
         return cached
 
     def _piece(self, token: int, special: bool) -> bytes:
-        buf = self._piece_buf
+        buf = ctypes.create_string_buffer(64)  # per call: the engine thread and the event loop both come here
         n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)

@@ -25,15 +25,23 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each output token's logprob and this many alternatives; None: off
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); computes the whole prompt
+    grammar: str | None = None  # GBNF the output must match (structured output, forced tool calls)
+    special_text: bool = False  # control tokens appear in the text (tool parsers need Llama 3's <|python_tag|>)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
+class GrammarError(ValueError):
+    """llama.cpp refused a grammar."""
+
+
 class Sampler:
-    """A llama.cpp sampler chain for one sequence. Applies, in order: logit bias, penalties, then either
-    greedy argmax or top-k, top-p, min-p, temperature and a seeded draw."""
+    """A llama.cpp sampler chain for one sequence. Applies, in order: logit bias, penalties, the grammar, then
+    either greedy argmax or top-k, top-p, min-p, temperature and a seeded draw."""
 
     def __init__(self, model: LlamaModel, params: SamplingParams, seed_offset: int = 0) -> None:
         chain_params = C.llama_sampler_chain_default_params()
@@ -62,6 +70,12 @@ class Sampler:
                 model.n_vocab, window, params.repetition_penalty, 0.0, 0.0
             )
             add(self._repetition)
+        if params.grammar is not None:
+            grammar = C.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                self.free()
+                raise GrammarError("llama.cpp could not parse the grammar")
+            add(grammar)
         if params.greedy:
             add(C.llama_sampler_init_greedy())
             return

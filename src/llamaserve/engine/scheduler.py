@@ -41,6 +41,7 @@ class Scheduled:
     start: int  # position of the first token fed this step
     count: int  # tokens fed this step
     logits_index: int  # batch index whose logits sample the next token, or -1 (prompt chunk mid-way)
+    first_index: int  # batch index of the first token fed (all of them have logits if prompt logprobs are wanted)
 
 
 class Scheduler:
@@ -65,6 +66,8 @@ class Scheduler:
     def _best_prefix(self, seq: Sequence, target: Slot) -> tuple[Slot | None, int]:
         """The slot whose KV holds the longest prefix of this prompt (all but its last token, whose logits
         we need), preferring the target slot on ties: reused in place, the prefix needs no copy."""
+        if seq.needs_prompt_logprobs:
+            return None, 0  # every prompt token's logits are wanted: compute them all
         want = seq.tokens[: seq.prompt_len - 1]
         best: Slot | None = None
         best_key = (0, False)
@@ -76,6 +79,8 @@ class Scheduler:
         return best, best_len
 
     def _prefix_in_flight(self, seq: Sequence, shared: int) -> bool:
+        if seq.needs_prompt_logprobs:
+            return False
         want = seq.tokens[: seq.prompt_len - 1]
         for other in self.running:
             if other.prefilling:
@@ -140,10 +145,12 @@ class Scheduler:
             assert slot is not None
             start = len(slot.tokens)
             last = len(seq.tokens) - 1
+            every = seq.needs_prompt_logprobs and start < seq.prompt_len
+            first = batch.size
             index = -1
             for pos in range(start, start + count):
-                i = batch.add(seq.tokens[pos], pos, slot.id, pos == last)
+                i = batch.add(seq.tokens[pos], pos, slot.id, every or pos == last)
                 if pos == last:
                     index = i
-            plan.append(Scheduled(seq, start, count, index))
+            plan.append(Scheduled(seq, start, count, index, first))
         return plan

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llamaserve.engine.detokenizer import Detokenizer
+from llamaserve.engine.logprobs import TokenLogprob
 from llamaserve.engine.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ class Output:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # of the tokens whose text this output carries (if asked)
+    prompt_logprobs: list[TokenLogprob] | None = None  # once, with the first output (if asked)
 
 
 class Sequence:
@@ -51,6 +54,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self._new_tokens: list[int] = []
         self._new_text = ""
+        self._new_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if self.needs_prompt_logprobs else None
 
     @property
     def prompt(self) -> list[int]:
@@ -67,17 +72,25 @@ class Sequence:
         return len(self.tokens) - len(self.slot.tokens)
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Echo with logprobs: the first choice computes every prompt token (no prefix reuse); the others share
+        its prompt and its numbers."""
+        return self.params.prompt_logprobs is not None and self.choice == 0
+
+    @property
     def prefilling(self) -> bool:
         return self.slot is not None and len(self.slot.tokens) < self.prompt_len
 
-    def append(self, token: int, model: LlamaModel) -> None:
+    def append(self, token: int, model: LlamaModel, logprob: TokenLogprob | None = None) -> None:
         """Take a sampled token: detokenize it and decide whether the sequence ends here."""
         self.tokens.append(token)
         self._new_tokens.append(token)
         if model.is_eog(token) and not self.params.ignore_eos:
-            self._finish("stop")
+            self._finish("stop")  # the end token carries no text, so no logprob either
             return
-        self._new_text += self.detok.feed(model.piece(token))
+        if logprob is not None:
+            self._new_logprobs.append(logprob)
+        self._new_text += self.detok.feed(model.piece(token, self.params.special_text))
         if self.detok.stopped:
             self.finish_reason = "stop"
         elif self.n_generated >= self.max_new:
@@ -92,5 +105,9 @@ class Sequence:
         if not self._new_tokens and self.finish_reason is None:
             return None
         out = Output(self.choice, self._new_text, self._new_tokens, self.finish_reason)
+        if self.params.logprobs is not None:
+            out.logprobs, self._new_logprobs = self._new_logprobs, []
+        if self.prompt_logprobs is not None and self.n_generated == len(self._new_tokens):
+            out.prompt_logprobs = self.prompt_logprobs  # the first output of this choice
         self._new_text, self._new_tokens = "", []
         return out

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from llamaserve.protocol.chat import ChatMessage
+from llamaserve.protocol.chat import ChatMessage, Tool
 from llamaserve.protocol.common import StrictModel
 
 
@@ -14,6 +14,7 @@ class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: list[Tool] | None = None  # rendered into the prompt as a chat completion with these tools would be
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None
 

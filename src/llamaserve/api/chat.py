@@ -1,0 +1,259 @@
+"""POST /v1/chat/completions: validate, render the prompt (with tools), run it, answer or stream."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from llamaserve.api.common import (
+    SSE_DONE,
+    ChoiceResult,
+    check_sampling,
+    collect,
+    engine_error,
+    get_model,
+    new_id,
+    sse,
+    sse_response,
+    submit,
+    usage,
+)
+from llamaserve.api.logprobs import LegacyLogprobs, chat_logprobs
+from llamaserve.backends.local import ChatPrompt, LocalModel
+from llamaserve.chat.grammar import Grammar, SchemaError, json_object_grammar, json_schema_grammar
+from llamaserve.chat.llama3 import Llama3FormatError
+from llamaserve.chat.template import TemplateError
+from llamaserve.chat.tools import Llama3Format, ToolFormat, ToolStream, parameters_schema
+from llamaserve.engine import RequestHandle, SamplingParams
+from llamaserve.engine.logprobs import TokenLogprob
+from llamaserve.protocol.chat import ChatCompletion, ChatCompletionRequest, ChatMessage, NamedToolChoice
+from llamaserve.protocol.errors import invalid
+
+router = APIRouter()
+
+
+@dataclasses.dataclass
+class ChatPlan:
+    """A validated chat request, ready for the engine."""
+
+    prompt: ChatPrompt
+    params: SamplingParams
+    tool_format: ToolFormat | None = None  # set when the model may (or must) call a tool
+    forced: bool = False  # tool_choice "required" or a named function: the grammar writes a call
+
+
+# --- validation and planning ----------------------------------------------------------------------------------
+def plan_chat(body: ChatCompletionRequest, model: LocalModel) -> ChatPlan:
+    check_sampling(body, model)
+    _check_images(body, model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+    tools, tool_format, tool_grammar = _plan_tools(body, model)
+    grammar = _response_grammar(body)
+    if grammar is not None and tool_grammar is not None:
+        raise invalid("response_format cannot be combined with a forced tool call (tool_choice)", "response_format")
+    grammar = grammar or tool_grammar
+    if grammar is not None and body.ignore_eos:
+        raise invalid("ignore_eos cannot be combined with structured output or forced tool calls", "ignore_eos")
+    choice = body.tool_choice
+    choice_name = choice.function.name if isinstance(choice, NamedToolChoice) else choice
+    try:
+        prompt = model.render_chat(template_messages(body.messages), tools=tools, tool_choice=choice_name)
+    except (TemplateError, Llama3FormatError) as e:
+        raise invalid(str(e), "messages") from e
+    fields = body.model_copy(update={"max_tokens": body.max_completion_tokens or body.max_tokens})
+    n_top = (body.top_logprobs or 0) if body.logprobs else None
+    params = dataclasses.replace(
+        fields.sampling_params(model.config.default_max_tokens),
+        logprobs=n_top,
+        prompt_logprobs=n_top if body.echo else None,
+        grammar=grammar,
+        special_text=isinstance(tool_format, Llama3Format),
+    )
+    return ChatPlan(prompt, params, tool_format, tool_grammar is not None)
+
+
+def _check_images(body: ChatCompletionRequest, model: LocalModel) -> None:
+    for i, message in enumerate(body.messages):
+        if message.has_images():
+            raise invalid(
+                f"model {model.id} does not accept image input (messages[{i}].content has an image_url part)",
+                f"messages[{i}].content",
+                code="image_input_not_supported",
+            )
+
+
+def _response_grammar(body: ChatCompletionRequest) -> str | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_object_grammar()
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise invalid("response_format of type json_schema needs json_schema.schema", "response_format.json_schema")
+    where = "response_format.json_schema.schema"
+    try:
+        return json_schema_grammar(fmt.json_schema.schema_, where)
+    except SchemaError as e:
+        raise invalid(str(e), where, code="unsupported_schema") from e
+
+
+def _plan_tools(
+    body: ChatCompletionRequest, model: LocalModel
+) -> tuple[list[dict[str, Any]] | None, ToolFormat | None, str | None]:
+    """The tools to show the model, the format to read calls in, and the grammar of a forced call."""
+    choice = body.tool_choice or ("auto" if body.tools else "none")
+    if not body.tools:
+        if choice != "none":
+            raise invalid("tool_choice requires tools", "tool_choice")
+        return None, None, None
+    names = [t.function.name for t in body.tools]
+    for i, tool in enumerate(body.tools):
+        if names.index(tool.function.name) != i:
+            raise invalid(f"tools has more than one function named {tool.function.name!r}", f"tools[{i}]")
+        where = f"tools[{i}].function.parameters"
+        schema = parameters_schema(tool.function.model_dump())
+        if schema.get("type", "object") != "object" or not isinstance(schema.get("properties", {}), dict):
+            raise invalid("function parameters must be a JSON schema of type object", where)
+        try:
+            Grammar().schema(schema, "args", where)
+        except SchemaError as e:
+            raise invalid(str(e), where, code="unsupported_schema") from e
+    if choice == "none":
+        return None, None, None
+    tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    if choice == "auto":
+        return tools, model.tool_format, None
+    picked = list(range(len(tools)))
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise invalid(f"tool_choice names {choice.function.name!r}, which is not among tools", "tool_choice")
+        picked = [names.index(choice.function.name)]
+    where = [f"tools[{i}].function.parameters" for i in picked]
+    grammar = model.tool_format.call_grammar([tools[i] for i in picked], where)
+    return tools, model.tool_format, grammar
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.name is not None:
+            d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+# --- the route ------------------------------------------------------------------------------------------------
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    model = get_model(request, body.model)
+    plan = plan_chat(body, model)
+    prompt = plan.prompt.tokens
+    handle = submit(model, prompt, plan.params, body.n, "messages")
+    head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": model.id}
+    if body.stream:
+        return sse_response(ChatStream(model, plan, body, handle, head).events(), [handle])
+    results = await collect(request, [handle], body.n)
+    response: dict[str, Any] = {
+        **head,
+        "object": "chat.completion",
+        "choices": [_choice(model, plan, body, i, r) for i, r in enumerate(results)],
+        "usage": usage(len(prompt), handle.completion_tokens, handle.cached_tokens),
+    }
+    if body.echo:
+        response["prompt"] = [_echo(model, plan.prompt.text, results[0].prompt_logprobs)]
+    return JSONResponse(response)
+
+
+def _choice(model: LocalModel, plan: ChatPlan, body: ChatCompletionRequest, i: int, r: ChoiceResult) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": r.text, "tool_calls": []}
+    reason = r.finish_reason
+    if plan.tool_format is not None:
+        content, calls = plan.tool_format.parse(r.text)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
+            reason = "tool_calls" if reason == "stop" else reason
+    logprobs = {"content": chat_logprobs(model.llama, r.logprobs)} if body.logprobs else None
+    return {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _echo(model: LocalModel, prompt_text: str, prompt_logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+    """The rendered prompt, as Together's `echo` returns it, with its logprobs when asked."""
+    logprobs = LegacyLogprobs(model.llama)(prompt_logprobs) if prompt_logprobs is not None else None
+    return {"text": prompt_text, "logprobs": logprobs}
+
+
+class ChatStream:
+    """The SSE events of one streamed chat completion."""
+
+    def __init__(
+        self, model: LocalModel, plan: ChatPlan, body: ChatCompletionRequest, handle: RequestHandle, head: dict
+    ) -> None:
+        self.model, self.plan, self.body, self.handle, self.head = model, plan, body, handle, head
+        fmt = plan.tool_format
+        self.tool_streams = [ToolStream(fmt, plan.forced) for _ in range(body.n)] if fmt else None
+        self.held_logprobs: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        data: dict[str, Any] = {**self.head, "object": "chat.completion.chunk", "choices": choices, **extra}
+        if self.body.include_usage and "usage" not in extra:
+            data["usage"] = None
+        return sse(data)
+
+    def delta(self, index: int, delta: dict[str, Any], logprobs: list[TokenLogprob], reason: str | None) -> str:
+        lp = {"content": chat_logprobs(self.model.llama, logprobs)} if self.body.logprobs else None
+        return self.chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}])
+
+    async def events(self) -> AsyncIterator[str]:
+        handle, body = self.handle, self.body
+        try:
+            for i in range(handle.n):
+                yield self.delta(i, {"role": "assistant", "content": ""}, [], None)
+            echo_pending = body.echo
+            if echo_pending and not body.logprobs:
+                yield self.chunk([], prompt=[_echo(self.model, self.plan.prompt.text, None)])
+                echo_pending = False
+            async for out in handle.outputs():
+                if out.error:
+                    yield sse(engine_error(out).body.model_dump())
+                    return
+                if echo_pending and out.prompt_logprobs is not None:
+                    yield self.chunk([], prompt=[_echo(self.model, self.plan.prompt.text, out.prompt_logprobs)])
+                    echo_pending = False
+                for event in self._output_events(out.choice, out.text, out.logprobs or [], out.finish_reason):
+                    yield event
+            if body.include_usage:
+                u = usage(len(handle.prompt_tokens), handle.completion_tokens, handle.cached_tokens)
+                yield self.chunk([], usage=u)
+            yield SSE_DONE
+        finally:
+            handle.close()
+
+    def _output_events(self, c: int, text: str, logprobs: list[TokenLogprob], reason: str | None) -> list[str]:
+        streams = self.tool_streams
+        if streams is None:
+            deltas = [{"content": text}] if text else []
+        else:
+            deltas = streams[c].feed(text) + (streams[c].finish() if reason else [])
+            if reason == "stop" and streams[c].calls:
+                reason = "tool_calls"
+        held = self.held_logprobs[c] + logprobs
+        events = []
+        for delta in deltas:
+            events.append(self.delta(c, delta, held, None))
+            held = []
+        if reason is not None:
+            events.append(self.delta(c, {}, held, reason))
+            held = []
+        self.held_logprobs[c] = held
+        return events

@@ -1,0 +1,173 @@
+"""What the chat and completions routes share: the model lookup, sampling checks, submitting to the engine,
+collecting or streaming its outputs, usage and SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from llamaserve.backends.local import LocalModel
+from llamaserve.engine import EngineOverloaded, InvalidPrompt, Output, RequestHandle, SamplingParams
+from llamaserve.engine.logprobs import TokenLogprob
+from llamaserve.protocol.common import SamplingFields
+from llamaserve.protocol.errors import APIError, invalid
+
+
+def get_model(request: Request, name: str | None) -> LocalModel:
+    model: LocalModel = request.app.state.model
+    if name is not None and name != model.id:
+        raise APIError(
+            404,
+            f"The model '{name}' does not exist. Available: {model.id}",
+            param="model",
+            code="model_not_found",
+            type="not_found_error",
+        )
+    return model
+
+
+def check_sampling(body: SamplingFields, model: LocalModel) -> None:
+    if body.n > model.engine.n_slots:
+        raise invalid(f"n={body.n} exceeds the {model.engine.n_slots} parallel sequences this server runs", "n")
+    if body.stream_options is not None and not body.stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    for key in body.logit_bias or {}:
+        if not model.llama.is_valid_token(int(key)):
+            raise invalid(
+                f"logit_bias token id {key} is not in the vocabulary (0..{model.llama.n_vocab - 1})",
+                "logit_bias",
+            )
+
+
+def submit(model: LocalModel, prompt: list[int], params: SamplingParams, n: int, param: str) -> RequestHandle:
+    try:
+        return model.engine.submit(prompt, params, n)
+    except InvalidPrompt as e:
+        raise invalid(str(e), param, code=e.code) from e
+    except EngineOverloaded as e:
+        raise APIError(
+            503, str(e), type="server_overloaded", code="engine_overloaded", headers={"Retry-After": "1"}
+        ) from e
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def engine_error(out: Output) -> APIError:
+    return APIError(500, f"generation failed: {out.error}", type="server_error", code="engine_error")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Output]]:
+    """Outputs of several requests as they come, tagged with the request's index."""
+    if len(handles) == 1:
+        async for out in handles[0].outputs():
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, Output | None]] = asyncio.Queue()
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        async for out in handle.outputs():
+            queue.put_nowait((i, out))
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        remaining = len(handles)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for h in handles:
+            h.close()
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read, so that is the next message)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@dataclass
+class ChoiceResult:
+    """Everything one choice produced, for a non-streaming response."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+async def collect(request: Request, handles: list[RequestHandle], n: int) -> list[ChoiceResult]:
+    """All outputs of all choices (request i's choice c at i * n + c); cancels generation if the client goes
+    away first."""
+    results = [ChoiceResult() for _ in range(len(handles) * n)]
+
+    async def consume() -> None:
+        async for i, out in merged(handles):
+            if out.error:
+                raise engine_error(out)
+            result = results[i * n + out.choice]
+            result.text += out.text
+            result.logprobs += out.logprobs or []
+            if out.prompt_logprobs is not None:
+                result.prompt_logprobs = out.prompt_logprobs
+            if out.finish_reason:
+                result.finish_reason = out.finish_reason
+
+    work = asyncio.create_task(consume())
+    watch = asyncio.create_task(_until_disconnected(request))
+    try:
+        done, _ = await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            for h in handles:  # frees their slots at the engine's next step
+                h.close()
+    if work not in done:
+        raise APIError(499, "the client closed the connection", code="client_closed_request")
+    work.result()
+    return results
+
+
+def sse_response(stream: AsyncIterator[str], handles: list[RequestHandle]) -> StreamingResponse:
+    def close() -> None:  # also when the client left before the stream started
+        for h in handles:
+            h.close()
+
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(close),
+    )

@@ -1,0 +1,142 @@
+"""POST /v1/completions: OpenAI's legacy text completions, with echo and logprobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from llamaserve.api.common import (
+    SSE_DONE,
+    check_sampling,
+    collect,
+    engine_error,
+    get_model,
+    merged,
+    new_id,
+    sse,
+    sse_response,
+    submit,
+    usage,
+)
+from llamaserve.api.logprobs import LegacyLogprobs
+from llamaserve.backends.local import LocalModel
+from llamaserve.engine import Output, RequestHandle
+from llamaserve.engine.logprobs import TokenLogprob
+from llamaserve.protocol.completions import Completion, CompletionRequest
+from llamaserve.protocol.errors import APIError, invalid
+
+router = APIRouter()
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
+
+
+def _prompts(body: CompletionRequest, model: LocalModel) -> list[list[int]]:
+    prompts = []
+    for p in body.prompts():
+        tokens = model.tokenize_text(p) if isinstance(p, str) else p
+        if any(not model.llama.is_valid_token(t) for t in tokens):
+            raise invalid(f"prompt has token ids outside the vocabulary (0..{model.llama.n_vocab - 1})", "prompt")
+        prompts.append(tokens)
+    return prompts
+
+
+@router.post("/v1/completions", response_model=Completion)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    model = get_model(request, body.model)
+    check_sampling(body, model)
+    if body.suffix:
+        raise invalid(
+            f"model {model.id} does not support suffix (fill-in-the-middle)", "suffix", code="unsupported_parameter"
+        )
+    prompts = _prompts(body, model)
+    params = dataclasses.replace(
+        body.sampling_params(DEFAULT_MAX_TOKENS),
+        logprobs=body.logprobs,
+        prompt_logprobs=body.logprobs if body.echo else None,
+    )
+    handles: list[RequestHandle] = []
+    try:
+        for tokens in prompts:
+            handles.append(submit(model, tokens, params, body.n, "prompt"))
+    except APIError:
+        for h in handles:
+            h.close()
+        raise
+    echoes = [model.detokenize(t) if body.echo else "" for t in prompts]
+    head = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model.id}
+    if body.stream:
+        return sse_response(_stream(model, body, handles, echoes, head), handles)
+    results = await collect(request, handles, body.n)
+    choices = []
+    for i, r in enumerate(results):
+        logprobs = None
+        if body.logprobs is not None:
+            build = LegacyLogprobs(model.llama)
+            # Every choice of a prompt echoes the same prompt; its first choice computed the logprobs.
+            prompt_logprobs = results[i - i % body.n].prompt_logprobs if body.echo else None
+            logprobs = _joined(build(prompt_logprobs or []), build(r.logprobs)) if body.echo else build(r.logprobs)
+        choices.append(
+            {"index": i, "text": echoes[i // body.n] + r.text, "logprobs": logprobs, "finish_reason": r.finish_reason}
+        )
+    u = usage(
+        sum(len(p) for p in prompts),
+        sum(h.completion_tokens for h in handles),
+        sum(h.cached_tokens for h in handles),
+    )
+    return JSONResponse({**head, "choices": choices, "usage": u})
+
+
+def _joined(a: dict[str, list[Any]], b: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return {key: a[key] + b[key] for key in a}
+
+
+async def _stream(
+    model: LocalModel, body: CompletionRequest, handles: list[RequestHandle], echoes: list[str], head: dict
+) -> AsyncIterator[str]:
+    n = body.n
+    builders = [LegacyLogprobs(model.llama) for _ in range(len(handles) * n)]
+
+    def chunk(index: int, text: str, out: Output | None, logprobs: list[TokenLogprob] | None = None) -> str:
+        if logprobs is None:
+            logprobs = out.logprobs or [] if out else []
+        lp = builders[index](logprobs) if body.logprobs is not None else None
+        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason if out else None}
+        data: dict[str, Any] = {**head, "choices": [choice]}
+        if body.include_usage:
+            data["usage"] = None
+        return sse(data)
+
+    # Echo goes first; with logprobs it waits for the prompt's numbers, which come with its first output.
+    wait_for_prompt = body.echo and body.logprobs is not None
+    held: dict[int, list[Output]] = {i: [] for i in range(len(handles))} if wait_for_prompt else {}
+    if body.echo and not wait_for_prompt:
+        for i, echo in enumerate(echoes):
+            for c in range(n):
+                yield chunk(i * n + c, echo, None, [])
+    async for i, out in merged(handles):
+        if out.error:
+            yield sse(engine_error(out).body.model_dump())
+            return
+        if i in held:
+            if out.prompt_logprobs is None:
+                held[i].append(out)  # another choice of this prompt got ahead of the first
+                continue
+            for c in range(n):
+                yield chunk(i * n + c, echoes[i], None, out.prompt_logprobs)
+            for early in held.pop(i):
+                yield chunk(i * n + early.choice, early.text, early)
+        if out.text or out.finish_reason or out.logprobs:
+            yield chunk(i * n + out.choice, out.text, out)
+    if body.include_usage:
+        u = usage(
+            sum(len(h.prompt_tokens) for h in handles),
+            sum(h.completion_tokens for h in handles),
+            sum(h.cached_tokens for h in handles),
+        )
+        yield sse({**head, "choices": [], "usage": u})
+    yield SSE_DONE
