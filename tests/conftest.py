@@ -6,10 +6,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
@@ -28,16 +30,26 @@ def free_port() -> int:
 class Server:
     base_url: str  # http://127.0.0.1:PORT
     process: subprocess.Popen[bytes]
+    data_dir: Path
+    api_key: str = ""  # the default account's key, made at first start
 
     @property
     def v1(self) -> str:
         return f"{self.base_url}/v1"
 
-    def openai(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.v1, api_key="unused", max_retries=0, timeout=120)
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
-    def async_openai(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.v1, api_key="unused", max_retries=0, timeout=120)
+    def openai(self, api_key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.v1, api_key=api_key or self.api_key, max_retries=0, timeout=120)
+
+    def async_openai(self, api_key: str | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.v1, api_key=api_key or self.api_key, max_retries=0, timeout=120)
+
+    def http(self, api_key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key or self.api_key}"}
+        return httpx.Client(base_url=self.base_url, timeout=120, headers=headers)
 
     def engine_stats(self) -> dict[str, int]:
         return httpx.get(f"{self.base_url}/health").json()["engine"]
@@ -55,12 +67,37 @@ class Server:
 
 
 @contextmanager
-def start_server(*args: str) -> Iterator[Server]:
+def start_server(*args: str, data_dir: Path | None = None) -> Iterator[Server]:
+    """A server on a free port with its own data directory (a fresh SQLite store unless given one, or unless
+    args name a --database-url); `server.api_key` is the key it created at first start."""
     port = free_port()
     threads = os.environ.get("LLAMASERVE_TEST_THREADS", str(min(2, os.cpu_count() or 1)))
-    cmd = [sys.executable, "-m", "llamaserve.cli", "serve", "--port", str(port), "--threads", threads, *args]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process)
+    with tempfile.TemporaryDirectory(prefix="llamaserve-test-") as tmp:
+        data = data_dir or Path(tmp)
+        cmd = [
+            sys.executable,
+            "-m",
+            "llamaserve.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--threads",
+            threads,
+            "--data-dir",
+            str(data),
+            *args,
+        ]
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        server = Server(f"http://127.0.0.1:{port}", process, data)
+        with _running(server):
+            key_file = data / "default.key"
+            server.api_key = key_file.read_text().strip() if key_file.exists() else ""
+            yield server
+
+
+@contextmanager
+def _running(server: Server) -> Iterator[None]:
+    process = server.process
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -75,7 +112,7 @@ def start_server(*args: str) -> Iterator[Server]:
             if time.monotonic() > deadline:
                 raise RuntimeError("llamaserve did not become healthy in 120 s")
             time.sleep(0.1)
-        yield server
+        yield
     finally:
         process.terminate()
         try:
@@ -98,5 +135,5 @@ def client(server: Server) -> openai.OpenAI:
 
 @pytest.fixture(scope="session")
 def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, timeout=120) as c:
+    with server.http() as c:
         yield c

@@ -25,7 +25,12 @@ SYSTEM = (
 
 
 def chat(server: Server, messages: list[dict[str, str]], **kw: object) -> dict:
-    r = httpx.post(f"{server.v1}/chat/completions", json={"model": MODEL, "messages": messages, **kw}, timeout=120)
+    r = httpx.post(
+        f"{server.v1}/chat/completions",
+        json={"model": MODEL, "messages": messages, **kw},
+        timeout=120,
+        headers=server.auth,
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -82,6 +87,7 @@ def test_client_disconnect_frees_its_slot() -> None:
                     "ignore_eos": True,
                 },
                 timeout=60,
+                headers=server.auth,
             ) as r:
                 lines = r.iter_lines()
                 for _ in range(5):
@@ -102,7 +108,7 @@ def test_non_streaming_disconnect_cancels_generation() -> None:
     with start_server("--parallel", "1") as server:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Go"}], "max_tokens": 4000, "ignore_eos": True}
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{server.v1}/chat/completions", json=body, timeout=1.0)
+            httpx.post(f"{server.v1}/chat/completions", json=body, timeout=1.0, headers=server.auth)
         stats = server.wait_idle(timeout=10)
         assert stats["generated_tokens"] < 1000, stats
 
@@ -112,13 +118,13 @@ def test_queue_bound_gives_503() -> None:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Go"}], "max_tokens": 40, "ignore_eos": True}
 
         async def burst() -> list[int]:
-            async with httpx.AsyncClient(timeout=120) as c:
+            async with httpx.AsyncClient(timeout=120, headers=server.auth) as c:
                 rs = await asyncio.gather(*(c.post(f"{server.v1}/chat/completions", json=body) for _ in range(4)))
             return sorted(r.status_code for r in rs)
 
         codes = asyncio.run(burst())
         assert codes[:2] == [200, 200] and set(codes[2:]) == {503}, codes
-        r = httpx.post(f"{server.v1}/chat/completions", json={**body, "max_tokens": 2})
+        r = httpx.post(f"{server.v1}/chat/completions", json={**body, "max_tokens": 2}, headers=server.auth)
         assert r.status_code == 200
 
 
@@ -196,7 +202,7 @@ def test_same_request_same_output_after_other_traffic(server: Server) -> None:
     first = chat(server, question, max_tokens=32, temperature=0.8, seed=11)
 
     async def churn() -> None:
-        async with httpx.AsyncClient(timeout=120) as c:
+        async with httpx.AsyncClient(timeout=120, headers=server.auth) as c:
             bodies = [
                 {"model": MODEL, "messages": [{"role": "user", "content": f"Topic {i}: bees"}], "max_tokens": 12}
                 for i in range(24)

@@ -137,6 +137,9 @@ def test_tool_history_round_trips(llama_server: Server, meta_format: ChatFormat)
     r = httpx.post(f"{llama_server.base_url}/tokenize", json={"model": MODEL, **case})
     assert r.json()["tokens"] == meta_dialog_tokens(case, meta_format)
     r = httpx.post(
-        f"{llama_server.base_url}/v1/chat/completions", json={"model": MODEL, **case, "max_tokens": 4}, timeout=60
+        f"{llama_server.base_url}/v1/chat/completions",
+        json={"model": MODEL, **case, "max_tokens": 4},
+        timeout=60,
+        headers=llama_server.auth,
     )
     assert r.status_code == 200, r.text

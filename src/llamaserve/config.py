@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -52,3 +52,26 @@ class ServeConfig:
     max_queue: int = 1024  # requests waiting for a slot before new ones get 503
     default_max_tokens: int = 512  # chat completions, as the seed documents
     chat_format: str = "auto"  # "llama3" (Meta's format, built in), "template" (the GGUF's), or "auto": detect
+    platform: PlatformConfig = field(default_factory=lambda: PlatformConfig())
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("LLAMASERVE_HOME") or Path.home() / ".llamaserve").expanduser()
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    """Accounts, credits and limits: where they are kept and what they cost."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    database_url: str | None = None  # default: SQLite in data_dir
+    redis_url: str | None = None  # shared rate limits across replicas; default: in-process
+    admin_key: str | None = None  # guards /admin/...; None: the admin HTTP API is off
+    starter_credits: int = 10 * 1_000_000  # micro-credits for the first account
+    price_input: float = 0.10  # credits per million prompt tokens
+    price_output: float = 0.20  # credits per million completion tokens
+    request_timeout: float = 600.0  # seconds before a non-streaming request gets 504
+
+    @property
+    def url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'llamaserve.db'}"

@@ -15,6 +15,7 @@ from llamaserve.api.common import (
     ChoiceResult,
     check_sampling,
     collect,
+    completion_budget,
     engine_error,
     get_model,
     new_id,
@@ -24,6 +25,7 @@ from llamaserve.api.common import (
     usage,
 )
 from llamaserve.api.logprobs import LegacyLogprobs, chat_logprobs
+from llamaserve.api.platform import CallerDep, admit, check_model_allowed
 from llamaserve.backends.local import ChatPrompt, LocalModel
 from llamaserve.chat.grammar import Grammar, SchemaError, json_object_grammar, json_schema_grammar
 from llamaserve.chat.llama3 import Llama3FormatError
@@ -155,15 +157,18 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 # --- the route ------------------------------------------------------------------------------------------------
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+async def chat_completions(body: ChatCompletionRequest, request: Request, caller: CallerDep) -> Any:
     model = get_model(request, body.model)
+    check_model_allowed(caller, model.id)
     plan = plan_chat(body, model)
     prompt = plan.prompt.tokens
-    handle = submit(model, prompt, plan.params, body.n, "messages")
+    budget = completion_budget(model, [prompt], plan.params, body.n)
+    admission = await admit(request, caller, request.state.request_id, model.id, len(prompt), budget)
+    [handle] = submit(model, [prompt], plan.params, body.n, "messages", admission)
     head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": model.id}
     if body.stream:
-        return sse_response(ChatStream(model, plan, body, handle, head).events(), [handle])
-    results = await collect(request, [handle], body.n)
+        return sse_response(ChatStream(model, plan, body, handle, head).events(), [handle], admission.headers)
+    results = await collect(request, [handle], body.n, admission)
     response: dict[str, Any] = {
         **head,
         "object": "chat.completion",
@@ -172,7 +177,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     }
     if body.echo:
         response["prompt"] = [_echo(model, plan.prompt.text, results[0].prompt_logprobs)]
-    return JSONResponse(response)
+    return JSONResponse(response, headers=admission.headers)
 
 
 def _choice(model: LocalModel, plan: ChatPlan, body: ChatCompletionRequest, i: int, r: ChoiceResult) -> dict:

@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
+from llamaserve.api.platform import Admission
 from llamaserve.backends.local import LocalModel
 from llamaserve.engine import EngineOverloaded, InvalidPrompt, Output, RequestHandle, SamplingParams
 from llamaserve.engine.logprobs import TokenLogprob
@@ -47,15 +48,31 @@ def check_sampling(body: SamplingFields, model: LocalModel) -> None:
             )
 
 
-def submit(model: LocalModel, prompt: list[int], params: SamplingParams, n: int, param: str) -> RequestHandle:
+def completion_budget(model: LocalModel, prompts: list[list[int]], params: SamplingParams, n: int) -> int:
+    """The most completion tokens a request can produce: what its hold and its token limit are sized for."""
+    return n * sum(max(0, min(params.max_tokens, model.max_model_len - len(p))) for p in prompts)
+
+
+def submit(
+    model: LocalModel, prompts: list[list[int]], params: SamplingParams, n: int, param: str, admission: Admission
+) -> list[RequestHandle]:
+    """Queue every prompt of an admitted request; its credits settle when all of them have closed."""
+    handles: list[RequestHandle] = []
     try:
-        return model.engine.submit(prompt, params, n)
-    except InvalidPrompt as e:
-        raise invalid(str(e), param, code=e.code) from e
-    except EngineOverloaded as e:
+        for prompt in prompts:
+            handles.append(model.engine.submit(prompt, params, n))
+    except (InvalidPrompt, EngineOverloaded) as e:
+        for h in handles:
+            h.close()
+        admission.status = "rejected"
+        admission.settle_soon([])
+        if isinstance(e, InvalidPrompt):
+            raise invalid(str(e), param, code=e.code) from e
         raise APIError(
             503, str(e), type="server_overloaded", code="engine_overloaded", headers={"Retry-After": "1"}
         ) from e
+    admission.settle_when_closed(handles)
+    return handles
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -127,9 +144,9 @@ class ChoiceResult:
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
-async def collect(request: Request, handles: list[RequestHandle], n: int) -> list[ChoiceResult]:
+async def collect(request: Request, handles: list[RequestHandle], n: int, admission: Admission) -> list[ChoiceResult]:
     """All outputs of all choices (request i's choice c at i * n + c); cancels generation if the client goes
-    away first."""
+    away first, or when the request runs past the platform's request_timeout (504)."""
     results = [ChoiceResult() for _ in range(len(handles) * n)]
 
     async def consume() -> None:
@@ -146,21 +163,30 @@ async def collect(request: Request, handles: list[RequestHandle], n: int) -> lis
 
     work = asyncio.create_task(consume())
     watch = asyncio.create_task(_until_disconnected(request))
+    timeout = admission.platform.request_timeout
     try:
-        done, _ = await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([work, watch], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            admission.status = "timeout"
     finally:
         watch.cancel()
         if not work.done():
             work.cancel()
-            for h in handles:  # frees their slots at the engine's next step
+            for h in handles:  # frees their slots at the engine's next step; settles what they produced
                 h.close()
+    if not done:
+        raise APIError(
+            504, f"the request took longer than {timeout:g}s and was stopped", type="timeout", code="request_timeout"
+        )
     if work not in done:
         raise APIError(499, "the client closed the connection", code="client_closed_request")
     work.result()
     return results
 
 
-def sse_response(stream: AsyncIterator[str], handles: list[RequestHandle]) -> StreamingResponse:
+def sse_response(
+    stream: AsyncIterator[str], handles: list[RequestHandle], headers: dict[str, str]
+) -> StreamingResponse:
     def close() -> None:  # also when the client left before the stream started
         for h in handles:
             h.close()
@@ -168,6 +194,6 @@ def sse_response(stream: AsyncIterator[str], handles: list[RequestHandle]) -> St
     return StreamingResponse(
         stream,
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         background=BackgroundTask(close),
     )

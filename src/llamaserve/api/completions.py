@@ -14,6 +14,7 @@ from llamaserve.api.common import (
     SSE_DONE,
     check_sampling,
     collect,
+    completion_budget,
     engine_error,
     get_model,
     merged,
@@ -24,11 +25,12 @@ from llamaserve.api.common import (
     usage,
 )
 from llamaserve.api.logprobs import LegacyLogprobs
+from llamaserve.api.platform import CallerDep, admit, check_model_allowed
 from llamaserve.backends.local import LocalModel
 from llamaserve.engine import Output, RequestHandle
 from llamaserve.engine.logprobs import TokenLogprob
 from llamaserve.protocol.completions import Completion, CompletionRequest
-from llamaserve.protocol.errors import APIError, invalid
+from llamaserve.protocol.errors import invalid
 
 router = APIRouter()
 
@@ -46,8 +48,9 @@ def _prompts(body: CompletionRequest, model: LocalModel) -> list[list[int]]:
 
 
 @router.post("/v1/completions", response_model=Completion)
-async def completions(body: CompletionRequest, request: Request) -> Any:
+async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Any:
     model = get_model(request, body.model)
+    check_model_allowed(caller, model.id)
     check_sampling(body, model)
     if body.suffix:
         raise invalid(
@@ -59,19 +62,15 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,
     )
-    handles: list[RequestHandle] = []
-    try:
-        for tokens in prompts:
-            handles.append(submit(model, tokens, params, body.n, "prompt"))
-    except APIError:
-        for h in handles:
-            h.close()
-        raise
+    budget = completion_budget(model, prompts, params, body.n)
+    prompt_tokens = sum(len(p) for p in prompts)
+    admission = await admit(request, caller, request.state.request_id, model.id, prompt_tokens, budget)
+    handles = submit(model, prompts, params, body.n, "prompt", admission)
     echoes = [model.detokenize(t) if body.echo else "" for t in prompts]
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model.id}
     if body.stream:
-        return sse_response(_stream(model, body, handles, echoes, head), handles)
-    results = await collect(request, handles, body.n)
+        return sse_response(_stream(model, body, handles, echoes, head), handles, admission.headers)
+    results = await collect(request, handles, body.n, admission)
     choices = []
     for i, r in enumerate(results):
         logprobs = None
@@ -88,7 +87,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         sum(h.completion_tokens for h in handles),
         sum(h.cached_tokens for h in handles),
     )
-    return JSONResponse({**head, "choices": choices, "usage": u})
+    return JSONResponse({**head, "choices": choices, "usage": u}, headers=admission.headers)
 
 
 def _joined(a: dict[str, list[Any]], b: dict[str, list[Any]]) -> dict[str, list[Any]]:

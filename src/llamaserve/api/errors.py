@@ -68,8 +68,16 @@ async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, ErrorDetail(message="Internal server error", type="server_error"))
+    """A bug: log it with its request id; the client gets that id and nothing of the traceback. (This handler
+    runs outside the request-id middleware, so it sets the header itself.)"""
+    request_id = getattr(request.state, "request_id", "unknown")
+    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
+    detail = ErrorDetail(
+        message=f"Internal server error (request id {request_id}); the server log has the details",
+        type="server_error",
+        code="internal_error",
+    )
+    return error_response(500, detail, {"x-request-id": request_id})
 
 
 def install(app: FastAPI) -> None:

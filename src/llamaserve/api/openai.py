@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 
 from llamaserve.api.chat import template_messages
 from llamaserve.api.common import get_model as lookup_model
+from llamaserve.api.platform import CallerDep
 from llamaserve.backends.local import LocalModel
 from llamaserve.chat.llama3 import Llama3FormatError
 from llamaserve.chat.template import TemplateError
@@ -34,13 +35,13 @@ def _model_card(model: LocalModel, created: int) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
+async def list_models(request: Request, caller: CallerDep) -> dict[str, Any]:
     model: LocalModel = request.app.state.model
     return {"object": "list", "data": [_model_card(model, request.app.state.started)]}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model_card(model_id: str, request: Request) -> dict[str, Any]:
+async def get_model_card(model_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     return _model_card(lookup_model(request, model_id), request.app.state.started)
 
 

@@ -13,7 +13,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from llamaserve.engine.llama import Batch, ContextConfig, LlamaModel
@@ -62,7 +62,9 @@ class RequestHandle:
     sequences: list[Sequence] = field(default_factory=list)
     completion_tokens: int = 0
     finished_choices: int = 0
+    failed: bool = False  # a choice ended with an engine error
     closed: bool = False
+    on_close: Callable[[], None] | None = None  # called once, when the request gives its place back
 
     @property
     def cached_tokens(self) -> int:
@@ -79,6 +81,7 @@ class RequestHandle:
             while not self.done:
                 out = await self.queue.get()
                 self.completion_tokens += len(out.token_ids)
+                self.failed = self.failed or out.error is not None
                 if out.finish_reason is not None:
                     self.finished_choices += 1
                 yield out
@@ -93,6 +96,8 @@ class RequestHandle:
         if not self.done:
             self.engine.abort(self)
         self.engine.outstanding -= self.n
+        if self.on_close is not None:
+            self.on_close()
 
 
 class Engine:

@@ -1,0 +1,185 @@
+"""The platform around each inference request: who is calling (Bearer key), whether their plan's rate limits
+and their credits allow it, and settling what it used.
+
+Order, as a hosted API does it: authenticate (401/403) → model allowed for the key (403) → rate limit (429)
+→ hold the worst-case cost (402) → generate → settle the real cost and release the rest, in one transaction,
+whether the request finished, failed, timed out or lost its client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from llamaserve.billing.limits import PLANS, Decision, Plan, RateLimiter
+from llamaserve.billing.pricing import Price, format_credits
+from llamaserve.billing.store import AuthError, Caller, Store, Usage
+from llamaserve.engine import RequestHandle
+from llamaserve.protocol.errors import APIError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Platform:
+    store: Store
+    limiter: RateLimiter
+    price: Price
+    request_timeout: float  # seconds a request may run before it gets 504
+    admin_key: str | None = None  # guards /admin/...; None: admin API off
+    settling: set[asyncio.Task[None]] = field(default_factory=set)  # settlements in flight (awaited at shutdown)
+
+    def plan(self, name: str) -> Plan:
+        return PLANS.get(name, PLANS["free"])
+
+    async def drain(self) -> None:
+        if self.settling:
+            await asyncio.gather(*self.settling, return_exceptions=True)
+
+
+def platform_of(request: Request) -> Platform:
+    return request.app.state.platform
+
+
+async def require_caller(request: Request) -> Caller:
+    """FastAPI dependency: the authenticated caller. Runs before body validation, so a request without a valid
+    key gets 401 whatever its body."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise APIError(
+            401,
+            "Missing API key: send 'Authorization: Bearer <key>'",
+            type="authentication_error",
+            code="missing_api_key",
+        )
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(
+            401,
+            "Malformed Authorization header: expected 'Bearer <key>'",
+            type="authentication_error",
+            code="invalid_authorization_header",
+        )
+    try:
+        caller = await platform_of(request).store.authenticate(token.strip())
+    except AuthError as e:
+        kind = "authentication_error" if e.status == 401 else "permission_error"
+        raise APIError(e.status, str(e), type=kind, code=e.code) from e
+    request.state.caller = caller
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(require_caller)]
+
+
+def check_model_allowed(caller: Caller, model_id: str) -> None:
+    if caller.allowed_models is not None and model_id not in caller.allowed_models:
+        raise APIError(
+            403,
+            f"this API key may not use model {model_id!r} (allowed: {', '.join(caller.allowed_models)})",
+            type="permission_error",
+            param="model",
+            code="model_not_allowed",
+        )
+
+
+@dataclass
+class Admission:
+    """One admitted request: its rate-limit headers and its credit hold, until settled."""
+
+    platform: Platform
+    caller: Caller
+    request_id: str
+    model_id: str
+    prompt_tokens: int
+    reserved_tokens: int  # completion tokens the hold and the token limit were sized for
+    hold_id: int
+    decision: Decision
+    started: float = field(default_factory=time.monotonic)
+    settled: bool = False
+    status: str | None = None  # set to force a status (timeout, error) when settling
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.decision.headers()
+
+    def settle_when_closed(self, handles: list[RequestHandle]) -> None:
+        """Settle once every handle has closed (finished, failed, or cancelled by a departed client)."""
+        open_handles = set(range(len(handles)))
+
+        def closed(i: int) -> None:
+            open_handles.discard(i)
+            if not open_handles:
+                self.settle_soon(handles)
+
+        for i, handle in enumerate(handles):
+            handle.on_close = lambda i=i: closed(i)
+
+    def settle_soon(self, handles: list[RequestHandle]) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        completion = sum(h.completion_tokens for h in handles)
+        status = self.status or (
+            "error" if any(h.failed for h in handles) else "ok" if all(h.done for h in handles) else "cancelled"
+        )
+        task = asyncio.get_running_loop().create_task(self._settle(completion, status))
+        self.platform.settling.add(task)
+        task.add_done_callback(self.platform.settling.discard)
+
+    async def _settle(self, completion_tokens: int, status: str) -> None:
+        platform = self.platform
+        charge = platform.price.cost(self.prompt_tokens, completion_tokens)
+        usage = Usage(
+            self.request_id,
+            self.model_id,
+            self.prompt_tokens,
+            completion_tokens,
+            status,
+            int((time.monotonic() - self.started) * 1000),
+        )
+        try:
+            await platform.store.settle(self.hold_id, charge, usage, self.caller.key_id)
+            unused = self.reserved_tokens - completion_tokens
+            if unused > 0:
+                await platform.limiter.refund(self.caller.key_prefix, platform.plan(self.caller.plan), unused)
+        except Exception:  # the hold stays open and is released at the next start; say so loudly
+            log.exception("could not settle hold %s of request %s", self.hold_id, self.request_id)
+
+
+async def admit(
+    request: Request, caller: Caller, request_id: str, model_id: str, prompt_tokens: int, completion_tokens: int
+) -> Admission:
+    """Rate limit (429) and hold the worst-case cost (402) for a request of `prompt_tokens` that may generate up
+    to `completion_tokens` in all its choices."""
+    platform = platform_of(request)
+    plan = platform.plan(caller.plan)
+    decision = await platform.limiter.acquire(caller.key_prefix, plan, prompt_tokens + completion_tokens)
+    if not decision.allowed:
+        if decision.retry_after is None:
+            message = (
+                f"Request too large: {prompt_tokens + completion_tokens} tokens (prompt + max_tokens × n) exceed "
+                f"the {plan.tokens_per_minute} tokens per minute of plan {plan.name!r}; lower max_tokens"
+            )
+        else:
+            message = f"Rate limit reached for plan {plan.name!r}; retry in {decision.retry_after:.1f}s"
+        raise APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded", headers=decision.headers())
+    worst = platform.price.cost(prompt_tokens, completion_tokens)
+    hold_id = await platform.store.hold(caller.account_id, worst, request_id)
+    if hold_id is None:
+        await platform.limiter.refund(caller.key_prefix, plan, prompt_tokens + completion_tokens)
+        balance = (await platform.store.account_by_id(caller.account_id)).balance
+        raise APIError(
+            402,
+            f"Insufficient credits: this request may cost up to {format_credits(worst)} credits "
+            f"(prompt + max_tokens × n) and the balance is {format_credits(balance)}; add credits or lower max_tokens",
+            type="insufficient_credits",
+            code="insufficient_credits",
+            headers=decision.headers(),
+        )
+    return Admission(platform, caller, request_id, model_id, prompt_tokens, completion_tokens, hold_id, decision)

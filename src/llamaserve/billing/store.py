@@ -1,0 +1,331 @@
+"""The account store: accounts, keys, credits (holds and the ledger) and usage, on SQLAlchemy 2 (async).
+
+SQLite (a file in the data directory, WAL) by default; PostgreSQL (asyncpg) for several gateway replicas. The
+credit operations are single conditional UPDATEs inside one transaction each, so concurrent requests can never
+take a balance below zero: a hold succeeds only if `balance >= amount` at the moment it is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from llamaserve.billing.keys import generate_key, parse_key, secret_matches
+from llamaserve.billing.models import Account, ApiKey, Hold, LedgerEntry, UsageRecord
+
+LAST_USED_RESOLUTION = dt.timedelta(minutes=1)  # last_used_at is a hint; don't write on every request
+
+
+class StoreError(ValueError):
+    """A store operation that cannot be done (unknown account or key, duplicate name)."""
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: an enabled key of an active account."""
+
+    key_id: int
+    key_prefix: str
+    account_id: int
+    account_name: str
+    plan: str
+    allowed_models: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one request used, for its usage record."""
+
+    request_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: str  # ok | cancelled | error | timeout
+    latency_ms: int
+
+
+def sqlite_url(data_dir: Path) -> str:
+    return f"sqlite+aiosqlite:///{data_dir / 'llamaserve.db'}"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine: AsyncEngine = create_async_engine(url, connect_args={"timeout": 30} if self.is_sqlite else {})
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time; queue writers here instead of failing with "database is locked".
+        self._write_lock = asyncio.Lock()
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (creates it on a new database)."""
+        from llamaserve.billing.migrations import upgrade
+
+        async with self.engine.begin() as conn:
+            await conn.run_sync(upgrade)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction: committed on success, rolled back on error."""
+        if self.is_sqlite:
+            await self._write_lock.acquire()
+        try:
+            async with self._sessions() as session, session.begin():
+                yield session
+        finally:
+            if self.is_sqlite:
+                self._write_lock.release()
+
+    # --- accounts -------------------------------------------------------------------------------------------
+    async def create_account(self, name: str, plan: str, credits: int = 0) -> Account:
+        async with self._write() as s:
+            if await s.scalar(select(Account.id).where(Account.name == name)) is not None:
+                raise StoreError(f"an account named {name!r} already exists")
+            account = Account(name=name, plan=plan, status="active", balance=0)
+            s.add(account)
+            await s.flush()
+            if credits:
+                await self._grant(s, account.id, credits, "starter credits")
+        return account
+
+    async def list_accounts(self) -> list[Account]:
+        async with self._sessions() as s:
+            return list(await s.scalars(select(Account).order_by(Account.id)))
+
+    async def account(self, name: str) -> Account:
+        async with self._sessions() as s:
+            account = await s.scalar(select(Account).where(Account.name == name))
+        if account is None:
+            raise StoreError(f"no account named {name!r}")
+        return account
+
+    async def account_by_id(self, account_id: int) -> Account:
+        async with self._sessions() as s:
+            account = await s.get(Account, account_id)
+        if account is None:
+            raise StoreError(f"no account with id {account_id}")
+        return account
+
+    async def update_account(self, name: str, *, plan: str | None = None, status: str | None = None) -> Account:
+        values: dict[str, Any] = {k: v for k, v in (("plan", plan), ("status", status)) if v is not None}
+        async with self._write() as s:
+            result = await s.execute(update(Account).where(Account.name == name).values(**values))
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                raise StoreError(f"no account named {name!r}")
+        return await self.account(name)
+
+    # --- keys -----------------------------------------------------------------------------------------------
+    async def create_key(
+        self, account_name: str, name: str = "", allowed_models: list[str] | None = None
+    ) -> tuple[str, ApiKey]:
+        """A new key; returns the full key (the only time it exists in clear) and its row."""
+        account = await self.account(account_name)
+        new = generate_key()
+        key = ApiKey(
+            account_id=account.id,
+            prefix=new.prefix,
+            secret_hash=new.secret_hash,
+            name=name,
+            enabled=True,
+            revoked=False,
+            allowed_models=allowed_models,
+        )
+        async with self._write() as s:
+            s.add(key)
+        return new.full, key
+
+    async def list_keys(self, account_name: str | None = None) -> list[tuple[ApiKey, str]]:
+        """Keys with their account's name."""
+        query = select(ApiKey, Account.name).join(Account, Account.id == ApiKey.account_id).order_by(ApiKey.id)
+        if account_name is not None:
+            query = query.where(Account.name == account_name)
+        async with self._sessions() as s:
+            return [(key, name) for key, name in (await s.execute(query)).all()]
+
+    async def key(self, prefix: str) -> ApiKey:
+        async with self._sessions() as s:
+            key = await s.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        if key is None:
+            raise StoreError(f"no key with prefix {prefix!r}")
+        return key
+
+    async def set_key(self, prefix: str, *, enabled: bool | None = None, revoked: bool | None = None) -> ApiKey:
+        values = {k: v for k, v in (("enabled", enabled), ("revoked", revoked)) if v is not None}
+        async with self._write() as s:
+            result = await s.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(**values))
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                raise StoreError(f"no key with prefix {prefix!r}")
+        return await self.key(prefix)
+
+    async def authenticate(self, presented: str) -> Caller:
+        """The caller behind a Bearer key, or AuthError: 401 for a malformed, unknown or revoked key, 403 for a
+        disabled key or a suspended account."""
+        parsed = parse_key(presented)
+        if parsed is None:
+            raise AuthError(401, "Incorrect API key format: keys look like ls-<prefix>_<secret>", "invalid_api_key")
+        prefix, secret = parsed
+        async with self._sessions() as s:
+            row = (
+                await s.execute(
+                    select(ApiKey, Account)
+                    .join(Account, Account.id == ApiKey.account_id)
+                    .where(ApiKey.prefix == prefix)
+                )
+            ).first()
+        if row is None or not secret_matches(secret, row[0].secret_hash) or row[0].revoked:
+            raise AuthError(401, "Incorrect API key provided (unknown or revoked)", "invalid_api_key")
+        key, account = row
+        if not key.enabled:
+            raise AuthError(403, f"API key ls-{prefix}_... is disabled; enable it to use it", "api_key_disabled")
+        if account.status != "active":
+            raise AuthError(403, f"account {account.name!r} is {account.status}", "account_suspended")
+        if key.last_used_at is None or _now() - _aware(key.last_used_at) > LAST_USED_RESOLUTION:
+            async with self._write() as w:
+                await w.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=_now()))
+        allowed = tuple(key.allowed_models) if key.allowed_models else None
+        return Caller(key.id, key.prefix, account.id, account.name, account.plan, allowed)
+
+    # --- credits --------------------------------------------------------------------------------------------
+    async def grant(self, account_name: str, amount: int, note: str = "grant") -> int:
+        """Add (or, negative, remove) credits; returns the new balance."""
+        account = await self.account(account_name)
+        async with self._write() as s:
+            await self._grant(s, account.id, amount, note)
+        return (await self.account(account_name)).balance
+
+    async def _grant(self, s: AsyncSession, account_id: int, amount: int, note: str) -> None:
+        await s.execute(update(Account).where(Account.id == account_id).values(balance=Account.balance + amount))
+        s.add(LedgerEntry(account_id=account_id, kind="grant", amount=amount, note=note[:200]))
+
+    async def hold(self, account_id: int, amount: int, request_id: str) -> int | None:
+        """Reserve `amount` for a request; returns the hold's id, or None if the balance cannot cover it."""
+        async with self._write() as s:
+            result = await s.execute(
+                update(Account)
+                .where(Account.id == account_id, Account.balance >= amount)
+                .values(balance=Account.balance - amount)
+            )
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                return None
+            hold = Hold(account_id=account_id, request_id=request_id, amount=amount, status="open")
+            s.add(hold)
+            await s.flush()
+            s.add(LedgerEntry(account_id=account_id, kind="hold", amount=-amount, hold_id=hold.id, note=request_id))
+            return hold.id
+
+    async def settle(self, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
+        """Release a hold and charge what was used (at most the hold), with the usage record, in one
+        transaction. Settling twice does nothing the second time; returns whether this call settled it."""
+        async with self._write() as s:
+            hold = await s.get(Hold, hold_id)
+            if hold is None:
+                raise StoreError(f"no hold {hold_id}")
+            result = await s.execute(
+                update(Hold)
+                .where(Hold.id == hold_id, Hold.status == "open")
+                .values(status="settled", settled_at=_now())
+            )
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                return False
+            charge = max(0, min(charge, hold.amount))
+            await s.execute(
+                update(Account)
+                .where(Account.id == hold.account_id)
+                .values(balance=Account.balance + hold.amount - charge)
+            )
+            s.add(LedgerEntry(account_id=hold.account_id, kind="release", amount=hold.amount, hold_id=hold_id))
+            s.add(LedgerEntry(account_id=hold.account_id, kind="charge", amount=-charge, hold_id=hold_id))
+            if usage is not None:
+                s.add(
+                    UsageRecord(
+                        request_id=usage.request_id,
+                        account_id=hold.account_id,
+                        key_id=key_id,
+                        model=usage.model,
+                        prompt_tokens=usage.prompt_tokens,
+                        completion_tokens=usage.completion_tokens,
+                        cost=charge,
+                        status=usage.status,
+                        latency_ms=usage.latency_ms,
+                    )
+                )
+            return True
+
+    async def release_stale_holds(self, older_than: dt.timedelta) -> int:
+        """Release holds left open by a process that died mid-request (charging nothing: what it produced was
+        never reported). Only holds older than any live request could be, so other replicas are safe."""
+        cutoff = _now() - older_than
+        async with self._sessions() as s:
+            stale = list(await s.scalars(select(Hold.id).where(Hold.status == "open", Hold.created_at < cutoff)))
+        settled = 0
+        for hold_id in stale:
+            settled += await self.settle(hold_id, 0, None, key_id=0)
+        return settled
+
+    async def open_holds(self, account_id: int | None = None) -> int:
+        query = select(func.count()).select_from(Hold).where(Hold.status == "open")
+        if account_id is not None:
+            query = query.where(Hold.account_id == account_id)
+        async with self._sessions() as s:
+            return int(await s.scalar(query) or 0)
+
+    async def ledger_sum(self, account_id: int) -> int:
+        async with self._sessions() as s:
+            total = await s.scalar(select(func.sum(LedgerEntry.amount)).where(LedgerEntry.account_id == account_id))
+        return int(total or 0)
+
+    # --- usage ----------------------------------------------------------------------------------------------
+    async def usage(
+        self,
+        account_id: int,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        model: str | None = None,
+        limit: int = 1000,
+    ) -> list[UsageRecord]:
+        query = select(UsageRecord).where(UsageRecord.account_id == account_id)
+        if since is not None:
+            query = query.where(UsageRecord.created_at >= since)
+        if until is not None:
+            query = query.where(UsageRecord.created_at < until)
+        if model is not None:
+            query = query.where(UsageRecord.model == model)
+        async with self._sessions() as s:
+            return list(await s.scalars(query.order_by(UsageRecord.id.desc()).limit(limit)))
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    """SQLite returns naive datetimes (stored in UTC)."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
