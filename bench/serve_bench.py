@@ -40,6 +40,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_bench.json"
 N_SEQ = 16  # sequences in the ceiling loop, slots in the server, clients in workload B
+API_HEADERS: dict[str, str] = {}  # the Bearer key of the server under test, set when it starts
 
 TASKS = [
     "Write a detailed story about a lighthouse keeper who discovers a message in a bottle washed up on the "
@@ -266,13 +267,16 @@ def free_port() -> int:
 @contextlib.contextmanager
 def server(port: int, threads: int, extra: list[str], parallel: int = N_SEQ) -> Iterator[str]:
     """Run `llamaserve.cli serve` until the block ends; yields its base URL once /health says 200."""
+    data_dir = tempfile.mkdtemp(prefix="serve_bench_data_")  # a fresh store: its first-start key is ours
     cmd = [sys.executable, "-m", "llamaserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--threads", str(threads), "--parallel", str(parallel), *extra]
+    cmd += ["--threads", str(threads), "--parallel", str(parallel), "--data-dir", data_dir, *extra]
     log = tempfile.NamedTemporaryFile("w+", prefix="serve_bench_", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc, timeout=120)
+        key = (Path(data_dir) / "default.key").read_text().strip()
+        API_HEADERS["Authorization"] = f"Bearer {key}"
         yield base
     except BaseException:
         log.flush()
@@ -311,7 +315,7 @@ def engine_stats(base: str) -> dict[str, Any]:
 
 
 def model_id(base: str) -> str:
-    return str(httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"])
+    return str(httpx.get(f"{base}/v1/models", timeout=10, headers=API_HEADERS).json()["data"][0]["id"])
 
 
 # --- streaming clients
@@ -384,7 +388,7 @@ async def run_clients(
 ) -> tuple[list[RequestResult], float]:
     """`clients` coroutines sending `per_client` requests each, back to back. Returns results, wall time."""
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits, headers=API_HEADERS) as client:
 
         async def one_client(c: int) -> list[RequestResult]:
             return [

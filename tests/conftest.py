@@ -121,6 +121,56 @@ def _running(server: Server) -> Iterator[None]:
             process.kill()
 
 
+POSTGRES_URL = os.environ.get("LLAMASERVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("LLAMASERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def unavailable(what: str, error: Exception) -> None:
+    """A service the tests need is not there: CI must have it (fail); elsewhere the tests are skipped."""
+    message = f"{what} is not reachable: {error}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test (dropped afterwards); yields its SQLAlchemy URL."""
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    name = f"llamaserve_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(POSTGRES_URL, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as e:
+        unavailable("PostgreSQL", e)
+    try:
+        base = POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_timeout=5).ping()
+    except redis.RedisError as e:
+        unavailable("Redis", e)
+    return REDIS_URL
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     """The default server: embedded model, 16 slots."""

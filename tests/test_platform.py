@@ -1,0 +1,324 @@
+"""The platform around the model, through real servers: keys (401/403), credits (402, holds, settlement),
+rate limits (429 and the x-ratelimit headers), timeouts (504), request ids, the account and admin APIs, and
+a ledger that balances to the micro-credit after concurrent load and cancelled streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL, Server, postgres_database, redis_url, start_server
+
+ADMIN = "test-admin-key"
+MESSAGES = [{"role": "user", "content": "Say hi."}]
+# 1,000 credits per million tokens = 1,000 micro-credits a token: holds are large enough to count.
+PRICED = ("--admin-key", ADMIN, "--price-input", "1000", "--price-output", "1000")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres+redis"])
+def platform(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The same tests on the embedded store (SQLite, in-process limits) and on the production one (PostgreSQL,
+    limits in Redis)."""
+    if request.param == "sqlite":
+        with start_server("--parallel", "8", *PRICED) as server:
+            yield server
+        return
+    with (
+        postgres_database() as url,
+        start_server("--parallel", "8", *PRICED, "--database-url", url, "--redis-url", redis_url()) as server,
+    ):
+        yield server
+
+
+def admin(server: Server) -> httpx.Client:
+    return httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+
+
+def new_account(server: Server, name: str, credits: str, plan: str = "unlimited", **key: Any) -> str:
+    """An account with one key; returns the key."""
+    with admin(server) as a:
+        r = a.post("/admin/accounts", json={"name": name, "plan": plan, "credits": credits})
+        assert r.status_code == 201, r.text
+        r = a.post(f"/admin/accounts/{name}/keys", json={"name": "test", **key})
+        assert r.status_code == 201, r.text
+        return r.json()["key"]
+
+
+def chat(server: Server, key: str | None, **body: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    payload = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, **body}
+    return httpx.post(f"{server.v1}/chat/completions", json=payload, headers=headers, timeout=120)
+
+
+def error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["code"] == code, body
+    assert r.headers["x-request-id"].startswith("req_")
+    return body
+
+
+def balance(server: Server, key: str) -> dict[str, Any]:
+    r = httpx.get(f"{server.v1}/account/balance", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def usage(server: Server, key: str, **params: str) -> dict[str, Any]:
+    r = httpx.get(f"{server.v1}/account/usage", headers={"Authorization": f"Bearer {key}"}, params=params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_settled(server: Server, key: str, timeout: float = 10) -> dict[str, Any]:
+    """Settlement runs right after a request closes; wait until no hold is open."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (b := balance(server, key))["open_holds"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b["open_holds"] == 0, b
+    return b
+
+
+def prompt_tokens(server: Server) -> int:
+    r = httpx.post(f"{server.base_url}/tokenize", json={"model": MODEL, "messages": MESSAGES})
+    return int(r.json()["count"])
+
+
+# --- 401 / 403 -----------------------------------------------------------------------------------------------
+def test_missing_and_malformed_keys_are_401(platform: Server) -> None:
+    assert error(chat(platform, None), 401, "missing_api_key")["type"] == "authentication_error"
+    r = httpx.post(f"{platform.v1}/chat/completions", json={}, headers={"Authorization": "Basic abc"})
+    error(r, 401, "invalid_authorization_header")  # before the (invalid) body is even looked at
+    error(chat(platform, "sk-not-ours"), 401, "invalid_api_key")
+    error(chat(platform, "ls-abcdefghij_" + "A" * 32), 401, "invalid_api_key")  # well-formed, unknown
+    with pytest.raises(openai.AuthenticationError):
+        platform.openai(api_key="ls-nope").chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+
+
+def test_disabled_revoked_suspended_and_model_not_allowed(platform: Server) -> None:
+    key = new_account(platform, "keys-demo", "1")
+    prefix = key.split("_")[0].removeprefix("ls-")
+    assert chat(platform, key).status_code == 200
+    with admin(platform) as a:
+        assert a.post(f"/admin/keys/{prefix}/disable").json()["enabled"] is False
+        assert error(chat(platform, key), 403, "api_key_disabled")["type"] == "permission_error"
+        with pytest.raises(openai.PermissionDeniedError):
+            platform.openai(api_key=key).chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+        a.post(f"/admin/keys/{prefix}/enable")
+        assert chat(platform, key).status_code == 200
+        a.patch("/admin/accounts/keys-demo", json={"status": "suspended"})
+        error(chat(platform, key), 403, "account_suspended")
+        a.patch("/admin/accounts/keys-demo", json={"status": "active"})
+        assert chat(platform, key).status_code == 200
+        a.post(f"/admin/keys/{prefix}/revoke")
+        error(chat(platform, key), 401, "invalid_api_key")
+    only_other = new_account(platform, "models-demo", "1", allowed_models=["some-other-model"])
+    assert error(chat(platform, only_other), 403, "model_not_allowed")["param"] == "model"
+
+
+def test_admin_api_needs_the_admin_key(platform: Server) -> None:
+    r = httpx.get(f"{platform.base_url}/admin/accounts", headers={"Authorization": "Bearer wrong"})
+    error(r, 401, "invalid_admin_key")
+    with start_server("--parallel", "1") as no_admin:
+        r = httpx.get(f"{no_admin.base_url}/admin/accounts", headers={"Authorization": f"Bearer {ADMIN}"})
+        error(r, 403, "admin_disabled")
+
+
+# --- credits ---------------------------------------------------------------------------------------------------
+def test_charge_is_usage_times_price(platform: Server) -> None:
+    key = new_account(platform, "pricing", "5")
+    r = platform.openai(api_key=key).chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert r.usage is not None
+    b = wait_settled(platform, key)
+    cost = (r.usage.prompt_tokens + r.usage.completion_tokens) * 1000
+    assert b["balance_micro"] == 5_000_000 - cost
+    [record] = usage(platform, key)["data"]
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (r.usage.prompt_tokens, r.usage.completion_tokens)
+    assert record["cost_micro"] == cost and record["status"] == "ok" and record["model"] == MODEL
+
+
+def test_insufficient_credits_is_402(platform: Server) -> None:
+    n_prompt = prompt_tokens(platform)
+    hold = (n_prompt + 50) * 1000
+    key = new_account(platform, "poor", str(Decimal(hold - 1) / 1_000_000))
+    body = error(chat(platform, key, max_tokens=50), 402, "insufficient_credits")
+    assert body["type"] == "insufficient_credits" and "max_tokens" in body["message"]
+    with pytest.raises(openai.APIStatusError) as e:
+        platform.openai(api_key=key).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50)  # type: ignore[arg-type]
+    assert e.value.status_code == 402
+    assert chat(platform, key, max_tokens=40).status_code == 200  # a smaller worst case fits
+    assert wait_settled(platform, key)["balance_micro"] >= 0
+
+
+def test_concurrent_requests_never_overdraw(platform: Server) -> None:
+    """50 requests at once on credits for 20 worst cases: exactly 20 run (each charges its whole hold, as
+    ignore_eos makes it generate max_tokens), 30 get 402, and the books balance."""
+    n_prompt = prompt_tokens(platform)
+    max_tokens = 8
+    hold = (n_prompt + max_tokens) * 1000
+    key = new_account(platform, "crowd", str(Decimal(hold * 20 + hold // 2) / 1_000_000))
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
+            body = {"model": MODEL, "messages": MESSAGES, "max_tokens": max_tokens, "ignore_eos": True}
+            rs = await asyncio.gather(*(c.post(f"{platform.v1}/chat/completions", json=body) for _ in range(50)))
+        return [r.status_code for r in rs]
+
+    statuses = asyncio.run(run())
+    assert statuses.count(200) == 20 and statuses.count(402) == 30, statuses
+    b = wait_settled(platform, key)
+    assert b["balance_micro"] == hold // 2
+    records = usage(platform, key)["data"]
+    assert len(records) == 20
+    assert sum(r["cost_micro"] for r in records) == 20 * hold
+    assert all(r["cost_micro"] == (r["prompt_tokens"] + r["completion_tokens"]) * 1000 for r in records)
+
+
+def test_cancelled_stream_is_charged_for_what_was_sent(platform: Server) -> None:
+    key = new_account(platform, "quitter", "100")
+    received = 0
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+        "logprobs": True,  # each chunk lists its tokens: the client knows exactly how many it got
+    }
+    with httpx.stream(
+        "POST", f"{platform.v1}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    received += len((choice.get("logprobs") or {}).get("content") or [])
+            if received >= 20:
+                break
+    b = wait_settled(platform, key)
+    [record] = usage(platform, key)["data"]
+    assert record["status"] == "cancelled"
+    # Charged for what was sent (a step's tokens may have been in flight when the client left), no more.
+    assert received <= record["completion_tokens"] <= received + 16, (received, record)
+    assert b["balance_micro"] == 100_000_000 - record["cost_micro"]
+    assert record["cost_micro"] == (record["prompt_tokens"] + record["completion_tokens"]) * 1000
+
+
+# --- rate limits ---------------------------------------------------------------------------------------------
+def test_free_plan_is_5_rpm_with_openai_headers(platform: Server) -> None:
+    key = new_account(platform, "free-tier", "10", plan="free")
+    for i in range(5):
+        r = chat(platform, key, max_tokens=2)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ratelimit-limit-requests"] == "5"
+        assert r.headers["x-ratelimit-remaining-requests"] == str(4 - i)
+        assert {"x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"} <= set(
+            r.headers
+        )
+    r = chat(platform, key, max_tokens=2)
+    body = error(r, 429, "rate_limit_exceeded")
+    assert body["type"] == "rate_limit_error"
+    assert 1 <= int(r.headers["Retry-After"]) <= 12
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError):
+        platform.openai(api_key=key).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
+    assert balance(platform, key)["open_holds"] == 0  # a refused request holds nothing
+
+
+def test_streaming_responses_carry_rate_limit_headers(platform: Server) -> None:
+    key = new_account(platform, "pro-tier", "10", plan="pro")
+    with httpx.stream(
+        "POST",
+        f"{platform.v1}/chat/completions",
+        json={"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["x-ratelimit-limit-requests"] == "50"
+        assert r.headers["x-request-id"].startswith("req_")
+        r.read()
+
+
+# --- 504, request ids, account API ---------------------------------------------------------------------------
+def test_request_timeout_is_504_and_charges_partial_work() -> None:
+    with start_server("--parallel", "2", "--request-timeout", "1", *PRICED) as server:
+        key = server.api_key
+        assert chat(server, key, max_tokens=2).status_code == 200  # warm-up: the first decode allocates buffers
+        before = wait_settled(server, key)["balance_micro"]
+        r = chat(server, key, max_tokens=3000, ignore_eos=True)
+        assert error(r, 504, "request_timeout")["type"] == "timeout"
+        b = wait_settled(server, key)
+        record = usage(server, key)["data"][0]  # newest first
+        assert record["status"] == "timeout" and 0 < record["completion_tokens"] < 3000, record
+        assert b["balance_micro"] == before - record["cost_micro"]
+        assert server.wait_idle(timeout=10)["running"] == 0  # the generation was stopped, not left running
+
+
+def test_request_id_matches_usage_record(platform: Server) -> None:
+    key = new_account(platform, "ids", "1")
+    r = chat(platform, key)
+    wait_settled(platform, key)
+    assert usage(platform, key)["data"][0]["request_id"] == r.headers["x-request-id"]
+    assert httpx.get(f"{platform.base_url}/health").headers["x-request-id"].startswith("req_")
+    error(httpx.get(f"{platform.base_url}/v1/nowhere"), 404, None)  # type: ignore[arg-type]
+
+
+def test_usage_filters(platform: Server) -> None:
+    key = new_account(platform, "filters", "1")
+    chat(platform, key)
+    wait_settled(platform, key)
+    assert len(usage(platform, key, model=MODEL)["data"]) == 1
+    assert usage(platform, key, model="other")["data"] == []
+    assert usage(platform, key, since="2999-01-01T00:00:00")["data"] == []
+    assert len(usage(platform, key, until="2999-01-01T00:00:00", since="0")["data"]) == 1
+    r = httpx.get(
+        f"{platform.v1}/account/usage", params={"since": "yesterday"}, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert error(r, 400, "invalid_value")["param"] == "since"
+
+
+def test_keys_are_never_stored_or_logged() -> None:
+    """The database and the server's output never contain a key's secret (the first-start key is printed once,
+    by design; keys made later never are)."""
+    with start_server("--parallel", "1", *PRICED) as server:
+        key = new_account(server, "secrets", "1")
+        assert chat(server, key).status_code == 200
+        error(chat(server, key[:-1] + "x"), 401, "invalid_api_key")  # a near miss is not logged either
+        wait_settled(server, key)
+        secret = key.split("_", 1)[1]
+        stored = b"".join(p.read_bytes() for p in server.data_dir.glob("llamaserve.db*"))
+        assert len(stored) > 10_000 and secret.encode() not in stored
+    assert server.process.stdout is not None
+    output = server.process.stdout.read()
+    assert server.api_key.encode() in output  # the first-start banner: the only time a key is shown
+    assert secret.encode() not in output
+
+
+def test_two_replicas_share_credits_and_limits() -> None:
+    """Two gateways on one PostgreSQL and one Redis: a free key's 5 requests a minute are 5 in all, not 5 on
+    each, and both charge the same balance."""
+    with postgres_database() as url:
+        shared = ("--database-url", url, "--redis-url", redis_url(), *PRICED)
+        with start_server("--parallel", "2", *shared) as one, start_server("--parallel", "2", *shared) as two:
+            assert two.api_key == ""  # the second replica found the store set up: no second default account
+            key = new_account(one, "replicated", "10", plan="free")
+            statuses = [chat(replica, key, max_tokens=2).status_code for replica in (one, two, one, two, one, two)]
+            assert statuses == [200] * 5 + [429], statuses
+            wait_settled(one, key)
+            b_one, b_two = balance(one, key), balance(two, key)
+            assert b_one == b_two
+            records = usage(two, key)["data"]
+            assert len(records) == 5 and b_one["balance_micro"] == 10_000_000 - sum(r["cost_micro"] for r in records)
