@@ -322,3 +322,40 @@ def test_two_replicas_share_credits_and_limits() -> None:
             assert b_one == b_two
             records = usage(two, key)["data"]
             assert len(records) == 5 and b_one["balance_micro"] == 10_000_000 - sum(r["cost_micro"] for r in records)
+
+
+def test_refused_prompt_costs_nothing(platform: Server) -> None:
+    key = new_account(platform, "too-long", "100")
+    long_prompt = "word " * 5000  # past the 4096-token context
+    r = chat(platform, key, messages=[{"role": "user", "content": long_prompt}], max_tokens=1)
+    assert error(r, 400, "context_length_exceeded")["param"] == "messages"
+    b = wait_settled(platform, key)
+    assert b["balance_micro"] == 100_000_000
+    [record] = usage(platform, key)["data"]
+    assert record["status"] == "rejected" and record["cost_micro"] == 0
+
+
+def test_store_failure_is_a_500_with_request_id_and_no_traceback() -> None:
+    """A real fault: the database disappears under a running server."""
+    import asyncio as aio
+
+    import asyncpg
+
+    from tests.conftest import POSTGRES_URL
+
+    with postgres_database() as url, start_server("--parallel", "1", "--database-url", url) as server:
+        assert chat(server, server.api_key).status_code == 200
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(POSTGRES_URL)
+            try:
+                await conn.execute(f'DROP DATABASE "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+        aio.run(drop())
+        r = chat(server, server.api_key)
+        body = error(r, 500, "internal_error")
+        assert body["type"] == "server_error"
+        assert r.headers["x-request-id"] in body["message"]
+        assert "Traceback" not in r.text and "asyncpg" not in r.text and ".py" not in r.text

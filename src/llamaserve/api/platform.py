@@ -134,7 +134,8 @@ class Admission:
 
     async def _settle(self, completion_tokens: int, status: str) -> None:
         platform = self.platform
-        charge = platform.price.cost(self.prompt_tokens, completion_tokens)
+        # A request the engine refused (e.g. a prompt longer than the context) computed nothing: it costs nothing.
+        charge = 0 if status == "rejected" else platform.price.cost(self.prompt_tokens, completion_tokens)
         usage = Usage(
             self.request_id,
             self.model_id,
