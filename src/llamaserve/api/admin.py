@@ -59,7 +59,7 @@ class CreditGrant(StrictModel):
 
 class NewKey(StrictModel):
     name: str = ""
-    allowed_models: list[str] | None = None
+    allowed_models: Annotated[list[str], Field(min_length=1)] | None = None  # None: every model
 
 
 def account_view(a: Account) -> dict[str, Any]:

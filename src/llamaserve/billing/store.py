@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from llamaserve.billing.keys import generate_key, parse_key, secret_matches
@@ -102,14 +103,18 @@ class Store:
 
     # --- accounts -------------------------------------------------------------------------------------------
     async def create_account(self, name: str, plan: str, credits: int = 0) -> Account:
-        async with self._write() as s:
-            if await s.scalar(select(Account.id).where(Account.name == name)) is not None:
-                raise StoreError(f"an account named {name!r} already exists")
-            account = Account(name=name, plan=plan, status="active", balance=0)
-            s.add(account)
-            await s.flush()
-            if credits:
-                await self._grant(s, account.id, credits, "starter credits")
+        exists = StoreError(f"an account named {name!r} already exists")
+        try:
+            async with self._write() as s:
+                if await s.scalar(select(Account.id).where(Account.name == name)) is not None:
+                    raise exists
+                account = Account(name=name, plan=plan, status="active", balance=0)
+                s.add(account)
+                await s.flush()
+                if credits:
+                    await self._grant(s, account.id, credits, "starter credits")
+        except IntegrityError as e:  # another process created it between our check and our insert
+            raise exists from e
         return account
 
     async def list_accounts(self) -> list[Account]:
@@ -142,7 +147,10 @@ class Store:
     async def create_key(
         self, account_name: str, name: str = "", allowed_models: list[str] | None = None
     ) -> tuple[str, ApiKey]:
-        """A new key; returns the full key (the only time it exists in clear) and its row."""
+        """A new key; returns the full key (the only time it exists in clear) and its row. allowed_models None
+        allows every model; an empty list would allow none, which is refused as a mistake."""
+        if allowed_models is not None and not allowed_models:
+            raise StoreError("allowed_models must name at least one model (leave it out to allow all)")
         account = await self.account(account_name)
         new = generate_key()
         key = ApiKey(
@@ -223,6 +231,8 @@ class Store:
 
     async def hold(self, account_id: int, amount: int, request_id: str) -> int | None:
         """Reserve `amount` for a request; returns the hold's id, or None if the balance cannot cover it."""
+        if amount < 0:
+            raise ValueError(f"a hold cannot be negative ({amount})")
         async with self._write() as s:
             result = await s.execute(
                 update(Account)
@@ -308,6 +318,9 @@ class Store:
         limit: int = 1000,
     ) -> list[UsageRecord]:
         query = select(UsageRecord).where(UsageRecord.account_id == account_id)
+        # Compare in UTC: SQLite keeps the clock time of the UTC value and would ignore another offset.
+        since = since.astimezone(dt.UTC) if since is not None else None
+        until = until.astimezone(dt.UTC) if until is not None else None
         if since is not None:
             query = query.where(UsageRecord.created_at >= since)
         if until is not None:

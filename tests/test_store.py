@@ -1,0 +1,659 @@
+"""The account store, on both backends: SQLite (a fresh file per test) and PostgreSQL (a fresh database per test on
+the server at LLAMASERVE_TEST_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/test; skipped when
+unreachable unless CI is set, where that is a failure).
+
+Each test is a coroutine `body(store)` that `run` executes with asyncio.run on a freshly migrated Store."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, select, text, update
+from sqlalchemy.engine import make_url
+
+from llamaserve.billing.migrations import alembic_config
+from llamaserve.billing.models import Account, Base, Hold, LedgerEntry, UsageRecord
+from llamaserve.billing.store import AuthError, Caller, Store, StoreError, Usage
+
+POSTGRES_URL = os.environ.get("LLAMASERVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+KEY_FORMAT = re.compile(r"ls-([a-z0-9]{10})_([A-Za-z0-9]{32})")
+T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+Body = Callable[[Store], Awaitable[None]]
+Run = Callable[[Body], None]
+
+
+# --- backends -------------------------------------------------------------------------------------------------
+def postgres_url(database: str, driver: str) -> str:
+    return make_url(POSTGRES_URL).set(drivername=driver, database=database).render_as_string(hide_password=False)
+
+
+async def postgres_admin(sql: str) -> None:
+    """Run one statement on the server's admin database (the one LLAMASERVE_TEST_POSTGRES_URL names)."""
+    admin_db = make_url(POSTGRES_URL).database or "postgres"
+    conn = await asyncpg.connect(postgres_url(admin_db, "postgresql"), timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> None:
+    """Skip without a PostgreSQL server, except in CI, where a missing server is a failure."""
+    try:
+        asyncio.run(postgres_admin("SELECT 1"))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        message = f"PostgreSQL at {POSTGRES_URL} unreachable: {e!r}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh, empty database of the parametrized backend."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+        return
+    request.getfixturevalue("postgres_server")
+    name = f"llamaserve_test_{uuid.uuid4().hex}"
+    asyncio.run(postgres_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield postgres_url(name, "postgresql+asyncpg")
+    finally:
+        asyncio.run(postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def run_on(url: str, body: Body) -> None:
+    """Run a test body on a Store at `url`, migrated first and closed afterwards, in a fresh event loop."""
+
+    async def main() -> None:
+        store = Store(url)
+        try:
+            await store.migrate()
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def run(url: str) -> Run:
+    return lambda body: run_on(url, body)
+
+
+# --- helpers --------------------------------------------------------------------------------------------------
+async def new_account(store: Store, credits: int = 0, name: str = "acme") -> Account:
+    return await store.create_account(name, "free", credits)
+
+
+async def balance(store: Store, account_id: int) -> int:
+    """The account's balance, after checking that it equals the sum of its ledger."""
+    value = (await store.account_by_id(account_id)).balance
+    assert await store.ledger_sum(account_id) == value
+    return value
+
+
+def usage(request_id: str, model: str = "m", completion_tokens: int = 5) -> Usage:
+    return Usage(request_id, model, prompt_tokens=3, completion_tokens=completion_tokens, status="ok", latency_ms=7)
+
+
+async def backdate(store: Store, table: type[Hold] | type[UsageRecord], row_id: int, when: dt.datetime) -> None:
+    """Set a row's created_at directly in the database."""
+    async with store.engine.begin() as conn:
+        await conn.execute(update(table).where(table.id == row_id).values(created_at=when))
+
+
+async def usage_records(store: Store, account_id: int) -> dict[str, UsageRecord]:
+    return {r.request_id: r for r in await store.usage(account_id)}
+
+
+async def all_rows(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, as raw values."""
+    async with store.engine.connect() as conn:
+        return {
+            table.name: [tuple(row) for row in await conn.execute(text(f'SELECT * FROM "{table.name}"'))]
+            for table in Base.metadata.sorted_tables
+        }
+
+
+def sqlite_bytes(url: str) -> bytes:
+    """The SQLite database file and its -wal and -shm files, as present."""
+    path = Path(make_url(url).database or "")
+    files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+    return b"".join(f.read_bytes() for f in files if f.exists())
+
+
+# --- schema ---------------------------------------------------------------------------------------------------
+def schema_diff(conn: Connection) -> list[Any]:
+    return compare_metadata(MigrationContext.configure(conn), Base.metadata)
+
+
+def current_revision(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def test_migrations_produce_the_models_schema(run: Run) -> None:
+    async def body(store: Store) -> None:
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(schema_diff) == []
+
+    run(body)
+
+
+def test_migrate_twice_is_harmless(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        await store.migrate()
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(schema_diff) == []
+            head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+            assert await conn.run_sync(current_revision) == head
+        assert await balance(store, account.id) == 100
+
+    run(body)
+
+
+# --- accounts and keys ----------------------------------------------------------------------------------------
+def test_duplicate_account_name_is_refused(run: Run) -> None:
+    async def body(store: Store) -> None:
+        await new_account(store, credits=5)
+        with pytest.raises(StoreError, match="already exists"):
+            await new_account(store, credits=7)
+        assert [(a.name, a.balance) for a in await store.list_accounts()] == [("acme", 5)]
+
+    run(body)
+
+
+def test_unknown_account_is_a_store_error(run: Run) -> None:
+    async def body(store: Store) -> None:
+        for call in (
+            store.account("nobody"),
+            store.account_by_id(12345),
+            store.update_account("nobody", status="suspended"),
+            store.create_key("nobody"),
+            store.grant("nobody", 10),
+        ):
+            with pytest.raises(StoreError):
+                await call
+
+    run(body)
+
+
+def test_create_key_returns_the_full_key_and_stores_its_hash(run: Run) -> None:
+    async def body(store: Store) -> None:
+        await new_account(store)
+        full, row = await store.create_key("acme", "laptop")
+        match = KEY_FORMAT.fullmatch(full)
+        assert match is not None, full
+        prefix, secret = match.groups()
+        stored = await store.key(prefix)
+        assert (stored.id, stored.name, stored.enabled, stored.revoked) == (row.id, "laptop", True, False)
+        assert stored.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
+        other, _ = await store.create_key("acme")
+        assert other != full and other[:13] != full[:13]
+
+    run(body)
+
+
+def test_authenticate_returns_the_caller(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await store.create_account("acme", "pro")
+        full, key = await store.create_key("acme")
+        caller = await store.authenticate(full)
+        assert caller == Caller(key.id, key.prefix, account.id, "acme", "pro", None)
+
+    run(body)
+
+
+def test_authenticate_records_last_use(run: Run) -> None:
+    async def body(store: Store) -> None:
+        await new_account(store)
+        full, key = await store.create_key("acme")
+        assert (await store.key(key.prefix)).last_used_at is None
+        await store.authenticate(full)
+        first = (await store.key(key.prefix)).last_used_at
+        assert first is not None
+        await store.authenticate(full)  # within LAST_USED_RESOLUTION: no write
+        assert (await store.key(key.prefix)).last_used_at == first
+
+    run(body)
+
+
+async def auth_error(store: Store, presented: str) -> AuthError:
+    with pytest.raises(AuthError) as info:
+        await store.authenticate(presented)
+    return info.value
+
+
+def test_wrong_secret_is_401(run: Run) -> None:
+    async def body(store: Store) -> None:
+        await new_account(store)
+        full, _ = await store.create_key("acme")
+        wrong = full[:-1] + ("a" if full[-1] != "a" else "b")
+        error = await auth_error(store, wrong)
+        assert (error.status, error.code) == (401, "invalid_api_key")
+
+    run(body)
+
+
+def test_malformed_or_unknown_key_is_401(run: Run) -> None:
+    async def body(store: Store) -> None:
+        await new_account(store)
+        full, _ = await store.create_key("acme")
+        unknown = "ls-" + ("a" if full[3] != "a" else "b") + full[4:]
+        for presented in ("", "sk-abc", full[:-1], full + "x", full.upper(), f" {full}", unknown):
+            error = await auth_error(store, presented)
+            assert (error.status, error.code) == (401, "invalid_api_key"), presented
+
+    run(body)
+
+
+def test_disabled_key_is_403_until_enabled(run: Run) -> None:
+    async def body(store: Store) -> None:
+        await new_account(store)
+        full, key = await store.create_key("acme")
+        assert (await store.set_key(key.prefix, enabled=False)).enabled is False
+        error = await auth_error(store, full)
+        assert (error.status, error.code) == (403, "api_key_disabled")
+        await store.set_key(key.prefix, enabled=True)
+        assert (await store.authenticate(full)).key_id == key.id
+
+    run(body)
+
+
+def test_revoked_key_is_401(run: Run) -> None:
+    async def body(store: Store) -> None:
+        await new_account(store)
+        full, key = await store.create_key("acme")
+        await store.set_key(key.prefix, revoked=True)
+        error = await auth_error(store, full)
+        assert (error.status, error.code) == (401, "invalid_api_key")
+
+    run(body)
+
+
+def test_suspended_account_is_403_until_reactivated(run: Run) -> None:
+    async def body(store: Store) -> None:
+        await new_account(store)
+        full, _ = await store.create_key("acme")
+        assert (await store.update_account("acme", status="suspended")).status == "suspended"
+        error = await auth_error(store, full)
+        assert (error.status, error.code) == (403, "account_suspended")
+        await store.update_account("acme", status="active")
+        assert (await store.authenticate(full)).account_name == "acme"
+
+    run(body)
+
+
+def test_allowed_models_reach_the_caller(run: Run) -> None:
+    async def body(store: Store) -> None:
+        await new_account(store)
+        limited, _ = await store.create_key("acme", allowed_models=["small", "large"])
+        unlimited, _ = await store.create_key("acme")
+        assert (await store.authenticate(limited)).allowed_models == ("small", "large")
+        assert (await store.authenticate(unlimited)).allowed_models is None
+
+    run(body)
+
+
+# --- the secret is never stored -------------------------------------------------------------------------------
+def test_sqlite_files_never_hold_the_secret(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    prefix = ""
+    secret = ""
+
+    async def body(store: Store) -> None:
+        nonlocal prefix, secret
+        await new_account(store)
+        full, _ = await store.create_key("acme")
+        prefix, secret = KEY_FORMAT.fullmatch(full).groups()  # type: ignore[union-attr]
+        await store.authenticate(full)
+        data = sqlite_bytes(url)  # open: the latest writes are in the WAL
+        assert prefix.encode() in data  # the right files: the key's row is there
+        assert secret.encode() not in data
+
+    run_on(url, body)
+    data = sqlite_bytes(url)  # closed: checkpointed into the database file
+    assert prefix.encode() in data
+    assert secret.encode() not in data
+
+
+def test_no_table_holds_the_secret(run: Run) -> None:
+    async def body(store: Store) -> None:
+        await new_account(store)
+        full, _ = await store.create_key("acme", allowed_models=["m"])
+        secret = full.rsplit("_", 1)[1]
+        await store.authenticate(full)
+        rows = await all_rows(store)
+        assert len(rows["api_keys"]) == 1
+        for table, table_rows in rows.items():
+            for row in table_rows:
+                for value in row:
+                    assert secret not in str(value), (table, row)
+
+    run(body)
+
+
+# --- holds and settlement -------------------------------------------------------------------------------------
+def test_holds_stop_when_the_balance_cannot_cover_them(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        assert await store.hold(account.id, 40, "r1") is not None
+        assert await balance(store, account.id) == 60
+        assert await store.hold(account.id, 40, "r2") is not None
+        assert await balance(store, account.id) == 20
+        assert await store.hold(account.id, 40, "r3") is None
+        assert await balance(store, account.id) == 20
+        assert await store.open_holds(account.id) == 2
+
+    run(body)
+
+
+def test_settle_returns_the_unused_hold_and_records_usage(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        _, key = await store.create_key("acme")
+        hold = await store.hold(account.id, 40, "r1")
+        assert hold is not None
+        assert await store.settle(hold, 15, usage("r1", "tiny", completion_tokens=9), key.id) is True
+        assert await balance(store, account.id) == 100 - 15
+        assert await store.open_holds(account.id) == 0
+        record = (await usage_records(store, account.id))["r1"]
+        assert (record.cost, record.key_id, record.model) == (15, key.id, "tiny")
+        assert (record.prompt_tokens, record.completion_tokens, record.status, record.latency_ms) == (3, 9, "ok", 7)
+
+    run(body)
+
+
+def test_settling_twice_changes_nothing(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        _, key = await store.create_key("acme")
+        hold = await store.hold(account.id, 40, "r1")
+        assert hold is not None
+        assert await store.settle(hold, 15, usage("r1"), key.id) is True
+        rows = await all_rows(store)
+        assert await store.settle(hold, 30, usage("r1-again"), key.id) is False
+        assert await store.settle(hold, 0, None, key.id) is False
+        assert await all_rows(store) == rows
+        assert await balance(store, account.id) == 85
+
+    run(body)
+
+
+def test_charge_is_clamped_to_the_hold(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        _, key = await store.create_key("acme")
+        hold = await store.hold(account.id, 40, "r1")
+        assert hold is not None
+        assert await store.settle(hold, 1000, usage("r1"), key.id) is True
+        assert await balance(store, account.id) == 60
+        assert (await usage_records(store, account.id))["r1"].cost == 40
+
+    run(body)
+
+
+def test_settling_an_unknown_hold_is_a_store_error(run: Run) -> None:
+    async def body(store: Store) -> None:
+        with pytest.raises(StoreError):
+            await store.settle(999, 1, None, key_id=0)
+
+    run(body)
+
+
+def test_a_hold_settled_concurrently_settles_once(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        _, key = await store.create_key("acme")
+        hold = await store.hold(account.id, 40, "r1")
+        assert hold is not None
+        results = await asyncio.gather(*(store.settle(hold, 10, None, key.id) for _ in range(5)))
+        assert sorted(results) == [False] * 4 + [True]
+        assert await balance(store, account.id) == 90
+
+    run(body)
+
+
+# --- concurrency ----------------------------------------------------------------------------------------------
+HOLD = 37
+HOLDS_COVERED = 20
+LEFTOVER = HOLD - 1  # not enough for one more hold
+
+
+async def take_holds(stores: list[Store], account_id: int, n: int) -> list[int | None]:
+    """n concurrent holds of HOLD, spread over the stores."""
+    return await asyncio.gather(*(stores[i % len(stores)].hold(account_id, HOLD, f"r{i}") for i in range(n)))
+
+
+async def settle_all(store: Store, holds: list[int], key_id: int) -> int:
+    """Settle the holds concurrently, each with its own charge (some over the hold); returns the total charged."""
+    charges = [(i * 7) % (HOLD + 10) for i in range(len(holds))]
+    settled = await asyncio.gather(
+        *(store.settle(h, c, usage(f"u{h}"), key_id) for h, c in zip(holds, charges, strict=True))
+    )
+    assert all(settled)
+    return sum(min(c, HOLD) for c in charges)
+
+
+def test_concurrent_holds_never_overdraw(run: Run) -> None:
+    async def body(store: Store) -> None:
+        initial = HOLD * HOLDS_COVERED + LEFTOVER
+        account = await new_account(store, credits=initial)
+        _, key = await store.create_key("acme")
+        results = await take_holds([store], account.id, 50)
+        holds = [h for h in results if h is not None]
+        assert (len(holds), results.count(None), len(set(holds))) == (HOLDS_COVERED, 30, HOLDS_COVERED)
+        assert await balance(store, account.id) == LEFTOVER
+        assert await store.open_holds(account.id) == HOLDS_COVERED
+
+        charged = await settle_all(store, holds, key.id)
+        assert await balance(store, account.id) == initial - charged
+        assert await store.open_holds(account.id) == 0
+        records = await usage_records(store, account.id)
+        assert (len(records), sum(r.cost for r in records.values())) == (HOLDS_COVERED, charged)
+
+    run(body)
+
+
+def test_two_replicas_never_overdraw(run: Run) -> None:
+    """Two Store objects on one database (two gateway processes): the database, not a lock, keeps the balance."""
+
+    async def body(store: Store) -> None:
+        replica = Store(store.url)
+        try:
+            initial = HOLD * HOLDS_COVERED + LEFTOVER
+            account = await new_account(store, credits=initial)
+            _, key = await store.create_key("acme")
+            results = await take_holds([store, replica], account.id, 50)
+            holds = [h for h in results if h is not None]
+            assert len(holds) == HOLDS_COVERED
+            assert await balance(store, account.id) == LEFTOVER
+            charged = await settle_all(replica, holds, key.id)
+            assert await balance(store, account.id) == initial - charged
+            assert await store.open_holds() == 0
+        finally:
+            await replica.close()
+
+    run(body)
+
+
+def test_concurrent_account_creation_on_two_replicas_is_a_store_error(run: Run) -> None:
+    async def body(store: Store) -> None:
+        replica = Store(store.url)
+        try:
+            for i in range(20):  # the race is not hit every time
+                results = await asyncio.gather(
+                    store.create_account(f"a{i}", "free"),
+                    replica.create_account(f"a{i}", "free"),
+                    return_exceptions=True,
+                )
+                assert sorted(type(r).__name__ for r in results) == ["Account", "StoreError"], results
+        finally:
+            await replica.close()
+
+    run(body)
+
+
+# --- stale holds ----------------------------------------------------------------------------------------------
+def test_release_stale_holds_releases_only_old_open_holds(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        _, key = await store.create_key("acme")
+        old, fresh, old_settled = [await store.hold(account.id, 10, f"r{i}") for i in range(3)]
+        assert old is not None and fresh is not None and old_settled is not None
+        assert await store.settle(old_settled, 4, usage("r2"), key.id)
+        an_hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+        await backdate(store, Hold, old, an_hour_ago)
+        await backdate(store, Hold, old_settled, an_hour_ago)
+
+        assert await store.release_stale_holds(dt.timedelta(minutes=10)) == 1
+        assert await balance(store, account.id) == 100 - 10 - 4  # the old hold released, charged nothing
+        assert await store.open_holds(account.id) == 1
+        async with store.engine.connect() as conn:
+            statuses = dict((await conn.execute(select(Hold.id, Hold.status))).all())
+        assert statuses == {old: "settled", fresh: "open", old_settled: "settled"}
+        assert set(await usage_records(store, account.id)) == {"r2"}  # no usage record for a released hold
+        assert await store.release_stale_holds(dt.timedelta(minutes=10)) == 0
+
+    run(body)
+
+
+# --- usage ----------------------------------------------------------------------------------------------------
+async def usage_at_hours(store: Store) -> int:
+    """Usage records r0..r3 of account acme at T0 + 0..3 h, of models a, b, a, b; another account's at T0 + 1 h.
+    Returns acme's id."""
+    account = await new_account(store, credits=1000)
+    other = await new_account(store, credits=1000, name="other")
+    _, key = await store.create_key("acme")
+    _, other_key = await store.create_key("other")
+    for i, model in enumerate("abab"):
+        hold = await store.hold(account.id, 10, f"r{i}")
+        assert hold is not None and await store.settle(hold, 1, usage(f"r{i}", model), key.id)
+    hold = await store.hold(other.id, 10, "x")
+    assert hold is not None and await store.settle(hold, 1, usage("x", "a"), other_key.id)
+    async with store.engine.connect() as conn:
+        ids = dict((await conn.execute(select(UsageRecord.request_id, UsageRecord.id))).all())
+    for i in range(4):
+        await backdate(store, UsageRecord, ids[f"r{i}"], T0 + dt.timedelta(hours=i))
+    await backdate(store, UsageRecord, ids["x"], T0 + dt.timedelta(hours=1))
+    return account.id
+
+
+async def request_ids(store: Store, account_id: int, **filters: Any) -> list[str]:
+    return [r.request_id for r in await store.usage(account_id, **filters)]
+
+
+def test_usage_filters_by_time_and_model(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account_id = await usage_at_hours(store)
+        hour = dt.timedelta(hours=1)
+        assert await request_ids(store, account_id) == ["r3", "r2", "r1", "r0"]  # newest first, this account only
+        assert await request_ids(store, account_id, since=T0 + hour) == ["r3", "r2", "r1"]  # since is inclusive
+        assert await request_ids(store, account_id, until=T0 + hour) == ["r0"]  # until is exclusive
+        assert await request_ids(store, account_id, since=T0 + hour, until=T0 + 3 * hour) == ["r2", "r1"]
+        assert await request_ids(store, account_id, model="a") == ["r2", "r0"]
+        assert await request_ids(store, account_id, since=T0 + hour, model="b") == ["r3", "r1"]
+        assert await request_ids(store, account_id, model="c") == []
+        assert await request_ids(store, account_id, limit=2) == ["r3", "r2"]
+
+    run(body)
+
+
+def test_usage_time_filters_honour_utc_offsets(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account_id = await usage_at_hours(store)
+        plus_two = dt.timezone(dt.timedelta(hours=2))
+        since = (T0 + dt.timedelta(hours=1)).astimezone(plus_two)  # 15:00+02:00 == 13:00Z
+        until = (T0 + dt.timedelta(hours=3)).astimezone(plus_two)
+        assert await request_ids(store, account_id, since=since, until=until) == ["r2", "r1"]
+
+    run(body)
+
+
+# --- grants and the ledger ------------------------------------------------------------------------------------
+def test_starter_credits_are_a_ledger_grant(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=250)
+        empty = await new_account(store, name="empty")
+        assert await balance(store, account.id) == 250
+        assert await balance(store, empty.id) == 0
+        async with store.engine.connect() as conn:
+            entries = (await conn.execute(select(LedgerEntry.account_id, LedgerEntry.kind, LedgerEntry.amount))).all()
+        assert [tuple(e) for e in entries] == [(account.id, "grant", 250)]
+
+    run(body)
+
+
+def test_negative_grant_removes_credits(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        assert await store.grant("acme", -30, "refund") == 70
+        assert await balance(store, account.id) == 70
+        assert await store.grant("acme", 5) == 75
+        async with store.engine.connect() as conn:
+            entries = (
+                await conn.execute(
+                    select(LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.note).order_by(LedgerEntry.id)
+                )
+            ).all()
+        assert [tuple(e) for e in entries] == [
+            ("grant", 100, "starter credits"),
+            ("grant", -30, "refund"),
+            ("grant", 5, "grant"),
+        ]
+
+    run(body)
+
+
+def test_a_grant_below_zero_leaves_a_debt_that_blocks_holds(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        assert await store.grant("acme", -130) == -30
+        assert await balance(store, account.id) == -30
+        assert await store.hold(account.id, 1, "r1") is None
+        assert await store.grant("acme", 31) == 1
+        assert await store.hold(account.id, 1, "r2") is not None
+        assert await balance(store, account.id) == 0
+
+    run(body)
+
+
+def test_ledger_follows_every_balance_change(run: Run) -> None:
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        _, key = await store.create_key("acme")
+        hold = await store.hold(account.id, 40, "r1")
+        assert hold is not None
+        await store.grant("acme", -10)
+        await store.settle(hold, 25, usage("r1"), key.id)
+        assert await balance(store, account.id) == 100 - 10 - 25
+        async with store.engine.connect() as conn:
+            entries = (await conn.execute(select(LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.hold_id))).all()
+        assert sorted(tuple(e) for e in entries) == sorted(
+            [
+                ("grant", 100, None),
+                ("hold", -40, hold),
+                ("grant", -10, None),
+                ("release", 40, hold),
+                ("charge", -25, hold),
+            ]
+        )
+
+    run(body)
