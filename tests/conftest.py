@@ -67,7 +67,7 @@ class Server:
 
 
 @contextmanager
-def start_server(*args: str, data_dir: Path | None = None) -> Iterator[Server]:
+def start_server(*args: str, data_dir: Path | None = None, command: str = "serve") -> Iterator[Server]:
     """A server on a free port with its own data directory (a fresh SQLite store unless given one, or unless
     args name a --database-url); `server.api_key` is the key it created at first start."""
     port = free_port()
@@ -78,13 +78,12 @@ def start_server(*args: str, data_dir: Path | None = None) -> Iterator[Server]:
             sys.executable,
             "-m",
             "llamaserve.cli",
-            "serve",
+            command,
             "--port",
             str(port),
             "--threads",
             threads,
-            "--data-dir",
-            str(data),
+            *(["--data-dir", str(data)] if command == "serve" else []),
             *args,
         ]
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

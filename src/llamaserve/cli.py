@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -16,6 +17,7 @@ from llamaserve.billing.cli import DatabaseUrl, DataDir, accounts_app, credits_a
 from llamaserve.billing.pricing import format_credits, parse_credits
 from llamaserve.config import ModelNotFound, PlatformConfig, ServeConfig, default_data_dir
 from llamaserve.engine import LlamaError
+from llamaserve.registry import Registry, RegistryError, load_registry
 
 if TYPE_CHECKING:
     from llamaserve.backends.local import LocalModel
@@ -40,20 +42,33 @@ def main() -> None:
     """llamaserve: a self-hosted, OpenAI-compatible Llama API."""
 
 
+Host = Annotated[str, typer.Option(help="Address to listen on.")]
+Port = Annotated[int, typer.Option(help="Port to listen on.")]
+Model = Annotated[str | None, typer.Option(help="GGUF file to serve (default: the embedded SmolLM2-135M).")]
+ModelId = Annotated[str | None, typer.Option(help="Model name clients use (default: from the file).")]
+Threads = Annotated[int, typer.Option(help="CPU threads for llama.cpp.")]
+Parallel = Annotated[int, typer.Option(help="Sequences generated at once (engine slots).")]
+Ctx = Annotated[int, typer.Option(help="Context of each slot in tokens (KV memory: ctx × parallel).")]
+Batch = Annotated[int, typer.Option(help="Most tokens per engine step (decode + prompt chunks).")]
+MaxQueue = Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 503.")]
+Format = Annotated[
+    ChatFormatName, typer.Option(help="Prompt format: llama3 (Meta's), template (the GGUF's), auto: detect.")
+]
+CPUS = max(1, os.cpu_count() or 1)
+
+
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    model: Annotated[str | None, typer.Option(help="GGUF file to serve (default: the embedded SmolLM2-135M).")] = None,
-    model_id: Annotated[str | None, typer.Option(help="Model name clients use (default: from the file).")] = None,
-    threads: Annotated[int, typer.Option(help="CPU threads for llama.cpp.")] = max(1, os.cpu_count() or 1),
-    parallel: Annotated[int, typer.Option(help="Sequences generated at once (engine slots).")] = 16,
-    ctx: Annotated[int, typer.Option(help="Context of each slot in tokens (KV memory: ctx × parallel).")] = 4096,
-    batch: Annotated[int, typer.Option(help="Most tokens per engine step (decode + prompt chunks).")] = 128,
-    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 503.")] = 1024,
-    chat_format: Annotated[
-        ChatFormatName, typer.Option(help="Prompt format: llama3 (Meta's), template (the GGUF's), auto: detect.")
-    ] = ChatFormatName.auto,
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    model: Model = None,
+    model_id: ModelId = None,
+    threads: Threads = CPUS,
+    parallel: Parallel = 16,
+    ctx: Ctx = 4096,
+    batch: Batch = 128,
+    max_queue: MaxQueue = 1024,
+    chat_format: Format = ChatFormatName.auto,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     redis_url: Annotated[
@@ -66,50 +81,100 @@ def serve(
     price_input: Annotated[float, typer.Option(help="Credits per million prompt tokens.")] = 0.10,
     price_output: Annotated[float, typer.Option(help="Credits per million completion tokens.")] = 0.20,
     request_timeout: Annotated[float, typer.Option(help="Seconds before a non-streaming request gets 504.")] = 600,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="Model registry (TOML): models, aliases, prices, local and upstream backends."),
+    ] = None,
 ) -> None:
-    """Serve the OpenAI-compatible API on one model with the continuous-batching engine."""
+    """Serve the OpenAI-compatible API, with accounts, keys, credits and rate limits: on one local model, or on
+    the models of a registry file (local and upstream engines)."""
+    platform = PlatformConfig(
+        data_dir=data_dir or default_data_dir(),
+        database_url=database_url,
+        redis_url=redis_url,
+        admin_key=admin_key,
+        starter_credits=parse_credits(starter_credits),
+        price_input=price_input,
+        price_output=price_output,
+        request_timeout=request_timeout,
+    )
+    registry = None
+    if config_file is not None:
+        try:
+            registry = load_registry(config_file)
+        except RegistryError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from e
+        local = next((m for m in registry.models if m.backends[0].type == "local"), None)
+        model, model_id = (local.backends[0].path, local.id) if local else (None, None)
+    config = ServeConfig(
+        host,
+        port,
+        model,
+        model_id,
+        threads,
+        parallel,
+        ctx,
+        batch,
+        max_queue,
+        chat_format=chat_format.value,
+    )
+    _run(config, platform, registry, load_local=registry is None or model is not None)
+
+
+@app.command()
+def engine(
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    model: Model = None,
+    model_id: ModelId = None,
+    threads: Threads = CPUS,
+    parallel: Parallel = 16,
+    ctx: Ctx = 4096,
+    batch: Batch = 128,
+    max_queue: MaxQueue = 1024,
+    chat_format: Format = ChatFormatName.auto,
+) -> None:
+    """A bare engine: the OpenAI-compatible API on one model, no accounts, for a gateway to front. Bind it where
+    only the gateway can reach it."""
+    config = ServeConfig(
+        host, port, model, model_id, threads, parallel, ctx, batch, max_queue, chat_format=chat_format.value
+    )
+    _run(config, None)
+
+
+def _run(
+    config: ServeConfig, platform: PlatformConfig | None, registry: Registry | None = None, load_local: bool = True
+) -> None:
     import uvicorn
 
     from llamaserve.api.app import create_app
 
-    config = ServeConfig(
-        host=host,
-        port=port,
-        model=model,
-        model_id=model_id,
-        threads=threads,
-        parallel=parallel,
-        ctx=ctx,
-        batch=batch,
-        max_queue=max_queue,
-        chat_format=chat_format.value,
-        platform=PlatformConfig(
-            data_dir=data_dir or default_data_dir(),
-            database_url=database_url,
-            redis_url=redis_url,
-            admin_key=admin_key,
-            starter_credits=parse_credits(starter_credits),
-            price_input=price_input,
-            price_output=price_output,
-            request_timeout=request_timeout,
-        ),
-    )
     try:
-        local = _load(config)
+        local = _load(config) if load_local else None
     except (ModelNotFound, LlamaError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    _first_start(config.platform)
-    url = f"http://{host}:{port}"
-    key_file = config.platform.data_dir / KEY_FILE
-    console.print(
-        f"[green]llamaserve ready[/green] at {url}/v1 · model [bold]{local.id}[/bold] "
-        f"({parallel} slots, {local.max_model_len}-token context, {threads} threads)\n"
-        f'  try: curl {url}/v1/chat/completions -H "Authorization: Bearer $(cat {key_file})" '
-        f"-H 'Content-Type: application/json' "
-        f'-d \'{{"model": "{local.id}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
+    url = f"http://{config.host}:{config.port}"
+    auth = ""
+    if platform is not None:
+        _first_start(platform)
+        auth = f'-H "Authorization: Bearer $(cat {platform.data_dir / KEY_FILE})" '
+    names = [m.id for m in registry.models] if registry else [local.id] if local else []
+    served = (
+        f"local model [bold]{local.id}[/bold] ({config.parallel} slots, {local.max_model_len}-token context)"
+        if local
+        else ""
     )
-    uvicorn.run(create_app(local, config.platform), host=host, port=port, log_level="warning")
+    upstream = [m.id for m in registry.models if m.backends[0].type == "upstream"] if registry else []
+    console.print(
+        f"[green]llamaserve {'ready' if platform else 'engine ready (no accounts)'}[/green] at {url}/v1 · "
+        + ", ".join(filter(None, [served, f"upstream models {', '.join(upstream)}" if upstream else ""]))
+        + f"\n  try: curl {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{names[0]}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
+    )
+    app_ = create_app(local, platform, registry)
+    uvicorn.run(app_, host=config.host, port=config.port, log_level="warning")
 
 
 def _first_start(platform: PlatformConfig) -> None:

@@ -52,7 +52,6 @@ class ServeConfig:
     max_queue: int = 1024  # requests waiting for a slot before new ones get 503
     default_max_tokens: int = 512  # chat completions, as the seed documents
     chat_format: str = "auto"  # "llama3" (Meta's format, built in), "template" (the GGUF's), or "auto": detect
-    platform: PlatformConfig = field(default_factory=lambda: PlatformConfig())
 
 
 def default_data_dir() -> Path:

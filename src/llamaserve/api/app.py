@@ -15,12 +15,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from llamaserve.api import account, admin, chat, completions, errors, openai
 from llamaserve.api.platform import Platform
+from llamaserve.api.proxy import UpstreamModel
 from llamaserve.api.request_id import RequestIdMiddleware
 from llamaserve.backends.local import LocalModel
+from llamaserve.backends.upstream import Router, Upstream
 from llamaserve.billing.bootstrap import open_store, stale_hold_age
 from llamaserve.billing.limits import make_limiter
 from llamaserve.billing.pricing import Price
 from llamaserve.config import PlatformConfig
+from llamaserve.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -53,39 +56,68 @@ async def _open_platform(config: PlatformConfig) -> Platform:
     )
 
 
-def create_app(model: LocalModel, platform_config: PlatformConfig) -> FastAPI:
+def _upstream_models(registry: Registry | None) -> dict[str, UpstreamModel]:
+    models = {}
+    for spec in registry.models if registry else ():
+        upstreams = [Upstream.create(b, spec.timeout) for b in spec.backends if b.type == "upstream"]
+        if upstreams:
+            models[spec.id] = UpstreamModel(spec, Router(upstreams))
+    return models
+
+
+def create_app(
+    model: LocalModel | None, platform_config: PlatformConfig | None, registry: Registry | None = None
+) -> FastAPI:
+    """The API on a local `model` and on the registry's upstream models; with a platform config, behind
+    accounts, keys, credits and limits (`serve`), without one, open to whoever can reach it (`engine`)."""
+    local_spec = next((m for m in registry.models if m.backends[0].type == "local"), None) if registry else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        platform = await _open_platform(platform_config)
+        platform = await _open_platform(platform_config) if platform_config else None
         app.state.platform = platform
-        model.start(asyncio.get_running_loop())
+        app.state.upstream_models = _upstream_models(registry)
+        if model is not None:
+            model.start(asyncio.get_running_loop())
         try:
             yield
         finally:
-            model.close()
-            await platform.drain()  # settle what the last requests used before the store closes
-            await platform.limiter.close()
-            await platform.store.close()
+            for upstream in app.state.upstream_models.values():
+                await upstream.router.close()
+            if model is not None:
+                model.close()
+            if platform is not None:
+                await platform.drain()  # settle what the last requests used before the store closes
+                await platform.limiter.close()
+                await platform.store.close()
 
     app = FastAPI(title="llamaserve", version="0.1.0", lifespan=lifespan)
     app.state.model = model
+    app.state.local_names = {model.id, *(local_spec.aliases if local_spec else ())} if model else set()
+    app.state.local_price = local_spec.price if local_spec else None
+    app.state.registry = registry
+    app.state.platform = None
+    app.state.upstream_models = {}
     app.state.started = int(time.time())
     errors.install(app)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(openai.router)
-    app.include_router(account.router)
-    app.include_router(admin.router)
+    if platform_config is not None:
+        app.include_router(account.router)
+        app.include_router(admin.router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
+        if model is None:
+            return JSONResponse({"status": "ok", "model": None, "engine": None})
         ok = model.engine.alive
         body = {"status": "ok" if ok else "engine stopped", "model": model.id, "engine": _engine_stats(model)}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
-        return _metrics_text(model)
+        return _metrics_text(model) if model is not None else ""
 
     return app

@@ -26,6 +26,7 @@ from llamaserve.api.common import (
 )
 from llamaserve.api.logprobs import LegacyLogprobs, chat_logprobs
 from llamaserve.api.platform import CallerDep, admit, check_model_allowed
+from llamaserve.api.proxy import find_upstream, proxy
 from llamaserve.backends.local import ChatPrompt, LocalModel
 from llamaserve.chat.grammar import Grammar, SchemaError, json_object_grammar, json_schema_grammar
 from llamaserve.chat.llama3 import Llama3FormatError
@@ -37,6 +38,7 @@ from llamaserve.protocol.chat import ChatCompletion, ChatCompletionRequest, Chat
 from llamaserve.protocol.errors import invalid
 
 router = APIRouter()
+DEFAULT_CHAT_MAX_TOKENS = 512  # as the seed documents
 
 
 @dataclasses.dataclass
@@ -158,12 +160,17 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 # --- the route ------------------------------------------------------------------------------------------------
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: CallerDep) -> Any:
+    upstream = find_upstream(request, body.model)
+    if upstream is not None:
+        return await proxy(request, body, caller, upstream, "/chat/completions", DEFAULT_CHAT_MAX_TOKENS)
     model = get_model(request, body.model)
     check_model_allowed(caller, model.id)
     plan = plan_chat(body, model)
     prompt = plan.prompt.tokens
     budget = completion_budget(model, [prompt], plan.params, body.n)
-    admission = await admit(request, caller, request.state.request_id, model.id, len(prompt), budget)
+    admission = await admit(
+        request, caller, request.state.request_id, model.id, len(prompt), budget, request.app.state.local_price
+    )
     [handle] = submit(model, [prompt], plan.params, body.n, "messages", admission)
     head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": model.id}
     if body.stream:

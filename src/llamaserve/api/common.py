@@ -23,11 +23,13 @@ from llamaserve.protocol.errors import APIError, invalid
 
 
 def get_model(request: Request, name: str | None) -> LocalModel:
-    model: LocalModel = request.app.state.model
-    if name is not None and name != model.id:
+    """The local model a name (id or alias) means, or 404 listing what exists."""
+    model: LocalModel | None = request.app.state.model
+    if model is None or (name is not None and name not in request.app.state.local_names):
+        available = sorted({*request.app.state.local_names, *request.app.state.upstream_models})
         raise APIError(
             404,
-            f"The model '{name}' does not exist. Available: {model.id}",
+            f"The model '{name}' does not exist. Available: {', '.join(available)}",
             param="model",
             code="model_not_found",
             type="not_found_error",
@@ -163,7 +165,7 @@ async def collect(request: Request, handles: list[RequestHandle], n: int, admiss
 
     work = asyncio.create_task(consume())
     watch = asyncio.create_task(_until_disconnected(request))
-    timeout = admission.platform.request_timeout
+    timeout = admission.timeout
     try:
         done, _ = await asyncio.wait([work, watch], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if not done:
@@ -176,7 +178,7 @@ async def collect(request: Request, handles: list[RequestHandle], n: int, admiss
                 h.close()
     if not done:
         raise APIError(
-            504, f"the request took longer than {timeout:g}s and was stopped", type="timeout", code="request_timeout"
+            504, f"the request took longer than {timeout}s and was stopped", type="timeout", code="request_timeout"
         )
     if work not in done:
         raise APIError(499, "the client closed the connection", code="client_closed_request")

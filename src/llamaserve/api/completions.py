@@ -26,6 +26,7 @@ from llamaserve.api.common import (
 )
 from llamaserve.api.logprobs import LegacyLogprobs
 from llamaserve.api.platform import CallerDep, admit, check_model_allowed
+from llamaserve.api.proxy import find_upstream, proxy
 from llamaserve.backends.local import LocalModel
 from llamaserve.engine import Output, RequestHandle
 from llamaserve.engine.logprobs import TokenLogprob
@@ -49,6 +50,9 @@ def _prompts(body: CompletionRequest, model: LocalModel) -> list[list[int]]:
 
 @router.post("/v1/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Any:
+    upstream = find_upstream(request, body.model)
+    if upstream is not None:
+        return await proxy(request, body, caller, upstream, "/completions", DEFAULT_MAX_TOKENS)
     model = get_model(request, body.model)
     check_model_allowed(caller, model.id)
     check_sampling(body, model)
@@ -64,7 +68,9 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
     )
     budget = completion_budget(model, prompts, params, body.n)
     prompt_tokens = sum(len(p) for p in prompts)
-    admission = await admit(request, caller, request.state.request_id, model.id, prompt_tokens, budget)
+    admission = await admit(
+        request, caller, request.state.request_id, model.id, prompt_tokens, budget, request.app.state.local_price
+    )
     handles = submit(model, prompts, params, body.n, "prompt", admission)
     echoes = [model.detokenize(t) if body.echo else "" for t in prompts]
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model.id}

@@ -19,6 +19,7 @@ from llamaserve.protocol.tokenize import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from llamaserve.registry import Registry
 
 router = APIRouter()
 
@@ -36,12 +37,20 @@ def _model_card(model: LocalModel, created: int) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(request: Request, caller: CallerDep) -> dict[str, Any]:
-    model: LocalModel = request.app.state.model
-    return {"object": "list", "data": [_model_card(model, request.app.state.started)]}
+    """The registry's models with their aliases and capabilities, or the one local model."""
+    registry: Registry | None = request.app.state.registry
+    created = request.app.state.started
+    if registry is not None:
+        return {"object": "list", "data": [spec.card(created) for spec in registry.models]}
+    return {"object": "list", "data": [_model_card(request.app.state.model, created)]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model_card(model_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
+    registry: Registry | None = request.app.state.registry
+    spec = registry.resolve(model_id) if registry is not None else None
+    if spec is not None:
+        return spec.card(request.app.state.started)
     return _model_card(lookup_model(request, model_id), request.app.state.started)
 
 

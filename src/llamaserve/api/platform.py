@@ -16,7 +16,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from llamaserve.billing.limits import PLANS, Decision, Plan, RateLimiter
+from llamaserve.billing.limits import PLANS, UNLIMITED, Decision, Plan, RateLimiter
 from llamaserve.billing.pricing import Price, format_credits
 from llamaserve.billing.store import AuthError, Caller, Store, Usage
 from llamaserve.engine import RequestHandle
@@ -42,13 +42,23 @@ class Platform:
             await asyncio.gather(*self.settling, return_exceptions=True)
 
 
+# `llamaserve engine` serves without accounts (a gateway in front does the accounting): everyone is this caller.
+ANONYMOUS = Caller(key_id=0, key_prefix="", account_id=0, account_name="", plan="unlimited", allowed_models=None)
+
+
 def platform_of(request: Request) -> Platform:
     return request.app.state.platform
+
+
+def accounts_enabled(request: Request) -> bool:
+    return request.app.state.platform is not None
 
 
 async def require_caller(request: Request) -> Caller:
     """FastAPI dependency: the authenticated caller. Runs before body validation, so a request without a valid
     key gets 401 whatever its body."""
+    if not accounts_enabled(request):
+        return ANONYMOUS
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
@@ -90,9 +100,10 @@ def check_model_allowed(caller: Caller, model_id: str) -> None:
 
 @dataclass
 class Admission:
-    """One admitted request: its rate-limit headers and its credit hold, until settled."""
+    """One admitted request: its rate-limit headers and its credit hold, until settled. Without a platform
+    (an engine without accounts) there is nothing to hold or settle."""
 
-    platform: Platform
+    platform: Platform | None
     caller: Caller
     request_id: str
     model_id: str
@@ -100,6 +111,7 @@ class Admission:
     reserved_tokens: int  # completion tokens the hold and the token limit were sized for
     hold_id: int
     decision: Decision
+    price: Price | None = None  # the model's; None: the platform's default
     started: float = field(default_factory=time.monotonic)
     settled: bool = False
     status: str | None = None  # set to force a status (timeout, error) when settling
@@ -107,6 +119,10 @@ class Admission:
     @property
     def headers(self) -> dict[str, str]:
         return self.decision.headers()
+
+    @property
+    def timeout(self) -> float | None:
+        return self.platform.request_timeout if self.platform else None
 
     def settle_when_closed(self, handles: list[RequestHandle]) -> None:
         """Settle once every handle has closed (finished, failed, or cancelled by a departed client)."""
@@ -121,21 +137,28 @@ class Admission:
             handle.on_close = lambda i=i: closed(i)
 
     def settle_soon(self, handles: list[RequestHandle]) -> None:
-        if self.settled:
+        completion = sum(h.completion_tokens for h in handles)
+        status = "error" if any(h.failed for h in handles) else "ok" if all(h.done for h in handles) else "cancelled"
+        self.finish(completion, status)
+
+    def finish(self, completion_tokens: int, status: str, prompt_tokens: int | None = None) -> None:
+        """Settle in the background (once): charge `completion_tokens` and the prompt (the real count if known
+        now, else the one admitted), release the rest of the hold."""
+        if self.settled or self.platform is None:
             return
         self.settled = True
-        completion = sum(h.completion_tokens for h in handles)
-        status = self.status or (
-            "error" if any(h.failed for h in handles) else "ok" if all(h.done for h in handles) else "cancelled"
-        )
-        task = asyncio.get_running_loop().create_task(self._settle(completion, status))
+        if prompt_tokens is not None:
+            self.prompt_tokens = prompt_tokens
+        task = asyncio.get_running_loop().create_task(self._settle(completion_tokens, self.status or status))
         self.platform.settling.add(task)
         task.add_done_callback(self.platform.settling.discard)
 
     async def _settle(self, completion_tokens: int, status: str) -> None:
         platform = self.platform
+        assert platform is not None
         # A request the engine refused (e.g. a prompt longer than the context) computed nothing: it costs nothing.
-        charge = 0 if status == "rejected" else platform.price.cost(self.prompt_tokens, completion_tokens)
+        price = self.price or platform.price
+        charge = 0 if status == "rejected" else price.cost(self.prompt_tokens, completion_tokens)
         usage = Usage(
             self.request_id,
             self.model_id,
@@ -154,10 +177,18 @@ class Admission:
 
 
 async def admit(
-    request: Request, caller: Caller, request_id: str, model_id: str, prompt_tokens: int, completion_tokens: int
+    request: Request,
+    caller: Caller,
+    request_id: str,
+    model_id: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    price: Price | None = None,
 ) -> Admission:
     """Rate limit (429) and hold the worst-case cost (402) for a request of `prompt_tokens` that may generate up
     to `completion_tokens` in all its choices."""
+    if not accounts_enabled(request):
+        return Admission(None, caller, request_id, model_id, prompt_tokens, completion_tokens, 0, UNLIMITED)
     platform = platform_of(request)
     plan = platform.plan(caller.plan)
     decision = await platform.limiter.acquire(caller.key_prefix, plan, prompt_tokens + completion_tokens)
@@ -170,7 +201,8 @@ async def admit(
         else:
             message = f"Rate limit reached for plan {plan.name!r}; retry in {decision.retry_after:.1f}s"
         raise APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded", headers=decision.headers())
-    worst = platform.price.cost(prompt_tokens, completion_tokens)
+    price = price or platform.price
+    worst = price.cost(prompt_tokens, completion_tokens)
     hold_id = await platform.store.hold(caller.account_id, worst, request_id)
     if hold_id is None:
         await platform.limiter.refund(caller.key_prefix, plan, prompt_tokens + completion_tokens)
@@ -183,4 +215,4 @@ async def admit(
             code="insufficient_credits",
             headers=decision.headers(),
         )
-    return Admission(platform, caller, request_id, model_id, prompt_tokens, completion_tokens, hold_id, decision)
+    return Admission(platform, caller, request_id, model_id, prompt_tokens, completion_tokens, hold_id, decision, price)

@@ -19,6 +19,10 @@ from llamaserve.engine.sequence import Sequence, Slot
 
 # Wait for an in-flight prefill only when it would save at least this many tokens of compute.
 MIN_SHARED_PREFILL = 16
+# A reused prefix stops this many tokens short of the prompt's end, so the last prompt tokens are computed as a
+# batch of at least two. A single-token batch takes llama.cpp's matrix-vector kernels, whose rounding differs:
+# a repeated seeded request then sampled differently from its first run (measured).
+RECOMPUTE = 2
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -64,11 +68,11 @@ class Scheduler:
             self._attach(seq, target, source, shared)
 
     def _best_prefix(self, seq: Sequence, target: Slot) -> tuple[Slot | None, int]:
-        """The slot whose KV holds the longest prefix of this prompt (all but its last token, whose logits
-        we need), preferring the target slot on ties: reused in place, the prefix needs no copy."""
+        """The slot whose KV holds the longest prefix of this prompt (all but its last RECOMPUTE tokens),
+        preferring the target slot on ties: reused in place, the prefix needs no copy."""
         if seq.needs_prompt_logprobs:
             return None, 0  # every prompt token's logits are wanted: compute them all
-        want = seq.tokens[: seq.prompt_len - 1]
+        want = seq.tokens[: seq.prompt_len - RECOMPUTE]
         best: Slot | None = None
         best_key = (0, False)
         for slot in self.slots:
@@ -81,7 +85,7 @@ class Scheduler:
     def _prefix_in_flight(self, seq: Sequence, shared: int) -> bool:
         if seq.needs_prompt_logprobs:
             return False
-        want = seq.tokens[: seq.prompt_len - 1]
+        want = seq.tokens[: seq.prompt_len - RECOMPUTE]
         for other in self.running:
             if other.prefilling:
                 if common_prefix_len(want, other.prompt) - shared >= MIN_SHARED_PREFILL:

@@ -1,0 +1,173 @@
+"""Chat and text completions for models served by upstream engines: the request, already validated and
+admitted (key, limits, hold), goes to an upstream picked by the model's router; the reply comes back with the
+model's public name, and its usage settles the hold.
+
+The hold is sized before any token is counted: prompt tokens are bounded by the prompt's UTF-8 bytes (no
+tokenizer of the upstream's model here), completion tokens by max_tokens × n. The charge is what the upstream
+reports in `usage` (streams ask for it with `stream_options.include_usage`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from llamaserve.api.common import SSE_DONE, sse
+from llamaserve.api.platform import Admission, admit, check_model_allowed
+from llamaserve.backends.upstream import Router, Upstream
+from llamaserve.billing.store import Caller
+from llamaserve.protocol.common import SamplingFields
+from llamaserve.registry import ModelSpec
+
+PER_MESSAGE_OVERHEAD = 8  # tokens a chat template adds around each message (role headers, end markers)
+
+
+@dataclass
+class UpstreamModel:
+    spec: ModelSpec
+    router: Router
+
+
+def find_upstream(request: Request, name: str) -> UpstreamModel | None:
+    models: dict[str, UpstreamModel] = request.app.state.upstream_models
+    for model in models.values():
+        if name == model.spec.id or name in model.spec.aliases:
+            return model
+    return None
+
+
+def prompt_bound(payload: dict[str, Any]) -> int:
+    """An upper bound of the prompt's tokens: every token covers at least one byte of text."""
+    parts = payload.get("messages") or payload.get("prompt") or ""
+    count = len(parts) if isinstance(parts, list) else 1
+    extra = json.dumps(payload.get("tools") or [], ensure_ascii=False)
+    return len(json.dumps(parts, ensure_ascii=False).encode()) + len(extra.encode()) + PER_MESSAGE_OVERHEAD * count
+
+
+async def proxy(
+    request: Request, body: SamplingFields, caller: Caller, model: UpstreamModel, path: str, default_max: int
+) -> Any:
+    check_model_allowed(caller, model.spec.id)
+    payload = body.model_dump(exclude_unset=True, by_alias=True)
+    n_prompt = prompt_bound(payload)
+    budget = (body.max_tokens or default_max) * body.n
+    admission = await admit(
+        request, caller, request.state.request_id, model.spec.id, n_prompt, budget, model.spec.price
+    )
+    wants_usage = body.include_usage
+    if body.stream:
+        payload["stream_options"] = {"include_usage": True}
+    try:
+        upstream, response = await model.router.open(path, payload, body.stream)
+    except BaseException:
+        admission.finish(0, "error", prompt_tokens=0)  # nothing was produced: nothing to charge
+        raise
+    if not body.stream:
+        return _complete(admission, model, upstream, response)
+    relay = Relay(admission, model, upstream, response, wants_usage)
+    return StreamingResponse(
+        relay.events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **admission.headers},
+        background=BackgroundTask(relay.close),
+    )
+
+
+def _complete(admission: Admission, model: UpstreamModel, upstream: Upstream, response: httpx.Response) -> Any:
+    upstream.outstanding -= 1
+    data = response.json()
+    data["model"] = model.spec.id
+    usage = data.get("usage") or {}
+    prompt, completion = _usage_counts(usage, data)
+    admission.finish(completion, "ok", prompt_tokens=prompt)
+    return JSONResponse(data, headers=admission.headers)
+
+
+def _usage_counts(usage: dict[str, Any], data: dict[str, Any]) -> tuple[int | None, int]:
+    """(prompt, completion) tokens from the upstream's usage; without it, completion tokens are estimated from
+    the text (4 bytes a token, rounded up) and the prompt keeps its bound."""
+    if "completion_tokens" in usage:
+        return int(usage.get("prompt_tokens") or 0), int(usage["completion_tokens"])
+    text = "".join((c.get("message") or {}).get("content") or c.get("text") or "" for c in data.get("choices") or [])
+    return None, math.ceil(len(text.encode()) / 4)
+
+
+class Relay:
+    """Streams an upstream's SSE to the client under our model name; keeps its usage for the settlement."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        model: UpstreamModel,
+        upstream: Upstream,
+        response: httpx.Response,
+        wants_usage: bool,
+    ) -> None:
+        self.admission, self.model, self.upstream, self.response = admission, model, upstream, response
+        self.wants_usage = wants_usage
+        self.usage: dict[str, Any] = {}
+        self.text_bytes = 0
+        self.done = False
+        self.closed = False
+
+    async def events(self) -> AsyncIterator[str]:
+        try:
+            async for line in self.response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    self.done = True
+                    yield SSE_DONE
+                    continue
+                event = self._rewrite(json.loads(line[6:]))
+                if event is not None:
+                    yield event
+        except httpx.HTTPError:
+            # Bytes already went to the client: no retry, no new status; end the stream with an error event.
+            yield sse(
+                {
+                    "error": {
+                        "message": "the upstream engine broke the stream",
+                        "type": "bad_gateway",
+                        "param": None,
+                        "code": "bad_gateway",
+                    }
+                }
+            )
+            self.upstream.failed()
+        finally:
+            await self.close()
+
+    def _rewrite(self, chunk: dict[str, Any]) -> str | None:
+        if "model" in chunk:
+            chunk["model"] = self.model.spec.id
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            self.text_bytes += len((delta.get("content") or choice.get("text") or "").encode())
+        if not self.wants_usage:
+            if not chunk.get("choices") and chunk.get("usage"):
+                return None  # the usage chunk we asked for on our own account
+            chunk.pop("usage", None)
+        return sse(chunk)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.upstream.outstanding -= 1
+        await self.response.aclose()
+        if "completion_tokens" in self.usage:
+            prompt, completion = int(self.usage.get("prompt_tokens") or 0), int(self.usage["completion_tokens"])
+        else:
+            prompt, completion = None, math.ceil(self.text_bytes / 4)
+        self.admission.finish(completion, "ok" if self.done else "cancelled", prompt_tokens=prompt)

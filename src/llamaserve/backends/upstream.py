@@ -1,0 +1,147 @@
+"""An OpenAI-compatible upstream engine (vLLM, `llamaserve engine`, ...) and the router that spreads a model's
+requests over its upstreams.
+
+Failures become the seeds' gateway errors: no connection, a reset or a 5xx is 502; no answer within the
+model's timeout is 504; the upstream's 4xx keep their meaning. The router sends each request to the healthy
+upstream with the fewest requests in flight (per unit of weight); one that fails three times in a row is left
+alone for a while (circuit breaker) and then tried again with a single request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from llamaserve.protocol.errors import APIError
+from llamaserve.registry import BackendSpec
+
+BREAKER_FAILURES = 3  # consecutive failures that open the circuit
+BREAKER_SECONDS = 10.0  # how long an open circuit keeps requests away
+
+
+@dataclass
+class Upstream:
+    spec: BackendSpec
+    client: httpx.AsyncClient
+    outstanding: int = 0
+    failures: int = 0  # consecutive
+    open_until: float = 0.0
+
+    @classmethod
+    def create(cls, spec: BackendSpec, timeout: float) -> Upstream:
+        headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+        client = httpx.AsyncClient(
+            base_url=spec.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60),
+        )
+        return cls(spec, client)
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.open_until
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+    def failed(self) -> None:
+        self.failures += 1
+        if self.failures >= BREAKER_FAILURES:
+            self.open_until = time.monotonic() + BREAKER_SECONDS
+
+    async def open(self, path: str, body: dict[str, Any], stream: bool) -> httpx.Response:
+        """Send the request; returns the response once its status is 2xx (its body unread when streaming).
+        Raises UpstreamError (retryable when the upstream certainly produced nothing)."""
+        request = self.client.build_request("POST", path, json=body)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TimeoutException as e:
+            raise UpstreamError(self._error(504, "did not answer in time", "upstream_timeout"), retryable=False) from e
+        except httpx.TransportError as e:
+            raise UpstreamError(self._error(502, f"is unreachable ({type(e).__name__})", "bad_gateway"), True) from e
+        if response.status_code < 400:
+            if not stream:
+                try:
+                    await response.aread()
+                except httpx.TimeoutException as e:
+                    await response.aclose()
+                    raise UpstreamError(self._error(504, "did not finish in time", "upstream_timeout"), False) from e
+                except httpx.TransportError as e:
+                    await response.aclose()
+                    raise UpstreamError(self._error(502, "broke the connection", "bad_gateway"), False) from e
+            return response
+        await response.aread()
+        await response.aclose()
+        raise UpstreamError(self._from_status(response), retryable=response.status_code >= 500)
+
+    def _error(self, status: int, what: str, code: str) -> APIError:
+        kind = "timeout" if status == 504 else "bad_gateway"
+        return APIError(status, f"the model's upstream engine {what}", type=kind, code=code)
+
+    def _from_status(self, response: httpx.Response) -> APIError:
+        try:
+            detail = response.json().get("error") or {}
+        except ValueError:
+            detail = {}
+        message = detail.get("message") or response.text[:200] or response.reason_phrase
+        if response.status_code >= 500:
+            return self._error(502, f"failed ({response.status_code}: {message})", "bad_gateway")
+        # The upstream's 4xx is the client's fault: pass it on, in our shape.
+        return APIError(
+            response.status_code,
+            str(message),
+            type=detail.get("type") or "invalid_request_error",
+            param=detail.get("param"),
+            code=detail.get("code"),
+        )
+
+
+class UpstreamError(Exception):
+    def __init__(self, error: APIError, retryable: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retryable = retryable
+
+
+class Router:
+    """Least outstanding requests per unit of weight, over the upstreams whose circuit is closed."""
+
+    def __init__(self, upstreams: list[Upstream]) -> None:
+        self.upstreams = upstreams
+
+    def pick(self, exclude: tuple[Upstream, ...] = ()) -> Upstream | None:
+        candidates = [u for u in self.upstreams if u not in exclude and u.available]
+        if not candidates:  # every circuit open: try the one that opened first rather than refuse outright
+            candidates = sorted((u for u in self.upstreams if u not in exclude), key=lambda u: u.open_until)[:1]
+        return min(candidates, key=lambda u: u.outstanding / u.spec.weight, default=None)
+
+    async def open(self, path: str, body: dict[str, Any], stream: bool) -> tuple[Upstream, httpx.Response]:
+        """Send to the best upstream; if it fails before producing anything, once more to another."""
+        tried: tuple[Upstream, ...] = ()
+        while True:
+            upstream = self.pick(tried)
+            if upstream is None:
+                raise APIError(
+                    502, "no upstream engine is available for this model", type="bad_gateway", code="bad_gateway"
+                )
+            tried += (upstream,)
+            upstream.outstanding += 1
+            try:
+                response = await upstream.open(path, {**body, "model": upstream.spec.model}, stream)
+            except UpstreamError as e:
+                upstream.outstanding -= 1
+                if e.error.status >= 500:
+                    upstream.failed()
+                if not e.retryable or len(tried) >= 2:
+                    raise e.error from e
+                continue
+            upstream.succeeded()
+            return upstream, response
+
+    async def close(self) -> None:
+        for u in self.upstreams:
+            await u.client.aclose()

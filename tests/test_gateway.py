@@ -1,0 +1,280 @@
+"""The gateway in front of upstream engines: two `llamaserve engine` processes behind `llamaserve serve
+--config`, and fake upstreams that hang or fail. Same answers as direct, load spread, failover before the
+first byte, 502/504 in OpenAI's shape, and credits from the upstream's usage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL, Server, free_port, start_server
+
+GATEWAY_MODEL = "smol-gateway"
+ALIAS = "smol-alias"
+MESSAGES = [{"role": "user", "content": "Name a colour."}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def registry(path: Path, models: list[dict[str, Any]]) -> Path:
+    lines = []
+    for m in models:
+        lines += [
+            "[[models]]",
+            f'id = "{m["id"]}"',
+            f"aliases = {json.dumps(m.get('aliases', []))}",
+            "price_input = 1000",
+            "price_output = 1000",
+            f"timeout = {m.get('timeout', 60)}",
+        ]
+        for url in m["upstreams"]:
+            lines += ["[[models.backends]]", 'type = "upstream"', f'url = "{url}"', f'model = "{MODEL}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[list[Server]]:
+    with start_server("--parallel", "2", command="engine") as a, start_server("--parallel", "2", command="engine") as b:
+        yield [a, b]
+
+
+@pytest.fixture(scope="module")
+def gateway(engines: list[Server], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    path = registry(
+        tmp_path_factory.mktemp("gw") / "llamaserve.toml",
+        [{"id": GATEWAY_MODEL, "aliases": [ALIAS], "upstreams": [e.v1 for e in engines]}],
+    )
+    with start_server("--config", str(path)) as server:
+        yield server
+
+
+def post(server: Server, path: str, key: str | None = None, **body: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key or server.api_key}"} if (key or server.api_key) else {}
+    return httpx.post(f"{server.v1}{path}", json=body, headers=headers, timeout=120)
+
+
+def same_request(gateway: Server, engine: Server, path: str, **body: Any) -> tuple[dict, dict]:
+    via = post(gateway, path, model=GATEWAY_MODEL, **body)
+    direct = post(engine, path, model=MODEL, **body)
+    assert via.status_code == 200 and direct.status_code == 200, (via.text, direct.text)
+    return via.json(), direct.json()
+
+
+def test_models_list_aliases_and_capabilities(gateway: Server) -> None:
+    r = httpx.get(f"{gateway.v1}/models", headers=gateway.auth).json()
+    [card] = r["data"]
+    assert card["id"] == GATEWAY_MODEL and card["aliases"] == [ALIAS]
+    assert set(card["capabilities"]) == {"tools", "json", "logprobs"}
+    assert post(gateway, "/chat/completions", model=ALIAS, messages=MESSAGES, max_tokens=2).json()["model"] == (
+        GATEWAY_MODEL
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": MESSAGES, "max_tokens": 12, "temperature": 0},
+        {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2},
+        {"messages": MESSAGES, "max_tokens": 60, "temperature": 0, "response_format": {"type": "json_object"}},
+        {"messages": MESSAGES, "max_tokens": 60, "temperature": 0, "tools": [WEATHER], "tool_choice": "required"},
+        {"messages": MESSAGES, "max_tokens": 8, "temperature": 0.9, "seed": 7, "top_k": 20, "min_p": 0.05},
+    ],
+    ids=["greedy", "logprobs", "json", "tools", "seeded-extensions"],
+)
+def test_same_answers_as_direct(gateway: Server, engines: list[Server], body: dict[str, Any]) -> None:
+    via, direct = same_request(gateway, engines[0], "/chat/completions", **body)
+    assert via["model"] == GATEWAY_MODEL
+    for a, b in zip(via["choices"], direct["choices"], strict=True):
+        assert a["message"]["content"] == b["message"]["content"]
+        assert [c["function"] for c in a["message"]["tool_calls"]] == [
+            c["function"] for c in b["message"]["tool_calls"]
+        ]
+        assert a["finish_reason"] == b["finish_reason"]
+        if body.get("logprobs"):
+            assert [t["token"] for t in a["logprobs"]["content"]] == [t["token"] for t in b["logprobs"]["content"]]
+    assert via["usage"]["completion_tokens"] == direct["usage"]["completion_tokens"]
+
+
+def test_completions_with_echo_through_the_gateway(gateway: Server, engines: list[Server]) -> None:
+    via, direct = same_request(
+        gateway, engines[0], "/completions", prompt="The sky is", max_tokens=5, temperature=0, echo=True, logprobs=1
+    )
+    assert via["choices"][0]["text"] == direct["choices"][0]["text"]
+    assert via["choices"][0]["logprobs"]["tokens"] == direct["choices"][0]["logprobs"]["tokens"]
+
+
+def stream_text(server: Server, model: str, **body: Any) -> tuple[str, dict[str, Any] | None, list[dict]]:
+    text, usage, chunks = "", None, []
+    headers = server.auth if server.api_key else {}
+    with httpx.stream(
+        "POST", f"{server.v1}/chat/completions", json={"model": model, "stream": True, **body}, headers=headers
+    ) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                chunks.append(chunk)
+                usage = chunk.get("usage") or usage
+                for c in chunk["choices"]:
+                    text += c["delta"].get("content") or ""
+    return text, usage, chunks
+
+
+def test_streaming_matches_and_usage_only_when_asked(gateway: Server, engines: list[Server]) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 10, "temperature": 0}
+    via, usage, chunks = stream_text(gateway, GATEWAY_MODEL, **body)
+    direct, _, _ = stream_text(engines[0], MODEL, **body)
+    assert via == direct
+    assert usage is None and all(c["model"] == GATEWAY_MODEL for c in chunks)  # the client did not ask for usage
+    _, usage, _ = stream_text(gateway, GATEWAY_MODEL, stream_options={"include_usage": True}, **body)
+    assert usage is not None and usage["completion_tokens"] == 10
+
+
+def test_requests_spread_over_both_engines(gateway: Server, engines: list[Server]) -> None:
+    before = [e.engine_stats()["sequences_finished"] for e in engines]
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=120, headers=gateway.auth) as c:
+            body = {"model": GATEWAY_MODEL, "messages": MESSAGES, "max_tokens": 16, "ignore_eos": True}
+            rs = await asyncio.gather(*(c.post(f"{gateway.v1}/chat/completions", json=body) for _ in range(8)))
+        return [r.status_code for r in rs]
+
+    assert asyncio.run(burst()) == [200] * 8
+    served = [e.engine_stats()["sequences_finished"] - b for e, b in zip(engines, before, strict=True)]
+    assert sum(served) == 8 and min(served) >= 2, served
+
+
+def test_credits_follow_upstream_usage(gateway: Server) -> None:
+    balance = lambda: httpx.get(f"{gateway.v1}/account/balance", headers=gateway.auth).json()  # noqa: E731
+    before = balance()["balance_micro"]
+    r = post(gateway, "/chat/completions", model=GATEWAY_MODEL, messages=MESSAGES, max_tokens=7, temperature=0).json()
+    deadline = time.monotonic() + 10
+    while balance()["open_holds"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    spent = before - balance()["balance_micro"]
+    assert spent == (r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]) * 1000
+
+
+# --- failures ----------------------------------------------------------------------------------------------------
+class _Failing(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps({"error": {"message": "out of memory", "type": "server_error"}}).encode()
+        self.send_response(500)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def failing_upstream() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def silent_upstream() -> Iterator[str]:
+    """Accepts connections and never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:  # closed at teardown
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    stop.set()
+    for s in held:
+        s.close()
+    listener.close()
+
+
+@pytest.fixture(scope="module")
+def faulty_gateway(
+    failing_upstream: str, silent_upstream: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    path = registry(
+        tmp_path_factory.mktemp("faulty") / "llamaserve.toml",
+        [
+            {"id": "fails", "upstreams": [failing_upstream]},
+            {"id": "hangs", "upstreams": [silent_upstream], "timeout": 1},
+            {"id": "dead", "upstreams": [dead]},
+        ],
+    )
+    with start_server("--config", str(path)) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "code"),
+    [("fails", 502, "bad_gateway"), ("dead", 502, "bad_gateway"), ("hangs", 504, "upstream_timeout")],
+)
+def test_upstream_failures(faulty_gateway: Server, model: str, status: int, code: str) -> None:
+    balance = lambda: httpx.get(f"{faulty_gateway.v1}/account/balance", headers=faulty_gateway.auth).json()  # noqa: E731
+    before = balance()["balance_micro"]
+    started = time.monotonic()
+    for stream in (False, True):
+        r = post(faulty_gateway, "/chat/completions", model=model, messages=MESSAGES, max_tokens=5, stream=stream)
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert error["code"] == code and set(error) == {"message", "type", "param", "code"}
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5
+    while balance()["open_holds"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = balance()
+    assert after["open_holds"] == 0 and after["balance_micro"] == before  # nothing charged
+
+
+def test_killed_engine_fails_over(tmp_path: Path) -> None:
+    with start_server("--parallel", "2", command="engine") as a, start_server("--parallel", "2", command="engine") as b:
+        path = registry(tmp_path / "llamaserve.toml", [{"id": GATEWAY_MODEL, "upstreams": [a.v1, b.v1]}])
+        with start_server("--config", str(path)) as gw:
+            assert (
+                post(gw, "/chat/completions", model=GATEWAY_MODEL, messages=MESSAGES, max_tokens=2).status_code == 200
+            )
+            os.kill(a.process.pid, signal.SIGKILL)
+            a.process.wait()
+            statuses = [
+                post(gw, "/chat/completions", model=GATEWAY_MODEL, messages=MESSAGES, max_tokens=2).status_code
+                for _ in range(6)
+            ]
+            assert statuses == [200] * 6  # the dead engine's requests were retried on the live one
