@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func, select, update
+from sqlalchemy import event, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -84,6 +84,8 @@ class Store:
         from llamaserve.billing.migrations import upgrade
 
         async with self.engine.begin() as conn:
+            if not self.is_sqlite:  # replicas starting together: one migrates, the others wait and find it done
+                await conn.execute(text("SELECT pg_advisory_xact_lock(72716)"))
             await conn.run_sync(upgrade)
 
     async def close(self) -> None:
