@@ -1,0 +1,113 @@
+"""Gateway overhead: the same requests straight to a `llamaserve engine` and through a `llamaserve serve
+--config` gateway in front of it (key check, rate limit, credit hold, proxy, settlement), interleaved so both
+see the same machine state. Prints latency p50/p99, requests/s and the milliseconds the gateway adds.
+
+    .venv/bin/python bench/gateway_bench.py --requests 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_bench import free_port, stop, wait_healthy  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+
+
+@contextlib.contextmanager
+def process(*args: str) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamaserve.cli", *args, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, timeout=120)
+        yield base
+    finally:
+        stop(proc)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, stream: bool) -> float:
+    started = time.perf_counter()
+    if stream:
+        async with client.stream("POST", url, json={**BODY, "model": model, "stream": True}) as r:
+            async for _ in r.aiter_lines():
+                pass
+    else:
+        r = await client.post(url, json={**BODY, "model": model})
+    assert r.status_code == 200, r.status_code
+    return (time.perf_counter() - started) * 1000
+
+
+async def run(engine: str, gateway: str, key: str, n: int, concurrency: int, stream: bool) -> dict[str, list[float]]:
+    """Alternate direct and gateway requests, `concurrency` at a time."""
+    lat: dict[str, list[float]] = {"direct": [], "gateway": []}
+    targets = {
+        "direct": (f"{engine}/v1/chat/completions", MODEL, {}),
+        "gateway": (f"{gateway}/v1/chat/completions", "smol", {"Authorization": f"Bearer {key}"}),
+    }
+    clients = {name: httpx.AsyncClient(timeout=60, headers=h) for name, (_, _, h) in targets.items()}
+    try:
+        for name in targets:  # warm-up: connections, first decode
+            await one(clients[name], targets[name][0], targets[name][1], stream)
+        for start in range(0, n, concurrency):
+            for name in ("direct", "gateway") if start % 2 == 0 else ("gateway", "direct"):
+                url, model, _ = targets[name]
+                batch = min(concurrency, n - start)
+                lat[name] += await asyncio.gather(*(one(clients[name], url, model, stream) for _ in range(batch)))
+    finally:
+        for c in clients.values():
+            await c.aclose()
+    return lat
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads of the engine")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, process("engine", "--threads", str(args.threads)) as engine:
+        config = Path(tmp) / "llamaserve.toml"
+        config.write_text(
+            f'[[models]]\nid = "smol"\n[[models.backends]]\ntype = "upstream"\nurl = "{engine}/v1"\nmodel = "{MODEL}"\n'
+        )
+        with process("serve", "--config", str(config), "--data-dir", tmp) as gateway:
+            key = (Path(tmp) / "default.key").read_text().strip()
+            print("| mode | clients | direct p50 / p99 ms | gateway p50 / p99 ms | added p50 ms | req/s direct / gw |")
+            print("|---|---|---|---|---|---|")
+            for stream in (False, True):
+                for concurrency in (1, 8):
+                    lat = asyncio.run(run(engine, gateway, key, args.requests, concurrency, stream))
+                    d, g = lat["direct"], lat["gateway"]
+                    rate = [1000 * concurrency / statistics.mean(x) for x in (d, g)]
+                    print(
+                        f"| {'stream' if stream else 'non-stream'} | {concurrency} "
+                        f"| {percentile(d, 0.5):.1f} / {percentile(d, 0.99):.1f} "
+                        f"| {percentile(g, 0.5):.1f} / {percentile(g, 0.99):.1f} "
+                        f"| {percentile(g, 0.5) - percentile(d, 0.5):+.1f} | {rate[0]:.0f} / {rate[1]:.0f} |"
+                    )
+
+
+if __name__ == "__main__":
+    main()
