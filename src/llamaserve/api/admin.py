@@ -4,6 +4,7 @@ LLAMASERVE_ADMIN_KEY). The CLI does the same through the store directly."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -37,7 +38,14 @@ async def require_admin(request: Request) -> None:
         )
 
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+async def forget_authentications(request: Request) -> AsyncIterator[None]:
+    """After any admin change, keys are checked against the store again (a disabled key is refused at once)."""
+    yield
+    if request.method != "GET":
+        platform_of(request).auth_cache.clear()
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin), Depends(forget_authentications)])
 PlanName = Literal[tuple(PLANS)]  # type: ignore[valid-type]
 
 

@@ -9,6 +9,7 @@ whether the request finished, failed, timed out or lost its client.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from llamaserve.engine import RequestHandle
 from llamaserve.protocol.errors import APIError
 
 log = logging.getLogger(__name__)
+AUTH_CACHE_SECONDS = 5.0
 
 
 @dataclass
@@ -33,6 +35,22 @@ class Platform:
     request_timeout: float  # seconds a request may run before it gets 504
     admin_key: str | None = None  # guards /admin/...; None: admin API off
     settling: set[asyncio.Task[None]] = field(default_factory=set)  # settlements in flight (awaited at shutdown)
+    # Recently authenticated keys (by the key's hash, never the key), so a busy key costs no query per request.
+    # A key disabled elsewhere (CLI, another replica) takes effect within AUTH_CACHE_SECONDS; the admin API of
+    # this process clears the cache at once.
+    auth_cache: dict[str, tuple[Caller, float]] = field(default_factory=dict)
+
+    async def authenticate(self, presented: str) -> Caller:
+        digest = hashlib.sha256(presented.encode()).hexdigest()
+        cached = self.auth_cache.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        caller = await self.store.authenticate(presented)
+        if len(self.auth_cache) > 10_000:
+            self.auth_cache.clear()
+        self.auth_cache[digest] = (caller, now + AUTH_CACHE_SECONDS)
+        return caller
 
     def plan(self, name: str) -> Plan:
         return PLANS.get(name, PLANS["free"])
@@ -76,7 +94,7 @@ async def require_caller(request: Request) -> Caller:
             code="invalid_authorization_header",
         )
     try:
-        caller = await platform_of(request).store.authenticate(token.strip())
+        caller = await platform_of(request).authenticate(token.strip())
     except AuthError as e:
         kind = "authentication_error" if e.status == 401 else "permission_error"
         raise APIError(e.status, str(e), type=kind, code=e.code) from e

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func, select, text, update
+from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -232,7 +232,8 @@ class Store:
         s.add(LedgerEntry(account_id=account_id, kind="grant", amount=amount, note=note[:200]))
 
     async def hold(self, account_id: int, amount: int, request_id: str) -> int | None:
-        """Reserve `amount` for a request; returns the hold's id, or None if the balance cannot cover it."""
+        """Reserve `amount` for a request; returns the hold's id, or None if the balance cannot cover it.
+        (Core statements, not ORM objects: this runs before every request's first token.)"""
         if amount < 0:
             raise ValueError(f"a hold cannot be negative ({amount})")
         async with self._write() as s:
@@ -243,39 +244,51 @@ class Store:
             )
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 return None
-            hold = Hold(account_id=account_id, request_id=request_id, amount=amount, status="open")
-            s.add(hold)
-            await s.flush()
-            s.add(LedgerEntry(account_id=account_id, kind="hold", amount=-amount, hold_id=hold.id, note=request_id))
-            return hold.id
+            hold_id = await s.scalar(
+                insert(Hold)
+                .values(account_id=account_id, request_id=request_id, amount=amount, status="open")
+                .returning(Hold.id)
+            )
+            await s.execute(
+                insert(LedgerEntry).values(
+                    account_id=account_id, kind="hold", amount=-amount, hold_id=hold_id, note=request_id
+                )
+            )
+            return hold_id
 
     async def settle(self, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
         """Release a hold and charge what was used (at most the hold), with the usage record, in one
         transaction. Settling twice does nothing the second time; returns whether this call settled it."""
         async with self._write() as s:
-            hold = await s.get(Hold, hold_id)
-            if hold is None:
-                raise StoreError(f"no hold {hold_id}")
-            result = await s.execute(
-                update(Hold)
-                .where(Hold.id == hold_id, Hold.status == "open")
-                .values(status="settled", settled_at=_now())
-            )
-            if result.rowcount == 0:  # type: ignore[attr-defined]
+            row = (
+                await s.execute(
+                    update(Hold)
+                    .where(Hold.id == hold_id, Hold.status == "open")
+                    .values(status="settled", settled_at=_now())
+                    .returning(Hold.account_id, Hold.amount)
+                )
+            ).first()
+            if row is None:
+                if await s.get(Hold, hold_id) is None:
+                    raise StoreError(f"no hold {hold_id}")
                 return False
-            charge = max(0, min(charge, hold.amount))
+            account_id, amount = row
+            charge = max(0, min(charge, amount))
             await s.execute(
-                update(Account)
-                .where(Account.id == hold.account_id)
-                .values(balance=Account.balance + hold.amount - charge)
+                update(Account).where(Account.id == account_id).values(balance=Account.balance + amount - charge)
             )
-            s.add(LedgerEntry(account_id=hold.account_id, kind="release", amount=hold.amount, hold_id=hold_id))
-            s.add(LedgerEntry(account_id=hold.account_id, kind="charge", amount=-charge, hold_id=hold_id))
+            await s.execute(
+                insert(LedgerEntry),
+                [
+                    {"account_id": account_id, "kind": "release", "amount": amount, "hold_id": hold_id, "note": ""},
+                    {"account_id": account_id, "kind": "charge", "amount": -charge, "hold_id": hold_id, "note": ""},
+                ],
+            )
             if usage is not None:
-                s.add(
-                    UsageRecord(
+                await s.execute(
+                    insert(UsageRecord).values(
                         request_id=usage.request_id,
-                        account_id=hold.account_id,
+                        account_id=account_id,
                         key_id=key_id,
                         model=usage.model,
                         prompt_tokens=usage.prompt_tokens,
