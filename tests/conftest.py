@@ -67,10 +67,12 @@ class Server:
 
 
 @contextmanager
-def start_server(*args: str, data_dir: Path | None = None, command: str = "serve") -> Iterator[Server]:
+def start_server(
+    *args: str, data_dir: Path | None = None, command: str = "serve", port: int | None = None
+) -> Iterator[Server]:
     """A server on a free port with its own data directory (a fresh SQLite store unless given one, or unless
     args name a --database-url); `server.api_key` is the key it created at first start."""
-    port = free_port()
+    port = port or free_port()
     threads = os.environ.get("LLAMASERVE_TEST_THREADS", str(min(2, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="llamaserve-test-") as tmp:
         data = data_dir or Path(tmp)

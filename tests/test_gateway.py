@@ -264,6 +264,39 @@ def test_upstream_failures(faulty_gateway: Server, model: str, status: int, code
     assert after["open_holds"] == 0 and after["balance_micro"] == before  # nothing charged
 
 
+def test_dead_engine_is_taken_out_and_probed_back_in(tmp_path: Path) -> None:
+    """SIGKILL one engine: requests keep succeeding and, once the health check has seen it, go to the live one
+    only; start it again on its port: the probe brings it back and traffic returns to it."""
+    port_a = free_port()
+    with (
+        start_server("--parallel", "2", command="engine", port=port_a) as a,
+        start_server("--parallel", "2", command="engine") as b,
+    ):
+        path = registry(tmp_path / "llamaserve.toml", [{"id": GATEWAY_MODEL, "upstreams": [a.v1, b.v1]}])
+        with start_server("--config", str(path)) as gw:
+            os.kill(a.process.pid, signal.SIGKILL)
+            a.process.wait()
+            time.sleep(3)  # a health probe (every 2 s) has found it dead
+            before = b.engine_stats()["sequences_finished"]
+            for _ in range(4):
+                assert (
+                    post(gw, "/chat/completions", model=GATEWAY_MODEL, messages=MESSAGES, max_tokens=2).status_code
+                    == 200
+                )
+            assert b.engine_stats()["sequences_finished"] - before == 4
+            with start_server("--parallel", "2", command="engine", port=port_a) as revived:
+                time.sleep(3)  # probed back in
+
+                async def burst() -> list[int]:
+                    async with httpx.AsyncClient(timeout=120, headers=gw.auth) as c:
+                        body = {"model": GATEWAY_MODEL, "messages": MESSAGES, "max_tokens": 8, "ignore_eos": True}
+                        rs = await asyncio.gather(*(c.post(f"{gw.v1}/chat/completions", json=body) for _ in range(6)))
+                    return [r.status_code for r in rs]
+
+                assert asyncio.run(burst()) == [200] * 6
+                assert revived.engine_stats()["sequences_finished"] >= 2
+
+
 def test_killed_engine_fails_over(tmp_path: Path) -> None:
     with start_server("--parallel", "2", command="engine") as a, start_server("--parallel", "2", command="engine") as b:
         path = registry(tmp_path / "llamaserve.toml", [{"id": GATEWAY_MODEL, "upstreams": [a.v1, b.v1]}])

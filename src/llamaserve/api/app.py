@@ -77,6 +77,8 @@ def create_app(
         platform = await _open_platform(platform_config) if platform_config else None
         app.state.platform = platform
         app.state.upstream_models = _upstream_models(registry)
+        for upstream_model in app.state.upstream_models.values():
+            upstream_model.router.start_health_checks()
         if model is not None:
             model.start(asyncio.get_running_loop())
         try:

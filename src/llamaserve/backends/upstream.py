@@ -9,6 +9,7 @@ alone for a while (circuit breaker) and then tried again with a single request.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from llamaserve.registry import BackendSpec
 
 BREAKER_FAILURES = 3  # consecutive failures that open the circuit
 BREAKER_SECONDS = 10.0  # how long an open circuit keeps requests away
+HEALTH_INTERVAL = 2.0  # seconds between probes of each upstream (GET /models)
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Upstream:
     outstanding: int = 0
     failures: int = 0  # consecutive
     open_until: float = 0.0
+    healthy: bool = True  # the last probe's verdict
 
     @classmethod
     def create(cls, spec: BackendSpec, timeout: float) -> Upstream:
@@ -43,7 +46,17 @@ class Upstream:
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self.open_until
+        return self.healthy and time.monotonic() >= self.open_until
+
+    async def probe(self) -> None:
+        """Active health check: a live upstream answers GET /models. Coming back closes the circuit."""
+        try:
+            ok = (await self.client.get("/models", timeout=min(2.0, HEALTH_INTERVAL))).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if ok and not self.healthy:
+            self.failures, self.open_until = 0, 0.0
+        self.healthy = ok
 
     def succeeded(self) -> None:
         self.failures = 0
@@ -112,10 +125,19 @@ class Router:
 
     def __init__(self, upstreams: list[Upstream]) -> None:
         self.upstreams = upstreams
+        self._checks: asyncio.Task[None] | None = None
+
+    def start_health_checks(self) -> None:
+        self._checks = asyncio.get_running_loop().create_task(self._check_forever())
+
+    async def _check_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(u.probe() for u in self.upstreams))
+            await asyncio.sleep(HEALTH_INTERVAL)
 
     def pick(self, exclude: tuple[Upstream, ...] = ()) -> Upstream | None:
         candidates = [u for u in self.upstreams if u not in exclude and u.available]
-        if not candidates:  # every circuit open: try the one that opened first rather than refuse outright
+        if not candidates:  # none looks well: try the one that opened first rather than refuse outright
             candidates = sorted((u for u in self.upstreams if u not in exclude), key=lambda u: u.open_until)[:1]
         return min(candidates, key=lambda u: u.outstanding / u.spec.weight, default=None)
 
@@ -143,5 +165,7 @@ class Router:
             return upstream, response
 
     async def close(self) -> None:
+        if self._checks is not None:
+            self._checks.cancel()
         for u in self.upstreams:
             await u.client.aclose()
