@@ -167,6 +167,22 @@ def test_requests_spread_over_both_engines(gateway: Server, engines: list[Server
     assert sum(served) == 8 and min(served) >= 2, served
 
 
+def test_metrics_show_each_upstream(gateway: Server, engines: list[Server]) -> None:
+    assert post(gateway, "/chat/completions", model=GATEWAY_MODEL, messages=MESSAGES, max_tokens=2).status_code == 200
+    text = httpx.get(f"{gateway.base_url}/metrics").text
+    for engine in engines:
+        labels = f'model="{GATEWAY_MODEL}",backend="{engine.v1}"'
+        assert f"llamaserve_upstream_healthy{{{labels}}} 1" in text
+        assert f"llamaserve_upstream_in_flight{{{labels}}} 0" in text
+    served = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("llamaserve_upstream_requests_total") and 'status="200"' in line
+    ]
+    assert served and sum(served) >= 1
+    assert "# TYPE llamaserve_upstream_first_byte_seconds summary" in text
+
+
 def test_credits_follow_upstream_usage(gateway: Server) -> None:
     balance = lambda: httpx.get(f"{gateway.v1}/account/balance", headers=gateway.auth).json()  # noqa: E731
     before = balance()["balance_micro"]

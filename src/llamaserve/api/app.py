@@ -18,7 +18,7 @@ from llamaserve.api.platform import Platform
 from llamaserve.api.proxy import UpstreamModel
 from llamaserve.api.request_id import RequestIdMiddleware
 from llamaserve.backends.local import LocalModel
-from llamaserve.backends.upstream import Router, Upstream
+from llamaserve.backends.upstream import METRIC_TYPES, Router, Upstream, metrics_lines
 from llamaserve.billing.bootstrap import open_store, stale_hold_age
 from llamaserve.billing.limits import make_limiter
 from llamaserve.billing.pricing import Price
@@ -119,7 +119,14 @@ def create_app(
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> str:
-        return _metrics_text(model) if model is not None else ""
+    async def metrics(request: Request) -> str:
+        text = _metrics_text(model) if model is not None else ""
+        upstream_models: dict[str, UpstreamModel] = request.app.state.upstream_models
+        if upstream_models:
+            lines = list(METRIC_TYPES)
+            for model_id, upstream_model in upstream_models.items():
+                lines += metrics_lines(model_id, upstream_model.router)
+            text += "\n".join(lines) + "\n"
+        return text
 
     return app

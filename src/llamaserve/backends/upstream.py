@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -32,6 +33,9 @@ class Upstream:
     failures: int = 0  # consecutive
     open_until: float = 0.0
     healthy: bool = True  # the last probe's verdict
+    results: Counter[str] = field(default_factory=Counter)  # requests by outcome: HTTP status, or "502"/"504"
+    first_byte_seconds: float = 0.0  # summed over the requests that got an answer
+    answered: int = 0
 
     @classmethod
     def create(cls, spec: BackendSpec, timeout: float) -> Upstream:
@@ -70,12 +74,18 @@ class Upstream:
         """Send the request; returns the response once its status is 2xx (its body unread when streaming).
         Raises UpstreamError (retryable when the upstream certainly produced nothing)."""
         request = self.client.build_request("POST", path, json=body)
+        started = time.monotonic()
         try:
             response = await self.client.send(request, stream=True)
         except httpx.TimeoutException as e:
+            self.results["504"] += 1
             raise UpstreamError(self._error(504, "did not answer in time", "upstream_timeout"), retryable=False) from e
         except httpx.TransportError as e:
+            self.results["502"] += 1
             raise UpstreamError(self._error(502, f"is unreachable ({type(e).__name__})", "bad_gateway"), True) from e
+        self.first_byte_seconds += time.monotonic() - started
+        self.answered += 1
+        self.results[str(response.status_code)] += 1
         if response.status_code < 400:
             if not stream:
                 try:
@@ -118,6 +128,31 @@ class UpstreamError(Exception):
         super().__init__(str(error))
         self.error = error
         self.retryable = retryable
+
+
+def metrics_lines(model_id: str, router: Router) -> list[str]:
+    """Prometheus samples of a model's upstreams (the TYPE lines come from METRIC_TYPES)."""
+    lines = []
+    for u in router.upstreams:
+        labels = f'model="{model_id}",backend="{u.spec.url}"'
+        lines += [
+            f"llamaserve_upstream_in_flight{{{labels}}} {u.outstanding}",
+            f"llamaserve_upstream_healthy{{{labels}}} {int(u.available)}",
+            f"llamaserve_upstream_first_byte_seconds_sum{{{labels}}} {u.first_byte_seconds:.6f}",
+            f"llamaserve_upstream_first_byte_seconds_count{{{labels}}} {u.answered}",
+        ]
+        lines += [
+            f'llamaserve_upstream_requests_total{{{labels},status="{k}"}} {v}' for k, v in sorted(u.results.items())
+        ]
+    return lines
+
+
+METRIC_TYPES = [
+    "# TYPE llamaserve_upstream_in_flight gauge",
+    "# TYPE llamaserve_upstream_healthy gauge",
+    "# TYPE llamaserve_upstream_first_byte_seconds summary",
+    "# TYPE llamaserve_upstream_requests_total counter",
+]
 
 
 class Router:
