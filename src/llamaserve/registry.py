@@ -17,7 +17,8 @@ which prices, and on which backends.
     api_key_env = "VLLM_KEY"    # the upstream's key, read from this environment variable
     weight = 1
 
-A `local` backend (`path = "model.gguf"`) runs in this process on our engine; at most one per gateway.
+A `local` backend (`path = "model.gguf"`) runs in this process on our engine; at most one per gateway. The
+same structure in YAML (a file ending .yaml or .yml) works too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from llamaserve.billing.pricing import Price
 
@@ -90,10 +93,14 @@ class Registry:
 
 
 def load_registry(path: Path) -> Registry:
+    """A registry from TOML, or from YAML (`.yaml`/`.yml`, the same structure)."""
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else tomllib.loads(text)
+    except (OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:
         raise RegistryError(f"{path}: {e}") from e
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path}: expected a mapping with a list of models")
     models = tuple(_model(m, f"{path}: models[{i}]") for i, m in enumerate(data.get("models") or []))
     if not models:
         raise RegistryError(f"{path}: no [[models]]")
