@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from llamaserve.billing.keys import generate_key, parse_key, secret_matches
 from llamaserve.billing.models import Account, ApiKey, Hold, LedgerEntry, UsageRecord
@@ -99,6 +99,18 @@ class Store:
         try:
             async with self._sessions() as session, session.begin():
                 yield session
+        finally:
+            if self.is_sqlite:
+                self._write_lock.release()
+
+    @asynccontextmanager
+    async def _write_core(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction on a bare connection: no ORM session to set up, for the per-request writes."""
+        if self.is_sqlite:
+            await self._write_lock.acquire()
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
         finally:
             if self.is_sqlite:
                 self._write_lock.release()
@@ -236,7 +248,7 @@ class Store:
         (Core statements, not ORM objects: this runs before every request's first token.)"""
         if amount < 0:
             raise ValueError(f"a hold cannot be negative ({amount})")
-        async with self._write() as s:
+        async with self._write_core() as s:
             result = await s.execute(
                 update(Account)
                 .where(Account.id == account_id, Account.balance >= amount)
@@ -259,7 +271,7 @@ class Store:
     async def settle(self, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
         """Release a hold and charge what was used (at most the hold), with the usage record, in one
         transaction. Settling twice does nothing the second time; returns whether this call settled it."""
-        async with self._write() as s:
+        async with self._write_core() as s:
             row = (
                 await s.execute(
                     update(Hold)
@@ -269,7 +281,7 @@ class Store:
                 )
             ).first()
             if row is None:
-                if await s.get(Hold, hold_id) is None:
+                if await s.scalar(select(Hold.id).where(Hold.id == hold_id)) is None:
                     raise StoreError(f"no hold {hold_id}")
                 return False
             account_id, amount = row
