@@ -260,10 +260,19 @@ def test_request_timeout_is_504_and_charges_partial_work() -> None:
         before = wait_settled(server, key)["balance_micro"]
         r = chat(server, key, max_tokens=3000, ignore_eos=True)
         assert error(r, 504, "request_timeout")["type"] == "timeout"
+        with pytest.raises(openai.APIStatusError) as e:
+            server.openai().chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                max_tokens=3000,
+                extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+            )
+        assert e.value.status_code == 504
         b = wait_settled(server, key)
-        record = usage(server, key)["data"][0]  # newest first
-        assert record["status"] == "timeout" and 0 < record["completion_tokens"] < 3000, record
-        assert b["balance_micro"] == before - record["cost_micro"]
+        timed_out = usage(server, key)["data"][:2]  # newest first: the two that timed out
+        for record in timed_out:
+            assert record["status"] == "timeout" and 0 < record["completion_tokens"] < 3000, record
+        assert b["balance_micro"] == before - sum(r["cost_micro"] for r in timed_out)
         assert server.wait_idle(timeout=10)["running"] == 0  # the generation was stopped, not left running
 
 
@@ -356,6 +365,8 @@ def test_store_failure_is_a_500_with_request_id_and_no_traceback() -> None:
         aio.run(drop())
         r = chat(server, server.api_key)
         body = error(r, 500, "internal_error")
+        with pytest.raises(openai.InternalServerError):
+            server.openai().chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
         assert body["type"] == "server_error"
         assert r.headers["x-request-id"] in body["message"]
         assert "Traceback" not in r.text and "asyncpg" not in r.text and ".py" not in r.text
