@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from llamaserve.billing.bootstrap import KEY_FILE, bootstrap, open_store
 from llamaserve.billing.cli import DatabaseUrl, DataDir, accounts_app, credits_app, keys_app
 from llamaserve.billing.pricing import format_credits, parse_credits
+from llamaserve.chat.images import ImageLimits
 from llamaserve.config import ModelNotFound, PlatformConfig, ServeConfig, default_data_dir
 from llamaserve.engine import LlamaError
 from llamaserve.registry import Registry, RegistryError, load_registry
@@ -85,6 +87,11 @@ def serve(
         Path | None,
         typer.Option("--config", help="Model registry (TOML): models, aliases, prices, local and upstream backends."),
     ] = None,
+    image_allow: Annotated[
+        list[str] | None,
+        typer.Option(help="A network image URLs may point into although not public, e.g. 10.1.0.0/16 (repeatable)."),
+    ] = None,
+    image_max_mb: Annotated[float, typer.Option(help="Largest image accepted, in MB.")] = 20,
 ) -> None:
     """Serve the OpenAI-compatible API, with accounts, keys, credits and rate limits: on one local model, or on
     the models of a registry file (local and upstream engines)."""
@@ -119,7 +126,12 @@ def serve(
         max_queue,
         chat_format=chat_format.value,
     )
-    _run(config, platform, registry, load_local=registry is None or model is not None)
+    try:
+        allow = tuple(ipaddress.ip_network(n, strict=False) for n in image_allow or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--image-allow") from e
+    images = ImageLimits(max_bytes=int(image_max_mb * 1024 * 1024), allow=allow)
+    _run(config, platform, registry, load_local=registry is None or model is not None, image_limits=images)
 
 
 @app.command()
@@ -144,7 +156,11 @@ def engine(
 
 
 def _run(
-    config: ServeConfig, platform: PlatformConfig | None, registry: Registry | None = None, load_local: bool = True
+    config: ServeConfig,
+    platform: PlatformConfig | None,
+    registry: Registry | None = None,
+    load_local: bool = True,
+    image_limits: ImageLimits | None = None,
 ) -> None:
     import uvicorn
 
@@ -173,7 +189,7 @@ def _run(
         + f"\n  try: curl {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' "
         f'-d \'{{"model": "{names[0]}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
     )
-    app_ = create_app(local, platform, registry)
+    app_ = create_app(local, platform, registry, image_limits)
     uvicorn.run(app_, host=config.host, port=config.port, log_level="warning")
 
 

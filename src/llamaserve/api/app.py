@@ -22,6 +22,7 @@ from llamaserve.backends.upstream import METRIC_TYPES, Router, Upstream, metrics
 from llamaserve.billing.bootstrap import open_store, stale_hold_age
 from llamaserve.billing.limits import make_limiter
 from llamaserve.billing.pricing import Price
+from llamaserve.chat.images import ImageLimits
 from llamaserve.config import PlatformConfig
 from llamaserve.registry import Registry
 
@@ -66,7 +67,10 @@ def _upstream_models(registry: Registry | None) -> dict[str, UpstreamModel]:
 
 
 def create_app(
-    model: LocalModel | None, platform_config: PlatformConfig | None, registry: Registry | None = None
+    model: LocalModel | None,
+    platform_config: PlatformConfig | None,
+    registry: Registry | None = None,
+    image_limits: ImageLimits | None = None,
 ) -> FastAPI:
     """The API on a local `model` and on the registry's upstream models; with a platform config, behind
     accounts, keys, credits and limits (`serve`), without one, open to whoever can reach it (`engine`)."""
@@ -98,6 +102,7 @@ def create_app(
     app.state.local_names = {model.id, *(local_spec.aliases if local_spec else ())} if model else set()
     app.state.local_price = local_spec.price if local_spec else None
     app.state.registry = registry
+    app.state.image_limits = image_limits or ImageLimits()
     app.state.platform = None
     app.state.upstream_models = {}
     app.state.started = int(time.time())

@@ -24,10 +24,13 @@ from llamaserve.api.common import SSE_DONE, sse
 from llamaserve.api.platform import Admission, admit, check_model_allowed
 from llamaserve.backends.upstream import Router, Upstream
 from llamaserve.billing.store import Caller
+from llamaserve.chat.images import ImageError, ImageLimits, load_image
 from llamaserve.protocol.common import SamplingFields
+from llamaserve.protocol.errors import invalid
 from llamaserve.registry import ModelSpec
 
 PER_MESSAGE_OVERHEAD = 8  # tokens a chat template adds around each message (role headers, end markers)
+IMAGE_TOKEN_BOUND = 6404  # tokens an image may take: Llama 3.2 Vision's 4 tiles × 1601
 
 
 @dataclass
@@ -45,11 +48,44 @@ def find_upstream(request: Request, name: str) -> UpstreamModel | None:
 
 
 def prompt_bound(payload: dict[str, Any]) -> int:
-    """An upper bound of the prompt's tokens: every token covers at least one byte of text."""
-    parts = payload.get("messages") or payload.get("prompt") or ""
-    count = len(parts) if isinstance(parts, list) else 1
-    extra = json.dumps(payload.get("tools") or [], ensure_ascii=False)
-    return len(json.dumps(parts, ensure_ascii=False).encode()) + len(extra.encode()) + PER_MESSAGE_OVERHEAD * count
+    """An upper bound of the prompt's tokens: every token covers at least one byte of text; an image counts as
+    IMAGE_TOKEN_BOUND tokens."""
+    messages = payload.get("messages")
+    if messages is None:
+        prompt = payload.get("prompt") or ""
+        return len(json.dumps(prompt, ensure_ascii=False).encode()) + PER_MESSAGE_OVERHEAD
+    total = len(json.dumps(payload.get("tools") or [], ensure_ascii=False).encode())
+    for message in messages:
+        total += PER_MESSAGE_OVERHEAD
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+        for part in parts:
+            is_image = part.get("type") == "image_url"
+            total += IMAGE_TOKEN_BOUND if is_image else len((part.get("text") or "").encode())
+        total += len(json.dumps(message.get("tool_calls") or [], ensure_ascii=False).encode())
+    return total
+
+
+async def inline_images(payload: dict[str, Any], spec: ModelSpec, limits: ImageLimits) -> None:
+    """Fetch and check every image part here and pass it on as a data URI, so the upstream never fetches an
+    address the gateway would refuse."""
+    for i, message in enumerate(payload.get("messages") or []):
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if part.get("type") != "image_url":
+                continue
+            where = f"messages[{i}].content[{j}]"
+            if "vision" not in spec.capabilities:
+                raise invalid(
+                    f"model {spec.id} does not accept image input ({where} has an image_url part)",
+                    where,
+                    code="image_input_not_supported",
+                )
+            try:
+                image = await load_image(part["image_url"]["url"], limits)
+            except ImageError as e:
+                raise invalid(f"{where}: {e}", where, code=e.code) from e
+            part["image_url"] = {**part["image_url"], "url": image.data_uri()}
 
 
 async def proxy(
@@ -59,9 +95,16 @@ async def proxy(
     payload = body.model_dump(exclude_unset=True, by_alias=True)
     n_prompt = prompt_bound(payload)
     budget = (body.max_tokens or default_max) * body.n
+    if "vision" not in model.spec.capabilities:  # refuses at the first image part, before holding or fetching
+        await inline_images(payload, model.spec, request.app.state.image_limits)
     admission = await admit(
         request, caller, request.state.request_id, model.spec.id, n_prompt, budget, model.spec.price
     )
+    try:
+        await inline_images(payload, model.spec, request.app.state.image_limits)
+    except BaseException:
+        admission.finish(0, "rejected", prompt_tokens=0)
+        raise
     wants_usage = body.include_usage
     if body.stream:
         payload["stream_options"] = {"include_usage": True}
