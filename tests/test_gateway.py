@@ -184,13 +184,16 @@ def test_metrics_show_each_upstream(gateway: Server, engines: list[Server]) -> N
 
 
 def test_credits_follow_upstream_usage(gateway: Server) -> None:
-    balance = lambda: httpx.get(f"{gateway.v1}/account/balance", headers=gateway.auth).json()  # noqa: E731
-    before = balance()["balance_micro"]
+    def settled_balance() -> int:
+        deadline = time.monotonic() + 10
+        while (b := httpx.get(f"{gateway.v1}/account/balance", headers=gateway.auth).json())["open_holds"]:
+            assert time.monotonic() < deadline, b
+            time.sleep(0.05)
+        return int(b["balance_micro"])
+
+    before = settled_balance()  # earlier tests' settlements may still be running
     r = post(gateway, "/chat/completions", model=GATEWAY_MODEL, messages=MESSAGES, max_tokens=7, temperature=0).json()
-    deadline = time.monotonic() + 10
-    while balance()["open_holds"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    spent = before - balance()["balance_micro"]
+    spent = before - settled_balance()
     assert spent == (r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]) * 1000
 
 

@@ -130,6 +130,7 @@ class Admission:
     hold_id: int
     decision: Decision
     price: Price | None = None  # the model's; None: the platform's default
+    hold_amount: int = 0
     started: float = field(default_factory=time.monotonic)
     settled: bool = False
     status: str | None = None  # set to force a status (timeout, error) when settling
@@ -177,6 +178,13 @@ class Admission:
         # A request the engine refused (e.g. a prompt longer than the context) computed nothing: it costs nothing.
         price = self.price or platform.price
         charge = 0 if status == "rejected" else price.cost(self.prompt_tokens, completion_tokens)
+        if charge > self.hold_amount:  # the store charges at most the hold: say loudly that the bound was short
+            log.warning(
+                "request %s used %d micro-credits, more than its hold of %d; charged the hold",
+                self.request_id,
+                charge,
+                self.hold_amount,
+            )
         usage = Usage(
             self.request_id,
             self.model_id,
@@ -233,4 +241,6 @@ async def admit(
             code="insufficient_credits",
             headers=decision.headers(),
         )
-    return Admission(platform, caller, request_id, model_id, prompt_tokens, completion_tokens, hold_id, decision, price)
+    return Admission(
+        platform, caller, request_id, model_id, prompt_tokens, completion_tokens, hold_id, decision, price, worst
+    )

@@ -30,6 +30,8 @@ from llamaserve.protocol.errors import invalid
 from llamaserve.registry import ModelSpec
 
 PER_MESSAGE_OVERHEAD = 8  # tokens a chat template adds around each message (role headers, end markers)
+# Tokens a chat template may add on its own: a default system prompt, Llama 3.1's date header, tool instructions.
+TEMPLATE_ALLOWANCE = 512
 IMAGE_TOKEN_BOUND = 6404  # tokens an image may take: Llama 3.2 Vision's 4 tiles × 1601
 
 
@@ -53,8 +55,8 @@ def prompt_bound(payload: dict[str, Any]) -> int:
     messages = payload.get("messages")
     if messages is None:
         prompt = payload.get("prompt") or ""
-        return len(json.dumps(prompt, ensure_ascii=False).encode()) + PER_MESSAGE_OVERHEAD
-    total = len(json.dumps(payload.get("tools") or [], ensure_ascii=False).encode())
+        return len(json.dumps(prompt, ensure_ascii=False).encode()) + PER_MESSAGE_OVERHEAD * 2
+    total = TEMPLATE_ALLOWANCE + len(json.dumps(payload.get("tools") or [], ensure_ascii=False).encode())
     for message in messages:
         total += PER_MESSAGE_OVERHEAD
         content = message.get("content")
