@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -122,6 +125,27 @@ def _running(server: Server) -> Iterator[None]:
             process.kill()
 
 
+@contextmanager
+def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A plain HTTP server on a loopback port, in a thread (fake upstreams, image hosts); yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: object) -> None:
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 POSTGRES_URL = os.environ.get("LLAMASERVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("LLAMASERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -136,16 +160,19 @@ def unavailable(what: str, error: Exception) -> None:
 
 @contextmanager
 def postgres_database() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test (dropped afterwards); yields its SQLAlchemy URL."""
+    """A fresh, empty PostgreSQL database (dropped afterwards) on the server LLAMASERVE_TEST_POSTGRES_URL names;
+    yields its SQLAlchemy URL."""
     import asyncio
     import uuid
 
     import asyncpg
+    from sqlalchemy.engine import make_url
 
+    server = make_url(POSTGRES_URL)
     name = f"llamaserve_test_{uuid.uuid4().hex[:12]}"
 
     async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(POSTGRES_URL, timeout=5)
+        conn = await asyncpg.connect(server.set(drivername="postgresql").render_as_string(False), timeout=5)
         try:
             await conn.execute(sql)
         finally:
@@ -153,11 +180,10 @@ def postgres_database() -> Iterator[str]:
 
     try:
         asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as e:
-        unavailable("PostgreSQL", e)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        unavailable(f"PostgreSQL at {POSTGRES_URL}", e)
     try:
-        base = POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
-        yield f"{base}/{name}"
+        yield server.set(drivername="postgresql+asyncpg", database=name).render_as_string(False)
     finally:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 

@@ -12,14 +12,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import MODEL, Server, free_port, start_server
+from tests.conftest import MODEL, Server, free_port, send_json, serve_http, start_server
 
 GATEWAY_MODEL = "smol-gateway"
 ALIAS = "smol-alias"
@@ -74,6 +74,18 @@ def gateway(engines: list[Server], tmp_path_factory: pytest.TempPathFactory) -> 
 def post(server: Server, path: str, key: str | None = None, **body: Any) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key or server.api_key}"} if (key or server.api_key) else {}
     return httpx.post(f"{server.v1}{path}", json=body, headers=headers, timeout=120)
+
+
+def burst(gateway: Server, n: int) -> list[int]:
+    """Statuses of n concurrent chat requests through the gateway."""
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(timeout=120, headers=gateway.auth) as c:
+            body = {"model": GATEWAY_MODEL, "messages": MESSAGES, "max_tokens": 8, "ignore_eos": True}
+            rs = await asyncio.gather(*(c.post(f"{gateway.v1}/chat/completions", json=body) for _ in range(n)))
+        return [r.status_code for r in rs]
+
+    return asyncio.run(run())
 
 
 def same_request(gateway: Server, engine: Server, path: str, **body: Any) -> tuple[dict, dict]:
@@ -155,14 +167,7 @@ def test_streaming_matches_and_usage_only_when_asked(gateway: Server, engines: l
 
 def test_requests_spread_over_both_engines(gateway: Server, engines: list[Server]) -> None:
     before = [e.engine_stats()["sequences_finished"] for e in engines]
-
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(timeout=120, headers=gateway.auth) as c:
-            body = {"model": GATEWAY_MODEL, "messages": MESSAGES, "max_tokens": 16, "ignore_eos": True}
-            rs = await asyncio.gather(*(c.post(f"{gateway.v1}/chat/completions", json=body) for _ in range(8)))
-        return [r.status_code for r in rs]
-
-    assert asyncio.run(burst()) == [200] * 8
+    assert burst(gateway, 8) == [200] * 8
     served = [e.engine_stats()["sequences_finished"] - b for e, b in zip(engines, before, strict=True)]
     assert sum(served) == 8 and min(served) >= 2, served
 
@@ -201,12 +206,7 @@ def test_credits_follow_upstream_usage(gateway: Server) -> None:
 class _Failing(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = json.dumps({"error": {"message": "out of memory", "type": "server_error"}}).encode()
-        self.send_response(500)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, 500, {"error": {"message": "out of memory", "type": "server_error"}})
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -214,10 +214,8 @@ class _Failing(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def failing_upstream() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with serve_http(_Failing) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -305,14 +303,7 @@ def test_dead_engine_is_taken_out_and_probed_back_in(tmp_path: Path) -> None:
             assert b.engine_stats()["sequences_finished"] - before == 4
             with start_server("--parallel", "2", command="engine", port=port_a) as revived:
                 time.sleep(3)  # probed back in
-
-                async def burst() -> list[int]:
-                    async with httpx.AsyncClient(timeout=120, headers=gw.auth) as c:
-                        body = {"model": GATEWAY_MODEL, "messages": MESSAGES, "max_tokens": 8, "ignore_eos": True}
-                        rs = await asyncio.gather(*(c.post(f"{gw.v1}/chat/completions", json=body) for _ in range(6)))
-                    return [r.status_code for r in rs]
-
-                assert asyncio.run(burst()) == [200] * 6
+                assert burst(gw, 6) == [200] * 6
                 assert revived.engine_stats()["sequences_finished"] >= 2
 
 

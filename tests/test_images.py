@@ -9,9 +9,8 @@ import importlib.util
 import io
 import ipaddress
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from PIL import Image as PILImage
 
 from llamaserve.chat.images import Image, ImageError, ImageLimits, load_image
-from tests.conftest import Server, start_server
+from tests.conftest import Server, send_json, serve_http, start_server
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)
 RESOURCES = Path(importlib.util.find_spec("llama_models").origin).parent / "resources"  # type: ignore[arg-type,union-attr]
@@ -84,10 +83,8 @@ class _Images(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def images() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve_http(_Images) as url:
+        yield url
 
 
 def load(url: str, **limits: Any) -> Image:
@@ -208,19 +205,10 @@ class _Upstream(BaseHTTPRequestHandler):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "A dog."}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 1620, "completion_tokens": 3, "total_tokens": 1623},
         }
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, reply)
 
     def do_GET(self) -> None:  # noqa: N802 (health probe)
-        data = b'{"object": "list", "data": []}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, {"object": "list", "data": []})
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -228,19 +216,18 @@ class _Upstream(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def vision_gateway(images: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{upstream.server_address[1]}/v1"
+    """A gateway with a vision model and a text-only one, both on the recording upstream."""
     config = tmp_path_factory.mktemp("vision") / "llamaserve.toml"
-    config.write_text(
-        f'[[models]]\nid = "vision"\ncapabilities = ["vision"]\n'
-        f'[[models.backends]]\ntype = "upstream"\nurl = "{url}"\nmodel = "llama-3.2-11b-vision"\n'
-        f'[[models]]\nid = "text-only"\ncapabilities = ["tools"]\n'
-        f'[[models.backends]]\ntype = "upstream"\nurl = "{url}"\nmodel = "llama-3.1-8b"\n'
-    )
-    with start_server("--config", str(config), "--image-allow", "127.0.0.1/32") as server:
-        yield server
-    upstream.shutdown()
+    with serve_http(_Upstream) as base:
+        url = f"{base}/v1"
+        config.write_text(
+            f'[[models]]\nid = "vision"\ncapabilities = ["vision"]\n'
+            f'[[models.backends]]\ntype = "upstream"\nurl = "{url}"\nmodel = "llama-3.2-11b-vision"\n'
+            f'[[models]]\nid = "text-only"\ncapabilities = ["tools"]\n'
+            f'[[models.backends]]\ntype = "upstream"\nurl = "{url}"\nmodel = "llama-3.1-8b"\n'
+        )
+        with start_server("--config", str(config), "--image-allow", "127.0.0.1/32") as server:
+            yield server
 
 
 def ask(server: Server, model: str, image_url: str) -> httpx.Response:

@@ -9,14 +9,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -27,8 +24,8 @@ from sqlalchemy.engine import make_url
 from llamaserve.billing.migrations import alembic_config
 from llamaserve.billing.models import Account, Base, Hold, LedgerEntry, UsageRecord
 from llamaserve.billing.store import AuthError, Caller, Store, StoreError, Usage
+from tests.conftest import postgres_database
 
-POSTGRES_URL = os.environ.get("LLAMASERVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 KEY_FORMAT = re.compile(r"ls-([a-z0-9]{10})_([A-Za-z0-9]{32})")
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -37,45 +34,14 @@ Run = Callable[[Body], None]
 
 
 # --- backends -------------------------------------------------------------------------------------------------
-def postgres_url(database: str, driver: str) -> str:
-    return make_url(POSTGRES_URL).set(drivername=driver, database=database).render_as_string(hide_password=False)
-
-
-async def postgres_admin(sql: str) -> None:
-    """Run one statement on the server's admin database (the one LLAMASERVE_TEST_POSTGRES_URL names)."""
-    admin_db = make_url(POSTGRES_URL).database or "postgres"
-    conn = await asyncpg.connect(postgres_url(admin_db, "postgresql"), timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> None:
-    """Skip without a PostgreSQL server, except in CI, where a missing server is a failure."""
-    try:
-        asyncio.run(postgres_admin("SELECT 1"))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-        message = f"PostgreSQL at {POSTGRES_URL} unreachable: {e!r}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The URL of a fresh, empty database of the parametrized backend."""
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
         return
-    request.getfixturevalue("postgres_server")
-    name = f"llamaserve_test_{uuid.uuid4().hex}"
-    asyncio.run(postgres_admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield postgres_url(name, "postgresql+asyncpg")
-    finally:
-        asyncio.run(postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with postgres_database() as database:
+        yield database
 
 
 def run_on(url: str, body: Body) -> None:
