@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from llamaserve.billing.keys import generate_key, parse_key, secret_matches
 from llamaserve.billing.models import Account, ApiKey, Hold, LedgerEntry, UsageRecord
 
+T = TypeVar("T")
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)  # last_used_at is a hint; don't write on every request
 
 
@@ -76,6 +78,13 @@ class Store:
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite: per-request transactions run on one database thread with the stdlib driver (see _transaction).
+        self._sqlite_engine: Engine | None = None
+        self._sqlite_thread: ThreadPoolExecutor | None = None
+        if self.is_sqlite:
+            self._sqlite_engine = create_engine(url.replace("+aiosqlite", "", 1), connect_args={"timeout": 30})
+            event.listen(self._sqlite_engine, "connect", _sqlite_pragmas)
+            self._sqlite_thread = ThreadPoolExecutor(1, thread_name_prefix="llamaserve-sqlite")
         # SQLite has one writer at a time; queue writers here instead of failing with "database is locked".
         self._write_lock = asyncio.Lock()
 
@@ -90,6 +99,9 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self._sqlite_thread is not None and self._sqlite_engine is not None:
+            await asyncio.get_running_loop().run_in_executor(self._sqlite_thread, self._sqlite_engine.dispose)
+            self._sqlite_thread.shutdown()
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncSession]:
@@ -244,73 +256,29 @@ class Store:
         s.add(LedgerEntry(account_id=account_id, kind="grant", amount=amount, note=note[:200]))
 
     async def hold(self, account_id: int, amount: int, request_id: str) -> int | None:
-        """Reserve `amount` for a request; returns the hold's id, or None if the balance cannot cover it.
-        (Core statements, not ORM objects: this runs before every request's first token.)"""
+        """Reserve `amount` for a request; returns the hold's id, or None if the balance cannot cover it."""
         if amount < 0:
             raise ValueError(f"a hold cannot be negative ({amount})")
-        async with self._write_core() as s:
-            result = await s.execute(
-                update(Account)
-                .where(Account.id == account_id, Account.balance >= amount)
-                .values(balance=Account.balance - amount)
-            )
-            if result.rowcount == 0:  # type: ignore[attr-defined]
-                return None
-            hold_id = await s.scalar(
-                insert(Hold)
-                .values(account_id=account_id, request_id=request_id, amount=amount, status="open")
-                .returning(Hold.id)
-            )
-            await s.execute(
-                insert(LedgerEntry).values(
-                    account_id=account_id, kind="hold", amount=-amount, hold_id=hold_id, note=request_id
-                )
-            )
-            return hold_id
+        return await self._transaction(_hold, account_id, amount, request_id)
 
     async def settle(self, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
         """Release a hold and charge what was used (at most the hold), with the usage record, in one
         transaction. Settling twice does nothing the second time; returns whether this call settled it."""
-        async with self._write_core() as s:
-            row = (
-                await s.execute(
-                    update(Hold)
-                    .where(Hold.id == hold_id, Hold.status == "open")
-                    .values(status="settled", settled_at=_now())
-                    .returning(Hold.account_id, Hold.amount)
-                )
-            ).first()
-            if row is None:
-                if await s.scalar(select(Hold.id).where(Hold.id == hold_id)) is None:
-                    raise StoreError(f"no hold {hold_id}")
-                return False
-            account_id, amount = row
-            charge = max(0, min(charge, amount))
-            await s.execute(
-                update(Account).where(Account.id == account_id).values(balance=Account.balance + amount - charge)
-            )
-            await s.execute(
-                insert(LedgerEntry),
-                [
-                    {"account_id": account_id, "kind": "release", "amount": amount, "hold_id": hold_id, "note": ""},
-                    {"account_id": account_id, "kind": "charge", "amount": -charge, "hold_id": hold_id, "note": ""},
-                ],
-            )
-            if usage is not None:
-                await s.execute(
-                    insert(UsageRecord).values(
-                        request_id=usage.request_id,
-                        account_id=account_id,
-                        key_id=key_id,
-                        model=usage.model,
-                        prompt_tokens=usage.prompt_tokens,
-                        completion_tokens=usage.completion_tokens,
-                        cost=charge,
-                        status=usage.status,
-                        latency_ms=usage.latency_ms,
-                    )
-                )
-            return True
+        return await self._transaction(_settle, hold_id, charge, usage, key_id)
+
+    async def _transaction(self, work: Callable[..., T], *args: Any) -> T:
+        """Run `work(connection, *args)` in one write transaction. These run on every request, so on SQLite the
+        whole transaction goes to the database thread in one hop (aiosqlite would hop once per statement);
+        elsewhere it runs on the async connection through SQLAlchemy's sync facade."""
+        if self._sqlite_thread is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._sqlite_thread, self._on_sqlite, work, args)
+        async with self._write_core() as conn:
+            return await conn.run_sync(lambda sync: work(sync, *args))
+
+    def _on_sqlite(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
+        assert self._sqlite_engine is not None
+        with self._sqlite_engine.begin() as conn:
+            return work(conn, *args)
 
     async def release_stale_holds(self, older_than: dt.timedelta) -> int:
         """Release holds left open by a process that died mid-request (charging nothing: what it produced was
@@ -356,6 +324,63 @@ class Store:
             query = query.where(UsageRecord.model == model)
         async with self._sessions() as s:
             return list(await s.scalars(query.order_by(UsageRecord.id.desc()).limit(limit)))
+
+
+def _hold(conn: Connection, account_id: int, amount: int, request_id: str) -> int | None:
+    taken = conn.execute(
+        update(Account)
+        .where(Account.id == account_id, Account.balance >= amount)
+        .values(balance=Account.balance - amount)
+    )
+    if taken.rowcount == 0:
+        return None
+    hold_id = conn.scalar(
+        insert(Hold)
+        .values(account_id=account_id, request_id=request_id, amount=amount, status="open")
+        .returning(Hold.id)
+    )
+    conn.execute(
+        insert(LedgerEntry).values(account_id=account_id, kind="hold", amount=-amount, hold_id=hold_id, note=request_id)
+    )
+    return hold_id
+
+
+def _settle(conn: Connection, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
+    row = conn.execute(
+        update(Hold)
+        .where(Hold.id == hold_id, Hold.status == "open")
+        .values(status="settled", settled_at=_now())
+        .returning(Hold.account_id, Hold.amount)
+    ).first()
+    if row is None:
+        if conn.scalar(select(Hold.id).where(Hold.id == hold_id)) is None:
+            raise StoreError(f"no hold {hold_id}")
+        return False
+    account_id, amount = row
+    charge = max(0, min(charge, amount))
+    conn.execute(update(Account).where(Account.id == account_id).values(balance=Account.balance + amount - charge))
+    conn.execute(
+        insert(LedgerEntry),
+        [
+            {"account_id": account_id, "kind": "release", "amount": amount, "hold_id": hold_id, "note": ""},
+            {"account_id": account_id, "kind": "charge", "amount": -charge, "hold_id": hold_id, "note": ""},
+        ],
+    )
+    if usage is not None:
+        conn.execute(
+            insert(UsageRecord).values(
+                request_id=usage.request_id,
+                account_id=account_id,
+                key_id=key_id,
+                model=usage.model,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cost=charge,
+                status=usage.status,
+                latency_ms=usage.latency_ms,
+            )
+        )
+    return True
 
 
 def _aware(t: dt.datetime) -> dt.datetime:
