@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from llamaserve.billing.keys import generate_key, parse_key, secret_matches
 from llamaserve.billing.models import Account, ApiKey, Hold, LedgerEntry, UsageRecord
@@ -111,18 +111,6 @@ class Store:
         try:
             async with self._sessions() as session, session.begin():
                 yield session
-        finally:
-            if self.is_sqlite:
-                self._write_lock.release()
-
-    @asynccontextmanager
-    async def _write_core(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction on a bare connection: no ORM session to set up, for the per-request writes."""
-        if self.is_sqlite:
-            await self._write_lock.acquire()
-        try:
-            async with self.engine.begin() as conn:
-                yield conn
         finally:
             if self.is_sqlite:
                 self._write_lock.release()
@@ -272,7 +260,7 @@ class Store:
         elsewhere it runs on the async connection through SQLAlchemy's sync facade."""
         if self._sqlite_thread is not None:
             return await asyncio.get_running_loop().run_in_executor(self._sqlite_thread, self._on_sqlite, work, args)
-        async with self._write_core() as conn:
+        async with self.engine.begin() as conn:
             return await conn.run_sync(lambda sync: work(sync, *args))
 
     def _on_sqlite(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
