@@ -79,7 +79,9 @@ def serve(
     admin_key: Annotated[
         str | None, typer.Option(envvar="LLAMASERVE_ADMIN_KEY", help="Turns on /admin/..., guarded by this key.")
     ] = None,
-    starter_credits: Annotated[str, typer.Option(help="Credits of the account made at first start.")] = "10",
+    starter_credits: Annotated[
+        str, typer.Option(help="Credits of the account made at first start and of each dashboard sign-up.")
+    ] = "10",
     price_input: Annotated[float, typer.Option(help="Credits per million prompt tokens.")] = 0.10,
     price_output: Annotated[float, typer.Option(help="Credits per million completion tokens.")] = 0.20,
     request_timeout: Annotated[float, typer.Option(help="Seconds before a non-streaming request gets 504.")] = 600,
@@ -92,6 +94,9 @@ def serve(
         typer.Option(help="A network image URLs may point into although not public, e.g. 10.1.0.0/16 (repeatable)."),
     ] = None,
     image_max_mb: Annotated[float, typer.Option(help="Largest image accepted, in MB.")] = 20,
+    signup: Annotated[
+        bool, typer.Option("--signup/--no-signup", help="Let anyone create a dashboard account (off: admins do).")
+    ] = True,
 ) -> None:
     """Serve the OpenAI-compatible API, with accounts, keys, credits and rate limits: on one local model, or on
     the models of a registry file (local and upstream engines)."""
@@ -104,6 +109,7 @@ def serve(
         price_input=price_input,
         price_output=price_output,
         request_timeout=request_timeout,
+        signup=signup,
     )
     registry = None
     if config_file is not None:
@@ -189,6 +195,8 @@ def _run(
         + f"\n  try: curl {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' "
         f'-d \'{{"model": "{names[0]}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
     )
+    if platform is not None:
+        console.print(f"  dashboard: {url}/ (sign-up {'on' if platform.signup else 'off'})")
     app_ = create_app(local, platform, registry, image_limits)
     uvicorn.run(app_, host=config.host, port=config.port, log_level="warning")
 

@@ -1,8 +1,11 @@
 """The admin HTTP API (/admin/...): accounts, keys and credits, guarded by the admin key (--admin-key or
-LLAMASERVE_ADMIN_KEY). The CLI does the same through the store directly."""
+LLAMASERVE_ADMIN_KEY), or by the dashboard session of an admin account (with its CSRF token; the dashboard's
+admin view calls these same endpoints). The CLI does the same through the store directly."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -10,16 +13,31 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
+from llamaserve.api.auth import check_csrf, session_of
 from llamaserve.api.platform import platform_of
 from llamaserve.billing.limits import PLANS
 from llamaserve.billing.models import Account, ApiKey
+from llamaserve.billing.passwords import check_email, check_password, hash_password, normalize_email
 from llamaserve.billing.pricing import format_credits, parse_credits
 from llamaserve.billing.store import StoreError
 from llamaserve.protocol.common import StrictModel
 from llamaserve.protocol.errors import APIError, invalid
 
 
+async def _admin_session(request: Request) -> bool:
+    """Whether an admin's dashboard session authorises the request (CSRF-checked); 403 for a non-admin's."""
+    logged_in = await session_of(request)
+    if logged_in is None:
+        return False
+    if not logged_in.account.is_admin:
+        raise APIError(403, "this account is not an admin", type="permission_error", code="not_admin")
+    check_csrf(request, logged_in.csrf)
+    return True
+
+
 async def require_admin(request: Request) -> None:
+    if "authorization" not in request.headers and await _admin_session(request):
+        return
     expected = platform_of(request).admin_key
     if expected is None:
         raise APIError(
@@ -53,6 +71,9 @@ class NewAccount(StrictModel):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
     plan: PlanName = "free"  # type: ignore[valid-type]
     credits: str = "0"
+    email: str | None = None  # with password: a dashboard login
+    password: Annotated[str, Field(max_length=1024)] | None = None
+    is_admin: bool = False
 
 
 class AccountChange(StrictModel):
@@ -70,6 +91,11 @@ class NewKey(StrictModel):
     allowed_models: Annotated[list[str], Field(min_length=1)] | None = None  # None: every model
 
 
+def unix(t: dt.datetime) -> int:
+    """Unix seconds of a stored time (SQLite gives it back naive, in UTC: not the server's local time)."""
+    return int((t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp())
+
+
 def account_view(a: Account) -> dict[str, Any]:
     return {
         "name": a.name,
@@ -77,8 +103,23 @@ def account_view(a: Account) -> dict[str, Any]:
         "status": a.status,
         "balance": format_credits(a.balance),
         "balance_micro": a.balance,
-        "created": int(a.created_at.timestamp()),
+        "created": unix(a.created_at),
+        "email": a.email,
+        "is_admin": a.is_admin,
     }
+
+
+def _login(body: NewAccount) -> tuple[str | None, str | None]:
+    """(email, password hash) of a new account: both or neither."""
+    if (body.email is None) != (body.password is None) or (body.is_admin and body.email is None):
+        raise invalid("a dashboard login needs both email and password (and an admin needs one)", "email")
+    if body.email is None or body.password is None:
+        return None, None
+    email = normalize_email(body.email)
+    for problem, param in ((check_email(email), "email"), (check_password(body.password), "password")):
+        if problem:
+            raise invalid(problem, param)
+    return email, hash_password(body.password)
 
 
 def key_view(k: ApiKey, account: str) -> dict[str, Any]:
@@ -89,8 +130,8 @@ def key_view(k: ApiKey, account: str) -> dict[str, Any]:
         "enabled": k.enabled,
         "revoked": k.revoked,
         "allowed_models": k.allowed_models,
-        "created": int(k.created_at.timestamp()),
-        "last_used": int(k.last_used_at.timestamp()) if k.last_used_at else None,
+        "created": unix(k.created_at),
+        "last_used": unix(k.last_used_at) if k.last_used_at else None,
     }
 
 
@@ -113,9 +154,15 @@ async def list_accounts(request: Request) -> dict[str, Any]:
 
 @router.post("/accounts", status_code=201)
 async def create_account(body: NewAccount, request: Request) -> dict[str, Any]:
+    email, password_hash = await asyncio.to_thread(_login, body)
     try:
         account = await platform_of(request).store.create_account(
-            body.name, body.plan, _credits(body.credits, "credits")
+            body.name,
+            body.plan,
+            _credits(body.credits, "credits"),
+            email=email,
+            password_hash=password_hash,
+            is_admin=body.is_admin,
         )
     except StoreError as e:
         raise APIError(409, str(e), code="account_exists") from e

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from llamaserve.api import account, admin, chat, completions, errors, openai
+from llamaserve.api import account, admin, chat, completions, dashboard, errors, openai
 from llamaserve.api.platform import Platform
 from llamaserve.api.proxy import UpstreamModel
 from llamaserve.api.request_id import RequestIdMiddleware
@@ -114,6 +114,7 @@ def create_app(
     if platform_config is not None:
         app.include_router(account.router)
         app.include_router(admin.router)
+        dashboard.install(app, platform_config)  # the web UI at /, and the APIs it calls
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from llamaserve.billing.bootstrap import open_store
 from llamaserve.billing.limits import PLANS
+from llamaserve.billing.passwords import check_email, check_password, hash_password, normalize_email
 from llamaserve.billing.pricing import format_credits, parse_credits
 from llamaserve.billing.store import Store, StoreError
 from llamaserve.config import PlatformConfig, default_data_dir
@@ -52,27 +53,87 @@ def _plan(plan: str) -> str:
     return plan
 
 
+Email = Annotated[str | None, typer.Option(help="Dashboard login email (asks for a password).")]
+PasswordStdin = Annotated[bool, typer.Option(help="Read the password from the first line of stdin (no prompt).")]
+
+
+def _email(email: str | None) -> str | None:
+    if email is None:
+        return None
+    email = normalize_email(email)
+    if problem := check_email(email):
+        raise typer.BadParameter(problem, param_hint="--email")
+    return email
+
+
+def _password_hash(password_stdin: bool) -> str:
+    """Asks for the password (or reads it from stdin) and returns its argon2 hash; the password goes no further."""
+    if password_stdin:
+        password = typer.get_text_stream("stdin").readline().rstrip("\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if problem := check_password(password):
+        console.print(f"[red]error:[/red] {problem}")
+        raise typer.Exit(1)
+    return hash_password(password)
+
+
 @accounts_app.command("create")
 def accounts_create(
     name: str,
     plan: Annotated[str, typer.Option(help=f"Rate-limit plan: {', '.join(PLANS)}.", callback=_plan)] = "free",
     credits: Annotated[str, typer.Option(help="Starting credits, e.g. 10 or 2.5.")] = "0",
+    email: Email = None,
+    admin: Annotated[bool, typer.Option(help="May use the dashboard's admin view (needs --email).")] = False,
+    password_stdin: PasswordStdin = False,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Create an account."""
+    """Create an account; with --email it can log in to the dashboard."""
     amount = parse_credits(credits)
-    account = _run(data_dir, database_url, lambda s: s.create_account(name, plan, amount))
+    login = _email(email)
+    if admin and login is None:
+        raise typer.BadParameter("an admin must be able to log in: give --email", param_hint="--admin")
+    hashed = _password_hash(password_stdin) if login else None
+    account = _run(
+        data_dir,
+        database_url,
+        lambda s: s.create_account(name, plan, amount, email=login, password_hash=hashed, is_admin=admin),
+    )
     console.print(f"account [bold]{account.name}[/bold] created (plan {plan}, {format_credits(amount)} credits)")
+
+
+@accounts_app.command("set-login")
+def accounts_set_login(
+    name: str,
+    email: Email = None,
+    password: Annotated[bool, typer.Option(help="Set a new password (asks for it).")] = False,
+    admin: Annotated[bool | None, typer.Option("--admin/--no-admin", help="Grant or take away admin.")] = None,
+    password_stdin: PasswordStdin = False,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Give an account a dashboard login (email and password), a new password, or the admin flag."""
+    login = _email(email)
+    hashed = _password_hash(password_stdin) if login or password or password_stdin else None
+    if login is None and hashed is None and admin is None:
+        raise typer.BadParameter("nothing to change: give --email, --password or --admin/--no-admin")
+    account = _run(
+        data_dir,
+        database_url,
+        lambda s: s.update_account(name, email=login, password_hash=hashed, is_admin=admin),
+    )
+    role = "admin" if account.is_admin else "user"
+    console.print(f"account [bold]{account.name}[/bold]: login {account.email or 'none'}, {role}")
 
 
 @accounts_app.command("list")
 def accounts_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """List accounts with plan, status and balance."""
     accounts = _run(data_dir, database_url, lambda s: s.list_accounts())
-    table = Table("name", "plan", "status", "balance (credits)")
+    table = Table("name", "plan", "status", "balance (credits)", "login", "admin")
     for a in accounts:
-        table.add_row(a.name, a.plan, a.status, format_credits(a.balance))
+        table.add_row(a.name, a.plan, a.status, format_credits(a.balance), a.email or "", "yes" if a.is_admin else "")
     console.print(table)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MICRO = 1_000_000  # micro-credits per credit
@@ -36,6 +36,12 @@ class Account(Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="active")  # active | suspended
     balance: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     created_at: Mapped[dt.datetime] = _now()
+    # Dashboard login (None: the account has no login; keys still work). Emails are stored lower-cased.
+    email: Mapped[str | None] = mapped_column(String(254), nullable=True)
+    password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)  # argon2id, never the password
+    is_admin: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+
+    __table_args__ = (Index("ix_accounts_email", "email", unique=True),)
 
 
 class ApiKey(Base):
@@ -51,6 +57,8 @@ class ApiKey(Base):
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None: every model
     created_at: Mapped[dt.datetime] = _now()
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Keys that expire: the dashboard playground's, minted per login session. None: never expires.
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Hold(Base):
@@ -97,3 +105,18 @@ class UsageRecord(Base):
     created_at: Mapped[dt.datetime] = _now()
 
     __table_args__ = (Index("ix_usage_account_created", "account_id", "created_at"),)
+
+
+class WebSession(Base):
+    """A dashboard login. The cookie holds the token; only its SHA-256 is stored, so the table cannot log anyone
+    in."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), nullable=False, index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    created_at: Mapped[dt.datetime] = _now()
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # The playground's key for this session (revoked with the session).
+    playground_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)

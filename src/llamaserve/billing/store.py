@@ -16,12 +16,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Engine,
+    Integer,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from llamaserve.billing.keys import generate_key, parse_key, secret_matches
-from llamaserve.billing.models import Account, ApiKey, Hold, LedgerEntry, UsageRecord
+from llamaserve.billing.models import Account, ApiKey, Hold, LedgerEntry, UsageRecord, WebSession
+from llamaserve.billing.passwords import new_session_token, token_hash
 
 T = TypeVar("T")
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)  # last_used_at is a hint; don't write on every request
@@ -60,6 +74,19 @@ class Usage:
     completion_tokens: int
     status: str  # ok | cancelled | error | timeout
     latency_ms: int
+
+
+@dataclass(frozen=True)
+class UsageBucket:
+    """What one key spent on one model in one time bucket (for the dashboard's charts)."""
+
+    start: int  # Unix seconds, a multiple of the bucket's length
+    model: str
+    key_prefix: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -116,13 +143,33 @@ class Store:
                 self._write_lock.release()
 
     # --- accounts -------------------------------------------------------------------------------------------
-    async def create_account(self, name: str, plan: str, credits: int = 0) -> Account:
+    async def create_account(
+        self,
+        name: str,
+        plan: str,
+        credits: int = 0,
+        *,
+        email: str | None = None,
+        password_hash: str | None = None,
+        is_admin: bool = False,
+    ) -> Account:
+        """An account; with an email and a password hash it can log in to the dashboard."""
         exists = StoreError(f"an account named {name!r} already exists")
         try:
             async with self._write() as s:
                 if await s.scalar(select(Account.id).where(Account.name == name)) is not None:
                     raise exists
-                account = Account(name=name, plan=plan, status="active", balance=0)
+                if email is not None and await s.scalar(select(Account.id).where(Account.email == email)) is not None:
+                    raise StoreError(f"an account with email {email!r} already exists")
+                account = Account(
+                    name=name,
+                    plan=plan,
+                    status="active",
+                    balance=0,
+                    email=email,
+                    password_hash=password_hash,
+                    is_admin=is_admin,
+                )
                 s.add(account)
                 await s.flush()
                 if credits:
@@ -149,17 +196,38 @@ class Store:
             raise StoreError(f"no account with id {account_id}")
         return account
 
-    async def update_account(self, name: str, *, plan: str | None = None, status: str | None = None) -> Account:
-        values: dict[str, Any] = {k: v for k, v in (("plan", plan), ("status", status)) if v is not None}
-        async with self._write() as s:
-            result = await s.execute(update(Account).where(Account.name == name).values(**values))
-            if result.rowcount == 0:  # type: ignore[attr-defined]
-                raise StoreError(f"no account named {name!r}")
+    async def account_by_email(self, email: str) -> Account | None:
+        async with self._sessions() as s:
+            return await s.scalar(select(Account).where(Account.email == email))
+
+    async def update_account(
+        self,
+        name: str,
+        *,
+        plan: str | None = None,
+        status: str | None = None,
+        email: str | None = None,
+        password_hash: str | None = None,
+        is_admin: bool | None = None,
+    ) -> Account:
+        changes = (("plan", plan), ("status", status), ("email", email), ("password_hash", password_hash))
+        values: dict[str, Any] = {k: v for k, v in (*changes, ("is_admin", is_admin)) if v is not None}
+        try:
+            async with self._write() as s:
+                result = await s.execute(update(Account).where(Account.name == name).values(**values))
+                if result.rowcount == 0:  # type: ignore[attr-defined]
+                    raise StoreError(f"no account named {name!r}")
+        except IntegrityError as e:  # the only unique column one can change
+            raise StoreError(f"another account has the email {email!r}") from e
         return await self.account(name)
 
     # --- keys -----------------------------------------------------------------------------------------------
     async def create_key(
-        self, account_name: str, name: str = "", allowed_models: list[str] | None = None
+        self,
+        account_name: str,
+        name: str = "",
+        allowed_models: list[str] | None = None,
+        expires_at: dt.datetime | None = None,
     ) -> tuple[str, ApiKey]:
         """A new key; returns the full key (the only time it exists in clear) and its row. allowed_models None
         allows every model; an empty list would allow none, which is refused as a mistake."""
@@ -175,6 +243,7 @@ class Store:
             enabled=True,
             revoked=False,
             allowed_models=allowed_models,
+            expires_at=expires_at,
         )
         async with self._write() as s:
             s.add(key)
@@ -195,10 +264,22 @@ class Store:
             raise StoreError(f"no key with prefix {prefix!r}")
         return key
 
-    async def set_key(self, prefix: str, *, enabled: bool | None = None, revoked: bool | None = None) -> ApiKey:
-        values = {k: v for k, v in (("enabled", enabled), ("revoked", revoked)) if v is not None}
+    async def set_key(
+        self,
+        prefix: str,
+        *,
+        enabled: bool | None = None,
+        revoked: bool | None = None,
+        name: str | None = None,
+        account_id: int | None = None,
+    ) -> ApiKey:
+        """Change a key; with `account_id`, only if that account owns it (else it is 'no key', as if absent)."""
+        values = {k: v for k, v in (("enabled", enabled), ("revoked", revoked), ("name", name)) if v is not None}
+        query = update(ApiKey).where(ApiKey.prefix == prefix)
+        if account_id is not None:
+            query = query.where(ApiKey.account_id == account_id)
         async with self._write() as s:
-            result = await s.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(**values))
+            result = await s.execute(query.values(**values))
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 raise StoreError(f"no key with prefix {prefix!r}")
         return await self.key(prefix)
@@ -221,6 +302,8 @@ class Store:
         if row is None or not secret_matches(secret, row[0].secret_hash) or row[0].revoked:
             raise AuthError(401, "Incorrect API key provided (unknown or revoked)", "invalid_api_key")
         key, account = row
+        if key.expires_at is not None and _aware(key.expires_at) <= _now():
+            raise AuthError(401, f"API key ls-{prefix}_... has expired", "invalid_api_key")
         if not key.enabled:
             raise AuthError(403, f"API key ls-{prefix}_... is disabled; enable it to use it", "api_key_disabled")
         if account.status != "active":
@@ -230,6 +313,55 @@ class Store:
                 await w.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=_now()))
         allowed = tuple(key.allowed_models) if key.allowed_models else None
         return Caller(key.id, key.prefix, account.id, account.name, account.plan, allowed)
+
+    # --- dashboard sessions ---------------------------------------------------------------------------------
+    async def create_session(self, account_id: int, lifetime: dt.timedelta) -> str:
+        """A login session; returns its token (for the cookie; the store keeps only its hash). Sessions that
+        have expired, of anyone, are deleted on the way."""
+        token = new_session_token()
+        now = _now()
+        async with self._write() as s:
+            await s.execute(delete(WebSession).where(WebSession.expires_at < now))
+            s.add(WebSession(account_id=account_id, token_hash=token_hash(token), expires_at=now + lifetime))
+        return token
+
+    async def session(self, token: str) -> tuple[WebSession, Account] | None:
+        """The session behind a token and its account, if it has not expired and the account is active."""
+        async with self._sessions() as s:
+            row = (
+                await s.execute(
+                    select(WebSession, Account)
+                    .join(Account, Account.id == WebSession.account_id)
+                    .where(WebSession.token_hash == token_hash(token))
+                )
+            ).first()
+        if row is None or _aware(row[0].expires_at) <= _now() or row[1].status != "active":
+            return None
+        return row[0], row[1]
+
+    async def end_session(self, token: str) -> None:
+        """Log out: the session is deleted and its playground key revoked."""
+        async with self._write() as s:
+            session = await s.scalar(select(WebSession).where(WebSession.token_hash == token_hash(token)))
+            if session is None:
+                return
+            if session.playground_key_id is not None:
+                await s.execute(update(ApiKey).where(ApiKey.id == session.playground_key_id).values(revoked=True))
+            await s.delete(session)
+
+    async def playground_key(self, token: str) -> tuple[str, ApiKey]:
+        """A new key for the session's playground, expiring with the session; the session's previous one is
+        revoked (one live playground key per session)."""
+        found = await self.session(token)
+        if found is None:
+            raise StoreError("no such session")
+        session, account = found
+        full, key = await self.create_key(account.name, "playground", expires_at=_aware(session.expires_at))
+        async with self._write() as s:
+            if session.playground_key_id is not None:
+                await s.execute(update(ApiKey).where(ApiKey.id == session.playground_key_id).values(revoked=True))
+            await s.execute(update(WebSession).where(WebSession.id == session.id).values(playground_key_id=key.id))
+        return full, key
 
     # --- credits --------------------------------------------------------------------------------------------
     async def grant(self, account_name: str, amount: int, note: str = "grant") -> int:
@@ -312,6 +444,39 @@ class Store:
             query = query.where(UsageRecord.model == model)
         async with self._sessions() as s:
             return list(await s.scalars(query.order_by(UsageRecord.id.desc()).limit(limit)))
+
+
+    async def usage_summary(
+        self, account_id: int, since: dt.datetime, until: dt.datetime, bucket_seconds: int
+    ) -> list[UsageBucket]:
+        """Requests, tokens and cost per time bucket, model and key, summed by the database."""
+        if self.is_sqlite:  # created_at is stored as UTC clock time
+            epoch = func.cast(func.strftime("%s", UsageRecord.created_at), Integer)
+        else:
+            epoch = func.cast(func.floor(func.extract("epoch", UsageRecord.created_at)), BigInteger)
+        start = (epoch // bucket_seconds * bucket_seconds).label("start")
+        query = (
+            select(
+                start,
+                UsageRecord.model,
+                ApiKey.prefix,
+                func.count(),
+                func.sum(UsageRecord.prompt_tokens),
+                func.sum(UsageRecord.completion_tokens),
+                func.sum(UsageRecord.cost),
+            )
+            .join(ApiKey, ApiKey.id == UsageRecord.key_id)
+            .where(
+                UsageRecord.account_id == account_id,
+                UsageRecord.created_at >= since.astimezone(dt.UTC),
+                UsageRecord.created_at < until.astimezone(dt.UTC),
+            )
+            .group_by(start, UsageRecord.model, ApiKey.prefix)
+            .order_by(start)
+        )
+        async with self._sessions() as s:
+            rows = (await s.execute(query)).all()
+        return [UsageBucket(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6])) for r in rows]
 
 
 def _hold(conn: Connection, account_id: int, amount: int, request_id: str) -> int | None:
