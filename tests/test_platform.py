@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -149,6 +150,22 @@ def test_charge_is_usage_times_price(platform: Server) -> None:
     [record] = usage(platform, key)["data"]
     assert (record["prompt_tokens"], record["completion_tokens"]) == (r.usage.prompt_tokens, r.usage.completion_tokens)
     assert record["cost_micro"] == cost and record["status"] == "ok" and record["model"] == MODEL
+
+
+def test_a_killed_gateway_keeps_every_settled_charge(tmp_path: Path) -> None:
+    """Holds and charges commit without waiting for the disk (the request path never waits for an fsync); a
+    process that dies right after loses none of them, only a power cut could."""
+    with start_server(*PRICED, data_dir=tmp_path) as server:
+        key = new_account(server, "crash", "5")
+        for _ in range(3):
+            assert chat(server, key).status_code == 200
+        before = wait_settled(server, key)
+        server.process.kill()  # SIGKILL: no shutdown, no checkpoint
+        server.process.wait()
+    with start_server(*PRICED, data_dir=tmp_path) as server:
+        after = balance(server, key)
+        assert after == before and after["balance_micro"] < 5_000_000
+        assert len(usage(server, key)["data"]) == 3
 
 
 def test_insufficient_credits_is_402(platform: Server) -> None:

@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from llamaserve.api.common import SSE_DONE, sse
 from llamaserve.api.platform import Admission, admit, check_model_allowed
-from llamaserve.backends.upstream import Router, Upstream
+from llamaserve.backends.upstream import Router, Upstream, UpstreamReply
 from llamaserve.billing.store import Caller
 from llamaserve.chat.images import ImageError, ImageLimits, load_image
 from llamaserve.protocol.common import SamplingFields
@@ -126,7 +126,7 @@ async def proxy(
     )
 
 
-def _complete(admission: Admission, model: UpstreamModel, upstream: Upstream, response: httpx.Response) -> Any:
+def _complete(admission: Admission, model: UpstreamModel, upstream: Upstream, response: UpstreamReply) -> Any:
     upstream.outstanding -= 1
     data = response.json()
     data["model"] = model.spec.id
@@ -153,7 +153,7 @@ class Relay:
         admission: Admission,
         model: UpstreamModel,
         upstream: Upstream,
-        response: httpx.Response,
+        response: UpstreamReply,
         wants_usage: bool,
     ) -> None:
         self.admission, self.model, self.upstream, self.response = admission, model, upstream, response
@@ -165,7 +165,7 @@ class Relay:
 
     async def events(self) -> AsyncIterator[str]:
         try:
-            async for line in self.response.aiter_lines():
+            async for line in self.response.lines():
                 if not line.startswith("data: "):
                     continue
                 if line == "data: [DONE]":
@@ -175,7 +175,7 @@ class Relay:
                 event = self._rewrite(json.loads(line[6:]))
                 if event is not None:
                     yield event
-        except httpx.HTTPError:
+        except (aiohttp.ClientError, TimeoutError):
             # Bytes already went to the client: no retry, no new status; end the stream with an error event.
             yield sse(
                 {
@@ -210,7 +210,7 @@ class Relay:
             return
         self.closed = True
         self.upstream.outstanding -= 1
-        await self.response.aclose()
+        self.response.close()
         if "completion_tokens" in self.usage:
             prompt, completion = int(self.usage.get("prompt_tokens") or 0), int(self.usage["completion_tokens"])
         else:
