@@ -22,6 +22,7 @@ from llamaserve.engine import LlamaError
 from llamaserve.registry import Registry, RegistryError, load_registry
 
 if TYPE_CHECKING:
+    from llamaserve.api.lifecycle import Limits
     from llamaserve.backends.local import LocalModel
 
 app = typer.Typer(help="llamaserve: a self-hosted, OpenAI-compatible Llama API.", no_args_is_help=True)
@@ -56,6 +57,9 @@ MaxQueue = Annotated[int, typer.Option(help="Requests that may wait for a slot; 
 Format = Annotated[
     ChatFormatName, typer.Option(help="Prompt format: llama3 (Meta's), template (the GGUF's), auto: detect.")
 ]
+MaxBodyMb = Annotated[float, typer.Option(help="Largest request body accepted, in MB (larger: 413).")]
+BodyTimeout = Annotated[float, typer.Option(help="Seconds a client may take to send its request body (then 408).")]
+DrainTimeout = Annotated[float, typer.Option(help="On SIGTERM, seconds requests in flight may run before the stop.")]
 CPUS = max(1, os.cpu_count() or 1)
 
 
@@ -97,6 +101,12 @@ def serve(
     signup: Annotated[
         bool, typer.Option("--signup/--no-signup", help="Let anyone create a dashboard account (off: admins do).")
     ] = True,
+    max_concurrent_per_key: Annotated[
+        int, typer.Option(help="Inference requests (streams included) one key may have open at once; more: 429.")
+    ] = 128,
+    max_body_mb: MaxBodyMb = 32,
+    body_timeout: BodyTimeout = 30,
+    drain_timeout: DrainTimeout = 30,
 ) -> None:
     """Serve the OpenAI-compatible API, with accounts, keys, credits and rate limits: on one local model, or on
     the models of a registry file (local and upstream engines)."""
@@ -110,6 +120,7 @@ def serve(
         price_output=price_output,
         request_timeout=request_timeout,
         signup=signup,
+        max_concurrent_per_key=max_concurrent_per_key,
     )
     registry = None
     if config_file is not None:
@@ -137,7 +148,8 @@ def serve(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--image-allow") from e
     images = ImageLimits(max_bytes=int(image_max_mb * 1024 * 1024), allow=allow)
-    _run(config, platform, registry, load_local=registry is None or model is not None, image_limits=images)
+    limits = _limits(max_body_mb, body_timeout, drain_timeout)
+    _run(config, platform, limits, registry, load_local=registry is None or model is not None, image_limits=images)
 
 
 @app.command()
@@ -152,18 +164,28 @@ def engine(
     batch: Batch = 128,
     max_queue: MaxQueue = 1024,
     chat_format: Format = ChatFormatName.auto,
+    max_body_mb: MaxBodyMb = 32,
+    body_timeout: BodyTimeout = 30,
+    drain_timeout: DrainTimeout = 30,
 ) -> None:
     """A bare engine: the OpenAI-compatible API on one model, no accounts, for a gateway to front. Bind it where
     only the gateway can reach it."""
     config = ServeConfig(
         host, port, model, model_id, threads, parallel, ctx, batch, max_queue, chat_format=chat_format.value
     )
-    _run(config, None)
+    _run(config, None, _limits(max_body_mb, body_timeout, drain_timeout))
+
+
+def _limits(max_body_mb: float, body_timeout: float, drain_timeout: float) -> Limits:
+    from llamaserve.api.lifecycle import Limits
+
+    return Limits(int(max_body_mb * 1024 * 1024), body_timeout, drain_timeout)
 
 
 def _run(
     config: ServeConfig,
     platform: PlatformConfig | None,
+    limits: Limits,
     registry: Registry | None = None,
     load_local: bool = True,
     image_limits: ImageLimits | None = None,
@@ -171,6 +193,7 @@ def _run(
     import uvicorn
 
     from llamaserve.api.app import create_app
+    from llamaserve.api.lifecycle import DrainingServer, Lifecycle
 
     try:
         local = _load(config) if load_local else None
@@ -197,8 +220,11 @@ def _run(
     )
     if platform is not None:
         console.print(f"  dashboard: {url}/ (sign-up {'on' if platform.signup else 'off'})")
-    app_ = create_app(local, platform, registry, image_limits)
-    uvicorn.run(app_, host=config.host, port=config.port, log_level="warning")
+    lifecycle = Lifecycle(limits)
+    app_ = create_app(local, platform, registry, image_limits, lifecycle)
+    # After the drain, streams still open get a few seconds to end before uvicorn cancels them.
+    uv = uvicorn.Config(app_, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
+    DrainingServer(uv, lifecycle).run()
 
 
 def _first_start(platform: PlatformConfig) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from llamaserve.api import account, admin, chat, completions, dashboard, errors, openai
+from llamaserve.api.lifecycle import Lifecycle, LifecycleMiddleware
 from llamaserve.api.platform import Platform
 from llamaserve.api.proxy import UpstreamModel
 from llamaserve.api.request_id import RequestIdMiddleware
@@ -43,6 +44,28 @@ def _metrics_text(model: LocalModel) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def _readiness(app: FastAPI, model: LocalModel | None) -> dict[str, bool]:
+    lifecycle: Lifecycle = app.state.lifecycle
+    checks = {"accepting": not lifecycle.draining}
+    if model is not None:
+        checks["engine"] = model.engine.alive
+    platform: Platform | None = app.state.platform
+    if platform is not None:
+        checks["database"] = await _answers(platform.store.ping())
+    for model_id, upstream_model in app.state.upstream_models.items():
+        checks[f"upstream:{model_id}"] = any(u.available for u in upstream_model.router.upstreams)
+    return checks
+
+
+async def _answers(probe: Awaitable[None], timeout: float = 2.0) -> bool:
+    try:
+        await asyncio.wait_for(probe, timeout)
+        return True
+    except Exception:  # any failure to answer is "not ready"; the reason is for the logs, not the probe
+        log.warning("readiness: the database did not answer", exc_info=True)
+        return False
+
+
 async def _open_platform(config: PlatformConfig) -> Platform:
     store = await open_store(config.url, config.data_dir)
     released = await store.release_stale_holds(stale_hold_age(config.request_timeout))
@@ -54,6 +77,7 @@ async def _open_platform(config: PlatformConfig) -> Platform:
         price=Price.from_credits(config.price_input, config.price_output),
         request_timeout=config.request_timeout,
         admin_key=config.admin_key,
+        max_concurrent_per_key=config.max_concurrent_per_key,
     )
 
 
@@ -71,6 +95,7 @@ def create_app(
     platform_config: PlatformConfig | None,
     registry: Registry | None = None,
     image_limits: ImageLimits | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> FastAPI:
     """The API on a local `model` and on the registry's upstream models; with a platform config, behind
     accounts, keys, credits and limits (`serve`), without one, open to whoever can reach it (`engine`)."""
@@ -107,7 +132,9 @@ def create_app(
     app.state.upstream_models = {}
     app.state.started = int(time.time())
     errors.install(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.state.lifecycle = lifecycle or Lifecycle()
+    app.add_middleware(LifecycleMiddleware, lifecycle=app.state.lifecycle)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response has an id, refusals included
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(openai.router)
@@ -122,6 +149,14 @@ def create_app(
             return JSONResponse({"status": "ok", "model": None, "engine": None})
         ok = model.engine.alive
         body = {"status": "ok" if ok else "engine stopped", "model": model.id, "engine": _engine_stats(model)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: whether this replica should get traffic (a load balancer's probe). /health is liveness."""
+        checks = await _readiness(request.app, model)
+        ok = all(checks.values())
+        body = {"status": "ready" if ok else "not ready", "checks": checks}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -34,6 +35,8 @@ class Platform:
     price: Price
     request_timeout: float  # seconds a request may run before it gets 504
     admin_key: str | None = None  # guards /admin/...; None: admin API off
+    max_concurrent_per_key: int = 128  # inference requests one key may have open at once (streams included)
+    active: Counter[int] = field(default_factory=Counter)  # open inference requests by key id
     settling: set[asyncio.Task[None]] = field(default_factory=set)  # settlements in flight (awaited at shutdown)
     # Recently authenticated keys (by the key's hash, never the key), so a busy key costs no query per request.
     # A key disabled elsewhere (CLI, another replica) takes effect within AUTH_CACHE_SECONDS; the admin API of
@@ -166,6 +169,9 @@ class Admission:
         if self.settled or self.platform is None:
             return
         self.settled = True
+        self.platform.active[self.caller.key_id] -= 1
+        if not self.platform.active[self.caller.key_id]:
+            del self.platform.active[self.caller.key_id]
         if prompt_tokens is not None:
             self.prompt_tokens = prompt_tokens
         task = asyncio.get_running_loop().create_task(self._settle(completion_tokens, self.status or status))
@@ -216,6 +222,15 @@ async def admit(
     if not accounts_enabled(request):
         return Admission(None, caller, request_id, model_id, prompt_tokens, completion_tokens, 0, UNLIMITED)
     platform = platform_of(request)
+    if platform.active[caller.key_id] >= platform.max_concurrent_per_key:
+        raise APIError(
+            429,
+            f"Too many concurrent requests: this key has {platform.max_concurrent_per_key} open, the most allowed; "
+            "wait for one to finish",
+            type="rate_limit_error",
+            code="too_many_concurrent_requests",
+            headers={"Retry-After": "1"},
+        )
     plan = platform.plan(caller.plan)
     decision = await platform.limiter.acquire(caller.key_prefix, plan, prompt_tokens + completion_tokens)
     if not decision.allowed:
@@ -241,6 +256,7 @@ async def admit(
             code="insufficient_credits",
             headers=decision.headers(),
         )
+    platform.active[caller.key_id] += 1  # until finish()
     return Admission(
         platform, caller, request_id, model_id, prompt_tokens, completion_tokens, hold_id, decision, price, worst
     )

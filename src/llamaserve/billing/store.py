@@ -124,6 +124,11 @@ class Store:
         # SQLite has one writer at a time; queue writers here instead of failing with "database is locked".
         self._write_lock = asyncio.Lock()
 
+    async def ping(self) -> None:
+        """Raises unless the database answers (readiness probes)."""
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
     async def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (creates it on a new database)."""
         from llamaserve.billing.migrations import upgrade
