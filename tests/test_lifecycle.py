@@ -177,3 +177,15 @@ def test_concurrent_requests_per_key_are_capped(limited: Server) -> None:
     while (r := chat(limited)).status_code == 429 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert r.status_code == 200, r.text
+
+
+def test_cors_is_off_unless_an_origin_is_configured() -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    with start_server() as server:
+        r = httpx.options(f"{server.v1}/chat/completions", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+    with start_server("--cors-origin", "https://app.example") as server:
+        r = httpx.options(f"{server.v1}/chat/completions", headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.options(f"{server.v1}/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

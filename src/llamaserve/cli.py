@@ -107,6 +107,10 @@ def serve(
     max_body_mb: MaxBodyMb = 32,
     body_timeout: BodyTimeout = 30,
     drain_timeout: DrainTimeout = 30,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="A web origin whose pages may call the API from browsers (repeatable; default: none)."),
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible API, with accounts, keys, credits and rate limits: on one local model, or on
     the models of a registry file (local and upstream engines)."""
@@ -121,6 +125,7 @@ def serve(
         request_timeout=request_timeout,
         signup=signup,
         max_concurrent_per_key=max_concurrent_per_key,
+        cors_origins=tuple(cors_origin or ()),
     )
     registry = None
     if config_file is not None:

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from llamaserve.api import account, admin, chat, completions, dashboard, errors, openai
@@ -134,6 +135,15 @@ def create_app(
     errors.install(app)
     app.state.lifecycle = lifecycle or Lifecycle()
     app.add_middleware(LifecycleMiddleware, lifecycle=app.state.lifecycle)
+    if platform_config is not None and platform_config.cors_origins:
+        # Off unless asked: browsers on other origins may not call the API (the dashboard is same-origin).
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(platform_config.cors_origins),
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["x-request-id", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"],
+        )
     app.add_middleware(RequestIdMiddleware)  # outermost: every response has an id, refusals included
     app.include_router(chat.router)
     app.include_router(completions.router)
