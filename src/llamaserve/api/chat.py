@@ -167,7 +167,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     check_model_allowed(caller, model.id)
     plan = plan_chat(body, model)
     prompt = plan.prompt.tokens
-    budget = completion_budget(model, [prompt], plan.params, body.n)
+    budget = completion_budget(model, [len(prompt)], plan.params, body.n)
     admission = await admit(
         request, caller, request.state.request_id, model.id, len(prompt), budget, request.app.state.local_price
     )
@@ -180,7 +180,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
         **head,
         "object": "chat.completion",
         "choices": [_choice(model, plan, body, i, r) for i, r in enumerate(results)],
-        "usage": usage(len(prompt), handle.completion_tokens, handle.cached_tokens),
+        "usage": usage(handle.prompt_tokens, handle.completion_tokens, handle.cached_tokens),
     }
     if body.echo:
         response["prompt"] = [_echo(model, plan.prompt.text, results[0].prompt_logprobs)]
@@ -245,7 +245,7 @@ class ChatStream:
                 for event in self._output_events(out.choice, out.text, out.logprobs or [], out.finish_reason):
                     yield event
             if body.include_usage:
-                u = usage(len(handle.prompt_tokens), handle.completion_tokens, handle.cached_tokens)
+                u = usage(handle.prompt_tokens, handle.completion_tokens, handle.cached_tokens)
                 yield self.chunk([], usage=u)
             yield SSE_DONE
         finally:
