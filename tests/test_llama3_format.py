@@ -14,10 +14,13 @@ The prompts are tokenized by llama.cpp itself, on a tiny random-weight GGUF with
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import json
 import warnings
 from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,6 +47,7 @@ with warnings.catch_warnings():
 
 from llamaserve.chat.llama3 import (
     EOT,
+    Llama3FormatError,
     Segment,
     is_llama3,
     parse_llama3_tool_calls,
@@ -53,7 +57,7 @@ from llamaserve.chat.llama3 import (
 )
 from llamaserve.config import embedded_model_path
 from llamaserve.engine.llama import ContextConfig, LlamaModel
-from tests.data.llama3_dialogs import DIALOGS
+from tests.data.llama3_dialogs import DIALOGS, WEATHER
 from tests.tiny_llama3 import tiny_llama3_gguf
 
 TODAY = datetime.date(2024, 9, 21)
@@ -320,6 +324,82 @@ def test_engine_decodes_a_rendered_prompt(model: LlamaModel, fixed_today: dateti
     finally:
         batch.free()
         model.kv_clear()
+
+
+# --- (b') Llama 3.2 Vision: where images go ---------------------------------------------------------------------
+RESOURCES = Path(str(resources.files("llama_models") / "resources"))  # Meta's own test images
+
+
+def image_url(name: str) -> dict[str, Any]:
+    kind = "jpeg" if name.endswith((".jpg", ".jpeg")) else "png"
+    data = base64.b64encode((RESOURCES / name).read_bytes()).decode()
+    return {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{data}"}}
+
+
+def text(t: str) -> dict[str, Any]:
+    return {"type": "text", "text": t}
+
+
+IMAGE_DIALOGS = [
+    pytest.param([{"role": "user", "content": [image_url("dog.jpg"), text("What is this?")]}], id="image-then-text"),
+    pytest.param(
+        [{"role": "user", "content": [text("Look at this: "), image_url("dog.jpg"), text(" What breed?")]}],
+        id="text-image-text",
+    ),
+    pytest.param(
+        [
+            {"role": "system", "content": "You describe images."},
+            {"role": "user", "content": [image_url("dog.jpg"), image_url("pasta.jpeg"), text("Compare them.")]},
+        ],
+        id="two-images-with-system",
+    ),
+    pytest.param(
+        [
+            {"role": "user", "content": [image_url("pasta.jpeg"), text("Name the dish.")]},
+            {"role": "assistant", "content": "Spaghetti."},
+            {"role": "user", "content": [text("And this one?"), image_url("dog.jpg")]},
+        ],
+        id="multi-turn",
+    ),
+]
+
+
+def ours(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as our renderer takes them: an image part is {"type": "image", "image": ...}."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{"type": "image", "image": p} if p["type"] == "image_url" else p for p in content]
+        out.append({**m, "content": content})
+    return out
+
+
+@pytest.mark.parametrize("messages", IMAGE_DIALOGS)
+@pytest.mark.parametrize("tools", [None, [WEATHER]], ids=["no-tools", "tools"])
+def test_image_places_equal_meta(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    model: LlamaModel,
+    meta_format: ChatFormat,
+    fixed_today: datetime.date,
+) -> None:
+    """Each image is an image segment exactly where Meta's ChatFormat writes <|image|> for a RawMediaItem (it
+    then maps that token to the vision model's id 128256; we compare at the <|image|> token)."""
+    expected = meta_dialog_tokens({"messages": messages, "tools": tools}, meta_format)
+    expected = [meta_format.vision_token if t == 128256 else t for t in expected]
+    segments = render_llama3_segments(ours(messages), tools, today=fixed_today)
+    assert llama_cpp_tokens(model, segments) == expected
+    images = [s.image for s in segments if s.image is not None]
+    parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
+    assert [p["image"] for p in images] == [p for p in parts if p["type"] == "image_url"]  # each in its place
+    assert all(s.text == "<|image|>" and s.special for s in segments if s.image is not None)
+    assert model.tokenize("<|image|>", False, True) == [meta_format.vision_token]
+
+
+def test_images_in_a_system_message_are_refused() -> None:
+    with pytest.raises(Llama3FormatError, match="system message cannot hold images"):
+        render_llama3_segments([{"role": "system", "content": [{"type": "image", "image": "x"}]}])
 
 
 # --- (c) tool-call parsing agrees with Meta's ---------------------------------------------------------------------

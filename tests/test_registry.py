@@ -74,6 +74,11 @@ def test_toml_and_yaml_agree(tmp_path: Path) -> None:
         ),
         ('[[models]]\nid = "a"\naliases = ["a"]\n[[models.backends]]\ntype = "local"\npath = "x"\n', "used twice"),
         ("[[models]\n", "r.toml"),
+        (
+            '[[models]]\nid = "a"\ncapabilities = ["vision"]\n[[models.backends]]\ntype = "local"\npath = "x"\n',
+            "capability vision needs mmproj",
+        ),
+        ('[[models]]\nid = "a"\n[[models.backends]]\ntype = "local"\npath = "x"\nmmproj = ""\n', "mmproj must be"),
     ],
 )
 def test_mistakes_say_where(tmp_path: Path, text: str, message: str) -> None:
@@ -81,3 +86,13 @@ def test_mistakes_say_where(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(RegistryError, match=re.escape(message)):
         load_registry(path)
+
+
+def test_a_local_model_with_a_projector_takes_images(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text(
+        '[[models]]\nid = "v"\ncapabilities = ["tools"]\n'
+        '[[models.backends]]\ntype = "local"\npath = "m.gguf"\nmmproj = "mmproj.gguf"\n'
+    )
+    [model] = load_registry(path).models
+    assert model.capabilities == {"tools", "vision"} and model.backends[0].mmproj == "mmproj.gguf"

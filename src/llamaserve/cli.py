@@ -54,12 +54,21 @@ Parallel = Annotated[int, typer.Option(help="Sequences generated at once (engine
 Ctx = Annotated[int, typer.Option(help="Context of each slot in tokens (KV memory: ctx × parallel).")]
 Batch = Annotated[int, typer.Option(help="Most tokens per engine step (decode + prompt chunks).")]
 MaxQueue = Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 503.")]
+Mmproj = Annotated[
+    str | None,
+    typer.Option(help="Vision projector GGUF for the model (llama.cpp mtmd, e.g. mmproj-*.gguf): accept images."),
+]
 Format = Annotated[
     ChatFormatName, typer.Option(help="Prompt format: llama3 (Meta's), template (the GGUF's), auto: detect.")
 ]
 MaxBodyMb = Annotated[float, typer.Option(help="Largest request body accepted, in MB (larger: 413).")]
 BodyTimeout = Annotated[float, typer.Option(help="Seconds a client may take to send its request body (then 408).")]
 DrainTimeout = Annotated[float, typer.Option(help="On SIGTERM, seconds requests in flight may run before the stop.")]
+ImageAllow = Annotated[
+    list[str] | None,
+    typer.Option(help="A network image URLs may point into although not public, e.g. 10.1.0.0/16 (repeatable)."),
+]
+ImageMaxMb = Annotated[float, typer.Option(help="Largest image accepted, in MB.")]
 CPUS = max(1, os.cpu_count() or 1)
 
 
@@ -69,6 +78,7 @@ def serve(
     port: Port = 8000,
     model: Model = None,
     model_id: ModelId = None,
+    mmproj: Mmproj = None,
     threads: Threads = CPUS,
     parallel: Parallel = 16,
     ctx: Ctx = 4096,
@@ -93,11 +103,8 @@ def serve(
         Path | None,
         typer.Option("--config", help="Model registry (TOML): models, aliases, prices, local and upstream backends."),
     ] = None,
-    image_allow: Annotated[
-        list[str] | None,
-        typer.Option(help="A network image URLs may point into although not public, e.g. 10.1.0.0/16 (repeatable)."),
-    ] = None,
-    image_max_mb: Annotated[float, typer.Option(help="Largest image accepted, in MB.")] = 20,
+    image_allow: ImageAllow = None,
+    image_max_mb: ImageMaxMb = 20,
     signup: Annotated[
         bool, typer.Option("--signup/--no-signup", help="Let anyone create a dashboard account (off: admins do).")
     ] = True,
@@ -134,8 +141,13 @@ def serve(
         except RegistryError as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2) from e
+        if mmproj is not None:
+            raise typer.BadParameter(
+                "with --config, give mmproj on the registry's local backend", param_hint="--mmproj"
+            )
         local = next((m for m in registry.models if m.backends[0].type == "local"), None)
         model, model_id = (local.backends[0].path, local.id) if local else (None, None)
+        mmproj = local.backends[0].mmproj if local else None
     config = ServeConfig(
         host,
         port,
@@ -147,14 +159,19 @@ def serve(
         batch,
         max_queue,
         chat_format=chat_format.value,
+        mmproj=mmproj,
     )
+    images = _image_limits(image_allow, image_max_mb)
+    limits = _limits(max_body_mb, body_timeout, drain_timeout)
+    _run(config, platform, limits, registry, load_local=registry is None or model is not None, image_limits=images)
+
+
+def _image_limits(image_allow: list[str] | None, image_max_mb: float) -> ImageLimits:
     try:
         allow = tuple(ipaddress.ip_network(n, strict=False) for n in image_allow or [])
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--image-allow") from e
-    images = ImageLimits(max_bytes=int(image_max_mb * 1024 * 1024), allow=allow)
-    limits = _limits(max_body_mb, body_timeout, drain_timeout)
-    _run(config, platform, limits, registry, load_local=registry is None or model is not None, image_limits=images)
+    return ImageLimits(max_bytes=int(image_max_mb * 1024 * 1024), allow=allow)
 
 
 @app.command()
@@ -163,12 +180,15 @@ def engine(
     port: Port = 8000,
     model: Model = None,
     model_id: ModelId = None,
+    mmproj: Mmproj = None,
     threads: Threads = CPUS,
     parallel: Parallel = 16,
     ctx: Ctx = 4096,
     batch: Batch = 128,
     max_queue: MaxQueue = 1024,
     chat_format: Format = ChatFormatName.auto,
+    image_allow: ImageAllow = None,
+    image_max_mb: ImageMaxMb = 20,
     max_body_mb: MaxBodyMb = 32,
     body_timeout: BodyTimeout = 30,
     drain_timeout: DrainTimeout = 30,
@@ -176,9 +196,20 @@ def engine(
     """A bare engine: the OpenAI-compatible API on one model, no accounts, for a gateway to front. Bind it where
     only the gateway can reach it."""
     config = ServeConfig(
-        host, port, model, model_id, threads, parallel, ctx, batch, max_queue, chat_format=chat_format.value
+        host,
+        port,
+        model,
+        model_id,
+        threads,
+        parallel,
+        ctx,
+        batch,
+        max_queue,
+        chat_format=chat_format.value,
+        mmproj=mmproj,
     )
-    _run(config, None, _limits(max_body_mb, body_timeout, drain_timeout))
+    limits = _limits(max_body_mb, body_timeout, drain_timeout)
+    _run(config, None, limits, image_limits=_image_limits(image_allow, image_max_mb))
 
 
 def _limits(max_body_mb: float, body_timeout: float, drain_timeout: float) -> Limits:
@@ -212,7 +243,9 @@ def _run(
         auth = f'-H "Authorization: Bearer $(cat {platform.data_dir / KEY_FILE})" '
     names = [m.id for m in registry.models] if registry else [local.id] if local else []
     served = (
-        f"local model [bold]{local.id}[/bold] ({config.parallel} slots, {local.max_model_len}-token context)"
+        f"local model [bold]{local.id}[/bold] ({config.parallel} slots, {local.max_model_len}-token context"
+        + (", images" if local.vision else "")
+        + ")"
         if local
         else ""
     )

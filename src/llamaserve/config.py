@@ -52,6 +52,7 @@ class ServeConfig:
     max_queue: int = 1024  # requests waiting for a slot before new ones get 503
     default_max_tokens: int = 512  # chat completions, as the seed documents
     chat_format: str = "auto"  # "llama3" (Meta's format, built in), "template" (the GGUF's), or "auto": detect
+    mmproj: str | None = None  # a vision projector GGUF for the model (llama.cpp's mtmd): the model takes images
 
 
 def default_data_dir() -> Path:

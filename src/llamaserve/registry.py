@@ -17,8 +17,10 @@ which prices, and on which backends.
     api_key_env = "VLLM_KEY"    # the upstream's key, read from this environment variable
     weight = 1
 
-A `local` backend (`path = "model.gguf"`) runs in this process on our engine; at most one per gateway. The
-same structure in YAML (a file ending .yaml or .yml) works too.
+A `local` backend (`path = "model.gguf"`) runs in this process on our engine; at most one per gateway. With
+`mmproj = "mmproj.gguf"` (a vision projector for that model, llama.cpp's mtmd) it takes images: capability
+"vision" follows from it (and a local model cannot claim "vision" without one). The same structure in YAML (a
+file ending .yaml or .yml) works too.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class BackendSpec:
     api_key: str | None = field(default=None, repr=False)
     weight: int = 1
     path: str = ""  # local: the GGUF file
+    mmproj: str | None = None  # local: the vision projector GGUF, if the model takes images
 
     @property
     def name(self) -> str:
@@ -122,6 +125,11 @@ def _model(m: dict[str, Any], where: str) -> ModelSpec:
     backends = tuple(_backend(b, f"{where}.backends[{i}]") for i, b in enumerate(m.get("backends") or []))
     if not backends:
         raise RegistryError(f"{where}: needs at least one [[models.backends]]")
+    if backends[0].type == "local":
+        if backends[0].mmproj:
+            caps |= {"vision"}
+        elif "vision" in caps:
+            raise RegistryError(f"{where}: capability vision needs mmproj (a vision projector) on its local backend")
     return ModelSpec(
         id=m["id"],
         aliases=tuple(m.get("aliases", [])),
@@ -138,7 +146,10 @@ def _backend(b: dict[str, Any], where: str) -> BackendSpec:
     if kind == "local":
         if not b.get("path"):
             raise RegistryError(f"{where}: a local backend needs a path")
-        return BackendSpec("local", path=str(b["path"]))
+        mmproj = b.get("mmproj")
+        if mmproj is not None and (not isinstance(mmproj, str) or not mmproj):
+            raise RegistryError(f"{where}: mmproj must be the path of a projector GGUF")
+        return BackendSpec("local", path=str(b["path"]), mmproj=mmproj)
     if kind != "upstream":
         raise RegistryError(f"{where}: type must be 'local' or 'upstream'")
     if not str(b.get("url", "")).startswith(("http://", "https://")) or not b.get("model"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -29,12 +30,21 @@ from llamaserve.api.platform import CallerDep, admit, check_model_allowed
 from llamaserve.api.proxy import find_upstream, proxy
 from llamaserve.backends.local import ChatPrompt, LocalModel
 from llamaserve.chat.grammar import Grammar, SchemaError, json_object_grammar, json_schema_grammar
+from llamaserve.chat.images import Image, ImageError, load_image
 from llamaserve.chat.llama3 import Llama3FormatError
 from llamaserve.chat.template import TemplateError
 from llamaserve.chat.tools import Llama3Format, ToolFormat, ToolStream, parameters_schema
 from llamaserve.engine import RequestHandle, SamplingParams
 from llamaserve.engine.logprobs import TokenLogprob
-from llamaserve.protocol.chat import ChatCompletion, ChatCompletionRequest, ChatMessage, NamedToolChoice
+from llamaserve.engine.mtmd import RGBImage
+from llamaserve.protocol.chat import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    ImagePart,
+    NamedToolChoice,
+    TextPart,
+)
 from llamaserve.protocol.errors import invalid
 
 router = APIRouter()
@@ -52,11 +62,18 @@ class ChatPlan:
 
 
 # --- validation and planning ----------------------------------------------------------------------------------
-def plan_chat(body: ChatCompletionRequest, model: LocalModel) -> ChatPlan:
+Images = dict[tuple[int, int], Image]  # (message, part) -> the decoded image
+
+
+def plan_chat(body: ChatCompletionRequest, model: LocalModel, images: Images | None = None) -> ChatPlan:
+    """With images (loaded by load_images), this tokenizes them too (mtmd resizes them): run it off the event
+    loop then."""
     check_sampling(body, model)
-    _check_images(body, model)
+    check_images(body, model)
     if body.top_logprobs is not None and not body.logprobs:
         raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+    if images and body.echo and body.logprobs:
+        raise invalid("echo with logprobs is not available for prompts with images", "echo")
     tools, tool_format, tool_grammar = _plan_tools(body, model)
     grammar = _response_grammar(body)
     if grammar is not None and tool_grammar is not None:
@@ -67,7 +84,7 @@ def plan_chat(body: ChatCompletionRequest, model: LocalModel) -> ChatPlan:
     choice = body.tool_choice
     choice_name = choice.function.name if isinstance(choice, NamedToolChoice) else choice
     try:
-        prompt = model.render_chat(template_messages(body.messages), tools=tools, tool_choice=choice_name)
+        prompt = model.render_chat(template_messages(body.messages, images), tools=tools, tool_choice=choice_name)
     except (TemplateError, Llama3FormatError) as e:
         raise invalid(str(e), "messages") from e
     fields = body.model_copy(update={"max_tokens": body.max_completion_tokens or body.max_tokens})
@@ -82,14 +99,40 @@ def plan_chat(body: ChatCompletionRequest, model: LocalModel) -> ChatPlan:
     return ChatPlan(prompt, params, tool_format, tool_grammar is not None)
 
 
-def _check_images(body: ChatCompletionRequest, model: LocalModel) -> None:
-    for i, message in enumerate(body.messages):
-        if message.has_images():
-            raise invalid(
-                f"model {model.id} does not accept image input (messages[{i}].content has an image_url part)",
-                f"messages[{i}].content",
-                code="image_input_not_supported",
-            )
+def _image_parts(messages: list[ChatMessage]) -> list[tuple[int, int, ImagePart]]:
+    return [
+        (i, j, part)
+        for i, m in enumerate(messages)
+        if isinstance(m.content, list)
+        for j, part in enumerate(m.content)
+        if isinstance(part, ImagePart)
+    ]
+
+
+def check_images(body: ChatCompletionRequest, model: LocalModel) -> None:
+    """A model without a vision projector refuses the first image part."""
+    if model.vision:
+        return
+    for i, j, _ in _image_parts(body.messages)[:1]:
+        where = f"messages[{i}].content[{j}]"
+        raise invalid(
+            f"model {model.id} does not accept image input ({where} has an image_url part)",
+            where,
+            code="image_input_not_supported",
+        )
+
+
+async def load_images(request: Request, body: ChatCompletionRequest, model: LocalModel) -> Images:
+    """Fetch (under the deployment's limits and address rules) and decode every image part."""
+    check_images(body, model)
+    images: Images = {}
+    for i, j, part in _image_parts(body.messages):
+        where = f"messages[{i}].content[{j}]"
+        try:
+            images[(i, j)] = await load_image(part.image_url.url, request.app.state.image_limits)
+        except ImageError as e:
+            raise invalid(f"{where}: {e}", where, code=e.code) from e
+    return images
 
 
 def _response_grammar(body: ChatCompletionRequest) -> str | None:
@@ -143,10 +186,15 @@ def _plan_tools(
     return tools, model.tool_format, grammar
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def template_messages(messages: list[ChatMessage], images: Images | None = None) -> list[dict[str, Any]]:
+    """Messages as the renderers take them: content a string, None, or a list of text parts and image parts
+    `{"type": "image", "image": RGBImage}` (from `images`, which must hold every image part)."""
     out = []
-    for m in messages:
-        d: dict[str, Any] = {"role": m.role, "content": m.text()}
+    for i, m in enumerate(messages):
+        content: Any = m.content if m.content is not None else ""
+        if isinstance(content, list):
+            content = [_template_part(part, (i, j), images) for j, part in enumerate(content)]
+        d: dict[str, Any] = {"role": m.role, "content": content}
         if m.name is not None:
             d["name"] = m.name
         if m.tool_calls:
@@ -157,6 +205,15 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def _template_part(part: TextPart | ImagePart, where: tuple[int, int], images: Images | None) -> dict[str, Any]:
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    if images is None or where not in images:
+        raise invalid("image parts are not accepted by this endpoint", f"messages[{where[0]}].content[{where[1]}]")
+    image = images[where]
+    return {"type": "image", "image": RGBImage(image.rgb, image.width, image.height)}
+
+
 # --- the route ------------------------------------------------------------------------------------------------
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: CallerDep) -> Any:
@@ -165,13 +222,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
         return await proxy(request, body, caller, upstream, "/chat/completions", DEFAULT_CHAT_MAX_TOKENS)
     model = get_model(request, body.model)
     check_model_allowed(caller, model.id)
-    plan = plan_chat(body, model)
-    prompt = plan.prompt.tokens
-    budget = completion_budget(model, [prompt], plan.params, body.n)
+    check_sampling(body, model)  # cheap refusals before any image is fetched
+    images = await load_images(request, body, model)
+    plan = await asyncio.to_thread(plan_chat, body, model, images) if images else plan_chat(body, model)
+    # The hold is sized from the tokenized prompt, image tokens included.
+    n_prompt = plan.prompt.n_tokens
+    budget = completion_budget(model, [n_prompt], plan.params, body.n)
     admission = await admit(
-        request, caller, request.state.request_id, model.id, len(prompt), budget, request.app.state.local_price
+        request, caller, request.state.request_id, model.id, n_prompt, budget, request.app.state.local_price
     )
-    [handle] = submit(model, [prompt], plan.params, body.n, "messages", admission)
+    [handle] = submit(model, [plan.prompt.engine_input], plan.params, body.n, "messages", admission)
     head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": model.id}
     if body.stream:
         return sse_response(ChatStream(model, plan, body, handle, head).events(), [handle], admission.headers)
@@ -180,7 +240,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
         **head,
         "object": "chat.completion",
         "choices": [_choice(model, plan, body, i, r) for i, r in enumerate(results)],
-        "usage": usage(len(prompt), handle.completion_tokens, handle.cached_tokens),
+        "usage": usage(handle.prompt_tokens, handle.completion_tokens, handle.cached_tokens),
     }
     if body.echo:
         response["prompt"] = [_echo(model, plan.prompt.text, results[0].prompt_logprobs)]
@@ -245,7 +305,7 @@ class ChatStream:
                 for event in self._output_events(out.choice, out.text, out.logprobs or [], out.finish_reason):
                     yield event
             if body.include_usage:
-                u = usage(len(handle.prompt_tokens), handle.completion_tokens, handle.cached_tokens)
+                u = usage(handle.prompt_tokens, handle.completion_tokens, handle.cached_tokens)
                 yield self.chunk([], usage=u)
             yield SSE_DONE
         finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from llamaserve.api.platform import Admission
 from llamaserve.backends.local import LocalModel
 from llamaserve.engine import EngineOverloaded, InvalidPrompt, Output, RequestHandle, SamplingParams
 from llamaserve.engine.logprobs import TokenLogprob
+from llamaserve.engine.mtmd import Chunk
 from llamaserve.protocol.common import SamplingFields
 from llamaserve.protocol.errors import APIError, invalid
 
@@ -50,13 +51,19 @@ def check_sampling(body: SamplingFields, model: LocalModel) -> None:
             )
 
 
-def completion_budget(model: LocalModel, prompts: list[list[int]], params: SamplingParams, n: int) -> int:
-    """The most completion tokens a request can produce: what its hold and its token limit are sized for."""
-    return n * sum(max(0, min(params.max_tokens, model.max_model_len - len(p))) for p in prompts)
+def completion_budget(model: LocalModel, prompt_sizes: list[int], params: SamplingParams, n: int) -> int:
+    """The most completion tokens a request can produce: what its hold and its token limit are sized for.
+    prompt_sizes: each prompt's tokens (image tokens included)."""
+    return n * sum(max(0, min(params.max_tokens, model.max_model_len - size)) for size in prompt_sizes)
 
 
 def submit(
-    model: LocalModel, prompts: list[list[int]], params: SamplingParams, n: int, param: str, admission: Admission
+    model: LocalModel,
+    prompts: Sequence[Sequence[int] | Sequence[Chunk]],
+    params: SamplingParams,
+    n: int,
+    param: str,
+    admission: Admission,
 ) -> list[RequestHandle]:
     """Queue every prompt of an admitted request; its credits settle when all of them have closed."""
     handles: list[RequestHandle] = []

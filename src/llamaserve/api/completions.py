@@ -66,7 +66,7 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,
     )
-    budget = completion_budget(model, prompts, params, body.n)
+    budget = completion_budget(model, [len(p) for p in prompts], params, body.n)
     prompt_tokens = sum(len(p) for p in prompts)
     admission = await admit(
         request, caller, request.state.request_id, model.id, prompt_tokens, budget, request.app.state.local_price
@@ -139,7 +139,7 @@ async def _stream(
             yield chunk(i * n + out.choice, out.text, out)
     if body.include_usage:
         u = usage(
-            sum(len(h.prompt_tokens) for h in handles),
+            sum(h.prompt_tokens for h in handles),
             sum(h.completion_tokens for h in handles),
             sum(h.cached_tokens for h in handles),
         )

@@ -32,6 +32,7 @@ def _model_card(model: LocalModel, created: int) -> dict[str, Any]:
         "created": created,
         "owned_by": "llamaserve",
         "max_model_len": model.max_model_len,
+        "capabilities": sorted({"tools", "json", "logprobs"} | ({"vision"} if model.vision else set())),
     }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import ipaddress
@@ -50,10 +51,25 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class Image:
-    png: bytes  # the normalised image (RGB, upright), PNG-encoded
+    """A decoded, normalised image (RGB, upright)."""
+
+    rgb: bytes = field(repr=False)  # packed 8-bit RGB rows, width * height * 3 bytes (what a local projector reads)
     width: int
     height: int
-    sha256: str  # of `png`: identifies the image (e.g. in a prefix cache)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Of the size and pixels: identifies the image (the engine's image ids are this same hash)."""
+        digest = hashlib.sha256(f"{self.width}x{self.height}:".encode())
+        digest.update(self.rgb)
+        return digest.hexdigest()
+
+    @functools.cached_property
+    def png(self) -> bytes:
+        """PNG-encoded (for upstreams), made on first use: a local model reads the pixels as they are."""
+        out = io.BytesIO()
+        PILImage.frombytes("RGB", (self.width, self.height), self.rgb).save(out, format="PNG")
+        return out.getvalue()
 
     def data_uri(self) -> str:
         return "data:image/png;base64," + base64.b64encode(self.png).decode()
@@ -69,7 +85,8 @@ async def load_image(url: str, limits: ImageLimits) -> Image:
             raise ImageError(f"fetching the image took longer than {limits.timeout:g}s", "image_timeout") from e
     else:
         raise ImageError("image_url must be an http(s) URL or a data:image/...;base64 URI", "image_bad_url")
-    return _decode(raw, limits)
+    # Decoding a large image takes a while: off the event loop.
+    return await asyncio.to_thread(_decode, raw, limits)
 
 
 def _from_data_uri(url: str, limits: ImageLimits) -> bytes:
@@ -179,7 +196,4 @@ def _decode(raw: bytes, limits: ImageLimits) -> Image:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as e:
         raise ImageError(f"the image cannot be decoded ({e})", "image_not_an_image") from e
-    out = io.BytesIO()
-    upright.save(out, format="PNG")
-    png = out.getvalue()
-    return Image(png, upright.width, upright.height, hashlib.sha256(png).hexdigest())
+    return Image(upright.tobytes(), upright.width, upright.height)

@@ -28,6 +28,10 @@ may merge across a seam (content parts, content starting with a newline right af
 tool call, two tool calls in one message) or where message text itself spells a special token (Meta keeps it
 as text; a parser of special tokens would make it the token).
 
+Images (Llama 3.2 Vision's format): ChatFormat writes an image content item as the `<|image|>` token at its place
+among the message's content parts. An image part renders as such a segment, carrying the part, so that a caller
+with a vision projector can put the image's embeddings there.
+
 No dependency on Meta's packages at run time: they are the oracle of the tests.
 """
 
@@ -38,7 +42,7 @@ import datetime
 import json
 import re
 from collections.abc import Callable, Container, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
@@ -48,6 +52,7 @@ END_HEADER = "<|end_header_id|>"
 EOM = "<|eom_id|>"
 EOT = "<|eot_id|>"
 PYTHON_TAG = "<|python_tag|>"
+IMAGE = "<|image|>"
 
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
 # The built-in tools whose calls are `name.call(query="...")`.
@@ -77,10 +82,13 @@ class Llama3FormatError(ValueError):
 
 @dataclass(frozen=True)
 class Segment:
-    """A piece of the prompt that Meta's ChatFormat tokenizes on its own: one special token, or plain text."""
+    """A piece of the prompt that Meta's ChatFormat tokenizes on its own: one special token, plain text, or an
+    image (written and tokenized as the `<|image|>` token that marks it in Llama 3.2 Vision prompts; `image` is
+    the message's image part, for the caller to put in its place)."""
 
     text: str
     special: bool = False
+    image: Any = field(default=None, compare=False)
 
 
 # --- rendering --------------------------------------------------------------------------------------------------
@@ -96,7 +104,8 @@ def render_llama3_segments(
     """The prompt as Meta encodes it, piece by piece.
 
     messages: OpenAI-style dicts (role system/user/assistant/tool, content a string, None or a list of text
-    parts; assistant `tool_calls` with JSON `arguments`). tools: OpenAI tool dicts. today: the "Today Date"
+    parts and image parts `{"type": "image", ...}`, which become image segments where Llama 3.2 Vision puts
+    `<|image|>`; assistant `tool_calls` with JSON `arguments`). tools: OpenAI tool dicts. today: the "Today Date"
     (default: the local date, as llama-stack). tool_choice: None or "auto", "required", "none" (drops the
     tools, as llama-stack does), or the name of the function the model must call.
     """
@@ -106,7 +115,10 @@ def render_llama3_segments(
     rest = list(messages)
     system: str | None = None
     if rest and rest[0].get("role") == "system":
-        system = "\n".join(_text_parts(rest.pop(0).get("content")))
+        parts = _content_parts(rest.pop(0).get("content"))
+        if any(not isinstance(p, str) for p in parts):
+            raise Llama3FormatError("the system message cannot hold images in the Llama 3 format")
+        system = "\n".join(parts)  # type: ignore[arg-type]
 
     segments: list[Segment] = [Segment(BEGIN_OF_TEXT, True)]
     _message(segments, "system", [_system_prompt(tool_defs, system, today, tool_choice)])
@@ -118,7 +130,7 @@ def render_llama3_segments(
         role = message.get("role")
         if role not in _ROLE_HEADERS:
             raise Llama3FormatError(f"unsupported message role {role!r} for the Llama 3.1 format")
-        parts = _text_parts(message.get("content"))
+        parts = _content_parts(message.get("content"))
         if role != "assistant":
             _message(segments, role, parts)
             continue
@@ -126,8 +138,8 @@ def render_llama3_segments(
         # ChatFormat: <|python_tag|> before the content when the first call is code; then the content, then
         # each call as ToolUtils.encode_tool_call writes it, each tokenized on its own.
         prefix = [Segment(PYTHON_TAG, True)] if calls and calls[0][0] == "code_interpreter" else []
-        texts = parts + [_encode_tool_call(name, args) for name, args in calls]
-        _message(segments, "assistant", texts, prefix=prefix, end=EOM if calls else EOT)
+        parts += [_encode_tool_call(name, args) for name, args in calls]
+        _message(segments, "assistant", parts, prefix=prefix, end=EOM if calls else EOT)
 
     if add_generation_prompt:
         segments += _header("assistant")
@@ -163,30 +175,44 @@ def _header(role: str) -> list[Segment]:
 
 
 def _message(
-    segments: list[Segment], role: str, texts: list[str], prefix: list[Segment] | None = None, end: str = EOT
+    segments: list[Segment],
+    role: str,
+    parts: list[str | Mapping[str, Any]],
+    prefix: list[Segment] | None = None,
+    end: str = EOT,
 ) -> None:
     segments += _header(_ROLE_HEADERS[role])
     segments += prefix or []
-    segments += [Segment(t) for t in texts if t]
+    for part in parts:
+        if isinstance(part, str):
+            if part:
+                segments.append(Segment(part))
+        else:
+            # ChatFormat._encode_content: an image (RawMediaItem) is the <|image|> token where the part is, with
+            # nothing around it; the text parts on either side are tokenized on their own.
+            segments.append(Segment(IMAGE, True, image=part))
     segments.append(Segment(end, True))
 
 
-def _text_parts(content: Any) -> list[str]:
+def _content_parts(content: Any) -> list[str | Mapping[str, Any]]:
+    """A message's content as texts and image parts ({"type": "image", ...}), in order."""
     if content is None:
         return []
     if isinstance(content, str):
         return [content]
     if isinstance(content, list):
-        texts = []
+        parts: list[str | Mapping[str, Any]] = []
         for part in content:
             if isinstance(part, str):
-                texts.append(part)
+                parts.append(part)
             elif isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
+                parts.append(part["text"])
+            elif isinstance(part, Mapping) and part.get("type") == "image":
+                parts.append(part)
             else:
                 kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                raise Llama3FormatError(f"unsupported content part {kind!r} for the Llama 3.1 text format")
-        return texts
+                raise Llama3FormatError(f"unsupported content part {kind!r} for the Llama 3 format")
+        return parts
     raise Llama3FormatError(f"unsupported message content of type {type(content).__name__}")
 
 

@@ -44,6 +44,19 @@ class ChatTemplate:
         # Templates that take `tools` render definitions, calls and results themselves; for the others we
         # write them into the messages (chat/tools.py).
         self.renders_tools = "tools" in self.source
+        self.typed_content = self._wants_typed_content()
+
+    def _wants_typed_content(self) -> bool:
+        """Whether the template reads a message's content only as a list of typed parts
+        (`[{"type": "text", "text": ...}]`), as some vision models' templates do (SmolVLM's iterates over the
+        content and prints nothing of a string): a probe text shows in its output only when given as a part."""
+        probe = "llamaserve-probe-b7d1"
+        try:
+            if probe in self.render([{"role": "user", "content": probe}]):
+                return False
+            return probe in self.render([{"role": "user", "content": [{"type": "text", "text": probe}]}])
+        except Exception:  # a template that fails on a lone user message: find out at the first request
+            return False
 
     def render(
         self,

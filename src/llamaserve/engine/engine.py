@@ -4,6 +4,12 @@ Each step: take new requests and cancellations, admit waiting sequences into fre
 token for each generating sequence plus prompt chunks), run one llama_decode, sample every sequence whose
 logits came out, and hand the new text to the requests' queues on the event loop. ctypes releases the GIL in
 llama_decode, so the HTTP side keeps serving while the model computes.
+
+Images (with a projector): when a sequence starts, its images not already in its cached prefix go to an encoder
+thread (the vision encoder is the costly part, and runs beside the steps: ctypes releases the GIL there too).
+When its prefill reaches an image whose embeddings are ready, the engine thread decodes them into the sequence's
+own KV with a llama_decode of their own, between two steps; the other sequences' state is their KV, untouched,
+and the last step's logits have been sampled already. Until then the sequence sits out the batches.
 """
 
 from __future__ import annotations
@@ -14,10 +20,16 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as Seq
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from llamaserve.engine.llama import Batch, ContextConfig, LlamaModel
 from llamaserve.engine.logprobs import TokenLogprob, token_logprob
+from llamaserve.engine.mtmd import Chunk, MtmdError, Projector
+from llamaserve.engine.prompt import ImageSpan, Prompt
 from llamaserve.engine.sampling import GrammarError, Sampler, SamplingParams
 from llamaserve.engine.scheduler import Scheduled, Scheduler
 from llamaserve.engine.sequence import Output, Sequence
@@ -41,8 +53,9 @@ class InvalidPrompt(ValueError):
 class EngineStats:
     steps: int = 0
     sequences_finished: int = 0
-    prompt_tokens_computed: int = 0
+    prompt_tokens_computed: int = 0  # image embeddings included
     prompt_tokens_cached: int = 0
+    images_encoded: int = 0
     generated_tokens: int = 0
     max_batch_sequences: int = 0  # the most sequences one llama_decode ever carried
     max_batch_generating: int = 0  # the most sequences that got a new token from one llama_decode
@@ -55,7 +68,7 @@ class RequestHandle:
     """The asyncio side of one request: n choices streaming Outputs into one queue."""
 
     id: str
-    prompt_tokens: list[int]
+    prompt_tokens: int  # text tokens plus image tokens: what usage reports
     n: int
     engine: Engine
     queue: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
@@ -101,8 +114,9 @@ class RequestHandle:
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, max_waiting: int = 1024) -> None:
+    def __init__(self, model: LlamaModel, max_waiting: int = 1024, projector: Projector | None = None) -> None:
         self.model = model
+        self.projector = projector
         self.config: ContextConfig = model.config
         self.max_model_len = min(model.n_ctx_seq, model.n_ctx_train or model.n_ctx_seq)
         self.max_waiting = max_waiting
@@ -115,6 +129,8 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamaserve-engine", daemon=True)
+        # One encoder thread: the projector encodes one image at a time anyway.
+        self._encoder = ThreadPoolExecutor(1, "llamaserve-encode") if projector is not None else None
 
     @property
     def alive(self) -> bool:
@@ -134,14 +150,22 @@ class Engine:
         self._inbox.put(("wake", None))  # type: ignore[arg-type]
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=True, cancel_futures=True)
 
-    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1, request_id: str = "") -> RequestHandle:
-        """Queue a request of n choices; iterate `handle.outputs()` for its text. Call on the event loop."""
-        if not prompt:
+    def submit(
+        self, prompt: Seq[int] | Seq[Chunk], params: SamplingParams, n: int = 1, request_id: str = ""
+    ) -> RequestHandle:
+        """Queue a request of n choices; iterate `handle.outputs()` for its text. Call on the event loop. The
+        prompt is token ids, or chunks (token lists and images from the projector, in order)."""
+        p = Prompt.of(prompt)
+        if not p.tokens:
             raise InvalidPrompt("the prompt is empty: give at least one token", "empty_prompt")
-        if len(prompt) >= self.max_model_len:
+        if p.images:
+            self._check_images(p, params)
+        if p.n_tokens >= self.max_model_len:
             raise InvalidPrompt(
-                f"the prompt is {len(prompt)} tokens; this model's context is {self.max_model_len} tokens "
+                f"the prompt is {p.n_tokens} tokens; this model's context is {self.max_model_len} tokens "
                 "and leaves no room to generate",
                 "context_length_exceeded",
             )
@@ -151,12 +175,29 @@ class Engine:
             raise EngineOverloaded(
                 f"the engine is at capacity ({self.n_slots} running, {self.max_waiting} queued); retry shortly"
             )
-        handle = RequestHandle(request_id or f"req-{next(self._ids)}", list(prompt), n, self)
-        max_new = min(params.max_tokens, self.max_model_len - len(prompt))
-        handle.sequences = [Sequence(handle, i, prompt, params, max_new) for i in range(n)]
+        handle = RequestHandle(request_id or f"req-{next(self._ids)}", p.n_tokens, n, self)
+        max_new = min(params.max_tokens, self.max_model_len - p.n_tokens)
+        handle.sequences = [Sequence(handle, i, p, params, max_new) for i in range(n)]
         self.outstanding += n
         self._inbox.put(("add", handle))
         return handle
+
+    def _check_images(self, prompt: Prompt, params: SamplingParams) -> None:
+        if self.projector is None:
+            raise InvalidPrompt("this model takes no images (no projector is loaded)", "image_input_not_supported")
+        if prompt.images[-1].end == len(prompt.tokens):
+            # The first token is sampled from the last prompt token's logits: keep that a text token.
+            raise InvalidPrompt("a prompt must end with text, not with an image", "invalid_prompt")
+        if params.prompt_logprobs is not None:
+            raise InvalidPrompt("prompt logprobs (echo with logprobs) are not available with images", "invalid_prompt")
+        largest = max(image.chunk.n_tokens for image in prompt.images)
+        if self.projector.uses_non_causal and largest > self.config.n_batch:
+            # Such an image attends to itself whole: it must fit one batch (llama.cpp would abort the process).
+            raise InvalidPrompt(
+                f"an image of {largest} tokens does not fit this server's batch of {self.config.n_batch} tokens, "
+                "which this model needs (the server's --batch must be raised)",
+                "image_too_large",
+            )
 
     def abort(self, handle: RequestHandle) -> None:
         self._inbox.put(("abort", handle))
@@ -168,13 +209,20 @@ class Engine:
     # --- engine thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
         sched = self._scheduler
+        idle = True
         try:
             while not self._stop.is_set():
-                self._take_commands(block=not sched.running)
-                sched.admit()
+                # Wait for work when nothing runs, or when every running sequence waits for an image encoding
+                # (whose end puts a wake-up in the inbox).
+                self._take_commands(block=idle)
+                for seq in sched.admit():
+                    if seq.images:
+                        self._start_encoding(seq)
+                decoded = self._decode_images() if self.projector is not None else False
                 plan = sched.fill(self._batch, self.config.n_batch)
                 if plan:
                     self._step(plan)
+                idle = not sched.running or not (plan or decoded)
                 self.stats.running, self.stats.waiting = len(sched.running), len(sched.waiting)
         except Exception:  # a bug here must not leave every client hanging
             log.exception("engine loop crashed")
@@ -202,11 +250,60 @@ class Engine:
         try:
             for seq in handle.sequences:
                 seq.sampler = Sampler(self.model, seq.params, seed_offset=seq.choice)
-                seq.sampler.accept_prompt(seq.prompt)
+                seq.sampler.accept_prompt(seq.text_prompt)
         except GrammarError as e:
             self._fail(handle.sequences, str(e))  # frees the samplers made so far
             return
         self._scheduler.waiting.extend(handle.sequences)
+
+    # --- images -----------------------------------------------------------------------------------------------
+    def _start_encoding(self, seq: Sequence) -> None:
+        """Encode the images beyond the sequence's reused prefix, in prompt order, on the encoder thread."""
+        assert seq.slot is not None
+        for image in seq.images:
+            if image.start >= len(seq.slot.tokens):
+                self._encode(seq, image)
+
+    def _encode(self, seq: Sequence, image: ImageSpan) -> Future[np.ndarray]:
+        assert self._encoder is not None
+        future = self._encoder.submit(self._encode_one, image)
+        future.add_done_callback(lambda _: self._inbox.put(("wake", None)))  # type: ignore[arg-type]
+        seq.encodings[image.start] = future
+        return future
+
+    def _encode_one(self, image: ImageSpan) -> np.ndarray:
+        embeddings = image.chunk.encode()
+        self.stats.images_encoded += 1
+        return embeddings
+
+    def _decode_images(self) -> bool:
+        """Decode every image a prefill has reached and whose embeddings are ready into its sequence's KV.
+        Returns whether any was."""
+        decoded = False
+        for seq in list(self._scheduler.running):
+            image = seq.image_due()
+            if image is None:
+                continue
+            future = seq.encodings.get(image.start) or self._encode(seq, image)
+            if not future.done():
+                continue
+            del seq.encodings[image.start]
+            decoded = self._decode_image(seq, image, future) or decoded
+        return decoded
+
+    def _decode_image(self, seq: Sequence, image: ImageSpan, future: Future[np.ndarray]) -> bool:
+        slot = seq.slot
+        assert slot is not None and self.projector is not None
+        try:
+            embeddings = future.result()
+            self.projector.decode_image(self.model.ctx, image.chunk, embeddings, image.start, slot.id)
+        except (MtmdError, ValueError) as e:
+            self.model.kv_remove(slot.id, len(slot.tokens), -1)  # what part of the image made it in
+            self._fail([seq], f"the image could not be processed: {e}")
+            return False
+        slot.tokens.extend(seq.tokens[image.start : image.end])
+        self.stats.prompt_tokens_computed += image.chunk.n_tokens
+        return True
 
     def _step(self, plan: list[Scheduled]) -> None:
         rc = self.model.decode(self._batch)

@@ -7,6 +7,10 @@ runs out of cells and nothing is preempted. Admission is first come, first serve
 - One prefill per prefix: a sequence whose prompt shares a long prefix with a prompt still being prefilled waits
   until that prefill has computed it, then copies its KV (llama_memory_seq_cp) instead of recomputing it. This
   is what makes n > 1, and a burst of requests with one system prompt, prefill their prompt once.
+
+Images: a prompt chunk stops at the sequence's next image, which the engine decodes on its own (a batch holds
+tokens or embeddings, never both); the sequence takes no part in batches until it has. A reused prefix never
+ends inside an image.
 """
 
 from __future__ import annotations
@@ -56,16 +60,20 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
 
     # --- admission ------------------------------------------------------------------------------------------
-    def admit(self) -> None:
+    def admit(self) -> list[Sequence]:
+        """Start waiting sequences in free slots; returns those started."""
+        started: list[Sequence] = []
         for seq in list(self.waiting):
             target = next((s for s in self.slots if s.seq is None), None)
             if target is None:
-                return
+                break
             source, shared = self._best_prefix(seq, target)
             if self._prefix_in_flight(seq, shared):
                 continue  # keeps its place; others behind it may start meanwhile
             self.waiting.remove(seq)
             self._attach(seq, target, source, shared)
+            started.append(seq)
+        return started
 
     def _best_prefix(self, seq: Sequence, target: Slot) -> tuple[Slot | None, int]:
         """The slot whose KV holds the longest prefix of this prompt (all but its last RECOMPUTE tokens),
@@ -79,8 +87,7 @@ class Scheduler:
             key = (common_prefix_len(want, slot.tokens), slot is target)
             if key[0] > 0 and key > best_key:
                 best, best_key = slot, key
-        best_len = best_key[0]
-        return best, best_len
+        return best, seq.image_boundary(best_key[0])
 
     def _prefix_in_flight(self, seq: Sequence, shared: int) -> bool:
         if seq.needs_prompt_logprobs:
@@ -107,7 +114,7 @@ class Scheduler:
             self._clear(slot)
         slot.seq = seq
         seq.slot = slot
-        seq.cached_tokens = shared
+        seq.cached_tokens = seq.tokens_before(shared)
         self.running.append(seq)
 
     def release(self, seq: Sequence) -> None:
@@ -115,6 +122,9 @@ class Scheduler:
         if seq.sampler is not None:
             seq.sampler.free()
             seq.sampler = None
+        for encoding in seq.encodings.values():
+            encoding.cancel()  # if not started yet
+        seq.encodings.clear()
         if seq.slot is None:
             if seq in self.waiting:
                 self.waiting.remove(seq)
@@ -131,13 +141,13 @@ class Scheduler:
 
     # --- batching -------------------------------------------------------------------------------------------
     def fill(self, batch: Batch, budget: int) -> list[Scheduled]:
-        """One token for every generating sequence, then prompt chunks (oldest first) while the budget lasts;
-        laid out in slot order, so that consecutive slots share one compute pass."""
+        """One token for every generating sequence, then prompt chunks (oldest first, each up to its next image)
+        while the budget lasts; laid out in slot order, so that consecutive slots share one compute pass."""
         counts: dict[int, int] = {}
         for seq in sorted(self.running, key=lambda s: s.prefilling):  # stable: admission order within each
             if budget <= 0:
                 break
-            counts[id(seq)] = n = min(seq.pending, budget)
+            counts[id(seq)] = n = min(seq.pending, budget)  # 0: an image is due
             budget -= n
         batch.clear()
         plan: list[Scheduled] = []

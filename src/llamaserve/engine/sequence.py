@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from llamaserve.engine.detokenizer import Detokenizer
 from llamaserve.engine.logprobs import TokenLogprob
+from llamaserve.engine.prompt import ImageSpan, Prompt
 from llamaserve.engine.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -39,12 +43,14 @@ class Output:
 
 class Sequence:
     def __init__(
-        self, handle: RequestHandle, choice: int, prompt: list[int], params: SamplingParams, max_new: int
+        self, handle: RequestHandle, choice: int, prompt: Prompt, params: SamplingParams, max_new: int
     ) -> None:
         self.handle = handle
         self.choice = choice
-        self.prompt_len = len(prompt)
-        self.tokens = list(prompt)  # prompt, then every sampled token
+        self.prompt_len = len(prompt.tokens)  # in positions
+        self.tokens = list(prompt.tokens)  # prompt (images as placeholders), then every sampled token
+        self.images = prompt.images
+        self.encodings: dict[int, Future[np.ndarray]] = {}  # image start -> its embeddings, being computed
         self.params = params
         self.max_new = max_new  # max_tokens, clipped to the context
         self.detok = Detokenizer(params.stop)
@@ -67,9 +73,43 @@ class Sequence:
 
     @property
     def pending(self) -> int:
-        """Tokens not yet in the KV cache: the rest of the prompt, or the last sampled token."""
+        """Tokens to feed as text: the rest of the prompt up to its next image, or the last sampled token. 0
+        while an image is due (image_due)."""
         assert self.slot is not None
-        return len(self.tokens) - len(self.slot.tokens)
+        done = len(self.slot.tokens)
+        if not self.images:
+            return len(self.tokens) - done
+        image = self._next_image(done)
+        return (image.start if image is not None else len(self.tokens)) - done
+
+    def image_due(self) -> ImageSpan | None:
+        """The image the prefill has reached, if it has reached one."""
+        assert self.slot is not None
+        image = self._next_image(len(self.slot.tokens))
+        return image if image is not None and image.start == len(self.slot.tokens) else None
+
+    def _next_image(self, done: int) -> ImageSpan | None:
+        """The first image not wholly in the KV cache (images enter it whole, never in part)."""
+        for image in self.images:
+            if image.end > done:
+                return image
+        return None
+
+    def image_boundary(self, pos: int) -> int:
+        """pos, or the start of the image pos falls inside: a reused prefix never ends mid-image."""
+        for image in self.images:
+            if image.start < pos < image.end:
+                return image.start
+        return pos
+
+    def tokens_before(self, pos: int) -> int:
+        """Tokens (text, and image embeddings) at positions before pos, where pos is an image boundary."""
+        return pos + sum(i.chunk.n_tokens - i.chunk.n_pos for i in self.images if i.end <= pos)
+
+    @property
+    def text_prompt(self) -> list[int]:
+        """The prompt's vocabulary tokens (no image placeholders)."""
+        return self.prompt if not self.images else [t for t in self.prompt if t >= 0]
 
     @property
     def needs_prompt_logprobs(self) -> bool:
