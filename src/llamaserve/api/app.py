@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from llamaserve.api import account, admin, chat, completions, dashboard, errors, openai
+from llamaserve.api import account, admin, chat, completions, dashboard, errors, openai, openapi
 from llamaserve.api.platform import Platform
 from llamaserve.api.proxy import UpstreamModel
 from llamaserve.api.request_id import RequestIdMiddleware
@@ -115,6 +115,7 @@ def create_app(
         app.include_router(account.router)
         app.include_router(admin.router)
         dashboard.install(app, platform_config)  # the web UI at /, and the APIs it calls
+    openapi.install(app, accounts=platform_config is not None)  # /openapi.json, true to what the routes do
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
