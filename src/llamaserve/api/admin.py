@@ -145,11 +145,19 @@ def key_view(k: ApiKey, account: str) -> KeyView:
     )
 
 
+MAX_CREDITS = 10**12  # credits in one grant; its micro-credits stay far inside the store's 64-bit integers
+
+
 def _credits(text: str, param: str) -> int:
     try:
-        return parse_credits(text)
+        micro = parse_credits(text)
     except ValueError as e:
         raise invalid(str(e), param) from e
+    except ArithmeticError as e:  # "Infinity", "NaN" and "1e999999" parse as Decimals, and then do not convert
+        raise invalid(f"not an amount of credits: {text!r}", param) from e
+    if abs(micro) > MAX_CREDITS * 1_000_000:
+        raise invalid(f"at most {MAX_CREDITS} credits at once", param)
+    return micro
 
 
 def _not_found(e: StoreError) -> APIError:
@@ -181,6 +189,8 @@ async def create_account(body: NewAccount, request: Request) -> AccountView:
 
 @router.patch("/accounts/{name}")
 async def change_account(name: str, body: AccountChange, request: Request) -> AccountView:
+    if body.plan is None and body.status is None:  # the store would write an UPDATE with nothing to set
+        raise invalid("give plan or status", None)
     try:
         return account_view(await platform_of(request).store.update_account(name, plan=body.plan, status=body.status))
     except StoreError as e:
