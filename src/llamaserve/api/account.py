@@ -12,6 +12,7 @@ from llamaserve.billing.models import UsageRecord
 from llamaserve.billing.pricing import format_credits
 from llamaserve.protocol.account import Balance, UsageItem, UsageList, UsageTotals
 from llamaserve.protocol.errors import invalid
+from llamaserve.protocol.validation import StoredText
 
 router = APIRouter()
 
@@ -79,7 +80,7 @@ async def usage(
     caller: CallerDep,
     since: Annotated[str | None, Query(description="ISO 8601 or Unix seconds")] = None,
     until: Annotated[str | None, Query(description="ISO 8601 or Unix seconds")] = None,
-    model: str | None = None,
+    model: StoredText | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> UsageList:
     records = await platform_of(request).store.usage(

@@ -31,7 +31,7 @@ from llamaserve.protocol.account import (
 )
 from llamaserve.protocol.common import StrictModel
 from llamaserve.protocol.errors import APIError, invalid
-from llamaserve.protocol.validation import Text
+from llamaserve.protocol.validation import StoredText, Text
 
 
 async def _admin_session(request: Request) -> bool:
@@ -81,7 +81,7 @@ class NewAccount(StrictModel):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
     plan: PlanName = "free"  # type: ignore[valid-type]
     credits: Text = "0"
-    email: Text | None = None  # with password: a dashboard login
+    email: StoredText | None = None  # with password: a dashboard login
     password: Annotated[Text, Field(max_length=1024)] | None = None
     is_admin: bool = False
 
@@ -93,12 +93,12 @@ class AccountChange(StrictModel):
 
 class CreditGrant(StrictModel):
     amount: Text  # credits, e.g. "12.5"; negative takes credits away
-    note: Text = "admin grant"
+    note: StoredText = "admin grant"
 
 
 class NewKey(StrictModel):
-    name: Text = ""
-    allowed_models: Annotated[list[Text], Field(min_length=1)] | None = None  # None: every model
+    name: StoredText = ""
+    allowed_models: Annotated[list[StoredText], Field(min_length=1)] | None = None  # None: every model
 
 
 def unix(t: dt.datetime) -> int:
@@ -188,7 +188,7 @@ async def create_account(body: NewAccount, request: Request) -> AccountView:
 
 
 @router.patch("/accounts/{name}")
-async def change_account(name: str, body: AccountChange, request: Request) -> AccountView:
+async def change_account(name: StoredText, body: AccountChange, request: Request) -> AccountView:
     if body.plan is None and body.status is None:  # the store would write an UPDATE with nothing to set
         raise invalid("give plan or status", None)
     try:
@@ -198,7 +198,7 @@ async def change_account(name: str, body: AccountChange, request: Request) -> Ac
 
 
 @router.post("/accounts/{name}/credits")
-async def grant_credits(name: str, body: CreditGrant, request: Request) -> CreditsGranted:
+async def grant_credits(name: StoredText, body: CreditGrant, request: Request) -> CreditsGranted:
     try:
         balance = await platform_of(request).store.grant(name, _credits(body.amount, "amount"), body.note)
     except StoreError as e:
@@ -207,13 +207,13 @@ async def grant_credits(name: str, body: CreditGrant, request: Request) -> Credi
 
 
 @router.get("/accounts/{name}/keys")
-async def list_keys(name: str, request: Request) -> KeyList:
+async def list_keys(name: StoredText, request: Request) -> KeyList:
     keys = await platform_of(request).store.list_keys(name)
     return KeyList(data=[key_view(k, a) for k, a in keys])
 
 
 @router.post("/accounts/{name}/keys", status_code=201)
-async def create_key(name: str, body: NewKey, request: Request) -> NewKeyView:
+async def create_key(name: StoredText, body: NewKey, request: Request) -> NewKeyView:
     try:
         full, key = await platform_of(request).store.create_key(name, body.name, body.allowed_models)
     except StoreError as e:
@@ -222,7 +222,7 @@ async def create_key(name: str, body: NewKey, request: Request) -> NewKeyView:
 
 
 @router.post("/keys/{prefix}/{action}")
-async def change_key(prefix: str, action: Literal["enable", "disable", "revoke"], request: Request) -> KeyState:
+async def change_key(prefix: StoredText, action: Literal["enable", "disable", "revoke"], request: Request) -> KeyState:
     store = platform_of(request).store
     try:
         key = await (

@@ -48,7 +48,7 @@ from llamaserve.protocol.account import (
 )
 from llamaserve.protocol.common import StrictModel
 from llamaserve.protocol.errors import APIError, invalid
-from llamaserve.protocol.validation import Text
+from llamaserve.protocol.validation import StoredText
 
 BUCKETS = {"hour": 3600, "day": 86400}
 MAX_BUCKETS = 2000
@@ -56,12 +56,12 @@ router = APIRouter(prefix="/v1/dashboard", tags=["dashboard"], dependencies=[Dep
 
 
 class KeyCreate(StrictModel):
-    name: Annotated[Text, Field(max_length=64)] = ""
-    allowed_models: Annotated[list[Text], Field(min_length=1)] | None = None  # None: every model
+    name: Annotated[StoredText, Field(max_length=64)] = ""
+    allowed_models: Annotated[list[StoredText], Field(min_length=1)] | None = None  # None: every model
 
 
 class KeyChange(StrictModel):
-    name: Annotated[Text, Field(max_length=64)] | None = None
+    name: Annotated[StoredText, Field(max_length=64)] | None = None
     enabled: bool | None = None
 
 
@@ -149,7 +149,7 @@ async def _change_key(request: Request, logged_in: SessionDep, prefix: str, **ch
 
 
 @router.patch("/keys/{prefix}")
-async def change_key(prefix: str, body: KeyChange, request: Request, logged_in: SessionDep) -> DashboardKey:
+async def change_key(prefix: StoredText, body: KeyChange, request: Request, logged_in: SessionDep) -> DashboardKey:
     """Rename a key, or enable or disable it (a disabled key gets 403 until enabled again)."""
     if body.name is None and body.enabled is None:
         raise invalid("give name or enabled", None)
@@ -158,7 +158,7 @@ async def change_key(prefix: str, body: KeyChange, request: Request, logged_in: 
 
 
 @router.post("/keys/{prefix}/revoke")
-async def revoke_key(prefix: str, request: Request, logged_in: SessionDep) -> DashboardKey:
+async def revoke_key(prefix: StoredText, request: Request, logged_in: SessionDep) -> DashboardKey:
     """Revoke a key for good (401 from now on)."""
     return await _change_key(request, logged_in, prefix, revoked=True)
 
@@ -178,7 +178,7 @@ async def usage(
     logged_in: SessionDep,
     since: Annotated[str | None, Query(description="ISO 8601 or Unix seconds")] = None,
     until: Annotated[str | None, Query(description="ISO 8601 or Unix seconds")] = None,
-    model: str | None = None,
+    model: StoredText | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> DashboardUsageList:
     """Recent requests, newest first, as GET /v1/account/usage gives them, with the key that made each."""

@@ -36,10 +36,13 @@ def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | N
     return ErrorJSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status, headers=headers)
 
 
+_LOCATIONS = {"body", "query", "path", "header", "cookie"}  # where FastAPI found a parameter: not part of its name
+
+
 def param_name(loc: Sequence[Any]) -> str | None:
-    """('body', 'messages', 0, 'role') → 'messages[0].role'."""
+    """('body', 'messages', 0, 'role') → 'messages[0].role'; ('query', 'limit') → 'limit'."""
     name = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    for part in loc[1:] if loc and loc[0] in _LOCATIONS else loc:
         if isinstance(part, int):
             name += f"[{part}]"
         elif "[" in str(part) or "-" in str(part) or str(part) in _TYPE_TAGS:
@@ -74,8 +77,8 @@ def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
         return {"msg": "invalid request", "loc": ()}
     outer = param_name(errors[0].get("loc", ()))
     related = [e for e in errors if _within(param_name(e.get("loc", ())), outer)]
-    telling = [e for e in related if not str(e.get("type", "")).endswith("_type")] or related
-    return max(telling, key=lambda e: len(e.get("loc", ())))
+    telling = [e for e in related if not str(e.get("type", "")).endswith(("_type", "_parsing"))]
+    return max(telling, key=lambda e: len(e.get("loc", ()))) if telling else errors[0]
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 
 def _first_unencodable(text: str) -> int | None:
@@ -178,6 +178,17 @@ def valid_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def no_nul(text: str) -> str:
+    """PostgreSQL's text cannot hold U+0000: a name with one would fail in the database, as a 500."""
+    if "\x00" in text:
+        raise ValueError("text must not contain U+0000 (NUL)")
+    return text
+
+
 # Strings and JSON schemas of requests: what pydantic's str and dict accept, less what would break downstream.
 Text = Annotated[str, AfterValidator(valid_unicode)]
+# Text that the store keeps or looks up (names, emails, notes, key prefixes); the spec states the rule too.
+StoredText = Annotated[
+    str, AfterValidator(valid_unicode), AfterValidator(no_nul), Field(json_schema_extra={"pattern": "^[^\\x00]*$"})
+]
 JSONSchema = Annotated[dict[str, Any], AfterValidator(valid_json_schema)]
