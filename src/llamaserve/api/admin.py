@@ -8,7 +8,7 @@ import asyncio
 import datetime as dt
 import hmac
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
@@ -20,8 +20,18 @@ from llamaserve.billing.models import Account, ApiKey
 from llamaserve.billing.passwords import check_email, check_password, hash_password, normalize_email
 from llamaserve.billing.pricing import format_credits, parse_credits
 from llamaserve.billing.store import StoreError
+from llamaserve.protocol.account import (
+    AccountList,
+    AccountView,
+    CreditsGranted,
+    KeyList,
+    KeyState,
+    KeyView,
+    NewKeyView,
+)
 from llamaserve.protocol.common import StrictModel
 from llamaserve.protocol.errors import APIError, invalid
+from llamaserve.protocol.validation import StoredText, Text
 
 
 async def _admin_session(request: Request) -> bool:
@@ -70,9 +80,9 @@ PlanName = Literal[tuple(PLANS)]  # type: ignore[valid-type]
 class NewAccount(StrictModel):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
     plan: PlanName = "free"  # type: ignore[valid-type]
-    credits: str = "0"
-    email: str | None = None  # with password: a dashboard login
-    password: Annotated[str, Field(max_length=1024)] | None = None
+    credits: Text = "0"
+    email: StoredText | None = None  # with password: a dashboard login
+    password: Annotated[Text, Field(max_length=1024)] | None = None
     is_admin: bool = False
 
 
@@ -82,13 +92,13 @@ class AccountChange(StrictModel):
 
 
 class CreditGrant(StrictModel):
-    amount: str  # credits, e.g. "12.5"; negative takes credits away
-    note: str = "admin grant"
+    amount: Text  # credits, e.g. "12.5"; negative takes credits away
+    note: StoredText = "admin grant"
 
 
 class NewKey(StrictModel):
-    name: str = ""
-    allowed_models: Annotated[list[str], Field(min_length=1)] | None = None  # None: every model
+    name: StoredText = ""
+    allowed_models: Annotated[list[StoredText], Field(min_length=1)] | None = None  # None: every model
 
 
 def unix(t: dt.datetime) -> int:
@@ -96,17 +106,17 @@ def unix(t: dt.datetime) -> int:
     return int((t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp())
 
 
-def account_view(a: Account) -> dict[str, Any]:
-    return {
-        "name": a.name,
-        "plan": a.plan,
-        "status": a.status,
-        "balance": format_credits(a.balance),
-        "balance_micro": a.balance,
-        "created": unix(a.created_at),
-        "email": a.email,
-        "is_admin": a.is_admin,
-    }
+def account_view(a: Account) -> AccountView:
+    return AccountView(
+        name=a.name,
+        plan=a.plan,
+        status=a.status,
+        balance=format_credits(a.balance),
+        balance_micro=a.balance,
+        created=unix(a.created_at),
+        email=a.email,
+        is_admin=a.is_admin,
+    )
 
 
 def _login(body: NewAccount) -> tuple[str | None, str | None]:
@@ -122,24 +132,32 @@ def _login(body: NewAccount) -> tuple[str | None, str | None]:
     return email, hash_password(body.password)
 
 
-def key_view(k: ApiKey, account: str) -> dict[str, Any]:
-    return {
-        "prefix": k.prefix,
-        "account": account,
-        "name": k.name,
-        "enabled": k.enabled,
-        "revoked": k.revoked,
-        "allowed_models": k.allowed_models,
-        "created": unix(k.created_at),
-        "last_used": unix(k.last_used_at) if k.last_used_at else None,
-    }
+def key_view(k: ApiKey, account: str) -> KeyView:
+    return KeyView(
+        prefix=k.prefix,
+        account=account,
+        name=k.name,
+        enabled=k.enabled,
+        revoked=k.revoked,
+        allowed_models=k.allowed_models,
+        created=unix(k.created_at),
+        last_used=unix(k.last_used_at) if k.last_used_at else None,
+    )
+
+
+MAX_CREDITS = 10**12  # credits in one grant; its micro-credits stay far inside the store's 64-bit integers
 
 
 def _credits(text: str, param: str) -> int:
     try:
-        return parse_credits(text)
+        micro = parse_credits(text)
     except ValueError as e:
         raise invalid(str(e), param) from e
+    except ArithmeticError as e:  # "Infinity", "NaN" and "1e999999" parse as Decimals, and then do not convert
+        raise invalid(f"not an amount of credits: {text!r}", param) from e
+    if abs(micro) > MAX_CREDITS * 1_000_000:
+        raise invalid(f"at most {MAX_CREDITS} credits at once", param)
+    return micro
 
 
 def _not_found(e: StoreError) -> APIError:
@@ -147,13 +165,13 @@ def _not_found(e: StoreError) -> APIError:
 
 
 @router.get("/accounts")
-async def list_accounts(request: Request) -> dict[str, Any]:
+async def list_accounts(request: Request) -> AccountList:
     accounts = await platform_of(request).store.list_accounts()
-    return {"object": "list", "data": [account_view(a) for a in accounts]}
+    return AccountList(data=[account_view(a) for a in accounts])
 
 
 @router.post("/accounts", status_code=201)
-async def create_account(body: NewAccount, request: Request) -> dict[str, Any]:
+async def create_account(body: NewAccount, request: Request) -> AccountView:
     email, password_hash = await asyncio.to_thread(_login, body)
     try:
         account = await platform_of(request).store.create_account(
@@ -170,7 +188,9 @@ async def create_account(body: NewAccount, request: Request) -> dict[str, Any]:
 
 
 @router.patch("/accounts/{name}")
-async def change_account(name: str, body: AccountChange, request: Request) -> dict[str, Any]:
+async def change_account(name: StoredText, body: AccountChange, request: Request) -> AccountView:
+    if body.plan is None and body.status is None:  # the store would write an UPDATE with nothing to set
+        raise invalid("give plan or status", None)
     try:
         return account_view(await platform_of(request).store.update_account(name, plan=body.plan, status=body.status))
     except StoreError as e:
@@ -178,31 +198,31 @@ async def change_account(name: str, body: AccountChange, request: Request) -> di
 
 
 @router.post("/accounts/{name}/credits")
-async def grant_credits(name: str, body: CreditGrant, request: Request) -> dict[str, Any]:
+async def grant_credits(name: StoredText, body: CreditGrant, request: Request) -> CreditsGranted:
     try:
         balance = await platform_of(request).store.grant(name, _credits(body.amount, "amount"), body.note)
     except StoreError as e:
         raise _not_found(e) from e
-    return {"account": name, "balance": format_credits(balance), "balance_micro": balance}
+    return CreditsGranted(account=name, balance=format_credits(balance), balance_micro=balance)
 
 
 @router.get("/accounts/{name}/keys")
-async def list_keys(name: str, request: Request) -> dict[str, Any]:
+async def list_keys(name: StoredText, request: Request) -> KeyList:
     keys = await platform_of(request).store.list_keys(name)
-    return {"object": "list", "data": [key_view(k, a) for k, a in keys]}
+    return KeyList(data=[key_view(k, a) for k, a in keys])
 
 
 @router.post("/accounts/{name}/keys", status_code=201)
-async def create_key(name: str, body: NewKey, request: Request) -> dict[str, Any]:
+async def create_key(name: StoredText, body: NewKey, request: Request) -> NewKeyView:
     try:
         full, key = await platform_of(request).store.create_key(name, body.name, body.allowed_models)
     except StoreError as e:
         raise _not_found(e) from e
-    return {**key_view(await platform_of(request).store.key(key.prefix), name), "key": full}
+    return NewKeyView(**key_view(await platform_of(request).store.key(key.prefix), name).model_dump(), key=full)
 
 
 @router.post("/keys/{prefix}/{action}")
-async def change_key(prefix: str, action: Literal["enable", "disable", "revoke"], request: Request) -> dict[str, Any]:
+async def change_key(prefix: StoredText, action: Literal["enable", "disable", "revoke"], request: Request) -> KeyState:
     store = platform_of(request).store
     try:
         key = await (
@@ -212,4 +232,4 @@ async def change_key(prefix: str, action: Literal["enable", "disable", "revoke"]
         )
     except StoreError as e:
         raise _not_found(e) from e
-    return {"prefix": key.prefix, "enabled": key.enabled, "revoked": key.revoked}
+    return KeyState(prefix=key.prefix, enabled=key.enabled, revoked=key.revoked)

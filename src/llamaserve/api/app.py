@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from llamaserve.api import account, admin, chat, completions, dashboard, errors, openai
+from llamaserve.api import account, admin, chat, completions, dashboard, errors, openai, openapi
 from llamaserve.api.lifecycle import Lifecycle, LifecycleMiddleware
 from llamaserve.api.platform import Platform
 from llamaserve.api.proxy import UpstreamModel
@@ -152,6 +152,7 @@ def create_app(
         app.include_router(account.router)
         app.include_router(admin.router)
         dashboard.install(app, platform_config)  # the web UI at /, and the APIs it calls
+    openapi.install(app, accounts=platform_config is not None)  # /openapi.json, true to what the routes do
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -40,6 +40,7 @@ from llamaserve.billing.passwords import (
 from llamaserve.billing.store import StoreError
 from llamaserve.protocol.common import StrictModel
 from llamaserve.protocol.errors import APIError, invalid
+from llamaserve.protocol.validation import StoredText, Text
 
 SESSION_COOKIE = "ls_session"
 PRESESSION_COOKIE = "ls_csrf"
@@ -178,8 +179,8 @@ def _presession_token(request: Request, response: Response) -> str:
 
 # --- API ------------------------------------------------------------------------------------------------------
 class Credentials(StrictModel):
-    email: Annotated[str, Field(max_length=254)]
-    password: Annotated[str, Field(max_length=1024)]
+    email: Annotated[StoredText, Field(max_length=254)]
+    password: Annotated[Text, Field(max_length=1024)]
 
 
 class SessionInfo(BaseModel):

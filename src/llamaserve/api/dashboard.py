@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import Field
 
 from llamaserve.api import auth
-from llamaserve.api.account import parse_time, usage_item
+from llamaserve.api.account import parse_time, usage_item, usage_totals
 from llamaserve.api.admin import key_view, unix
 from llamaserve.api.auth import DashboardSettings, SessionDep, require_session
 from llamaserve.api.platform import platform_of
@@ -31,8 +31,24 @@ from llamaserve.billing.models import ApiKey
 from llamaserve.billing.pricing import format_credits
 from llamaserve.billing.store import StoreError
 from llamaserve.config import PlatformConfig
+from llamaserve.protocol.account import (
+    DashboardAccount,
+    DashboardKey,
+    DashboardKeyList,
+    DashboardUsageItem,
+    DashboardUsageList,
+    ModelId,
+    ModelIdList,
+    NewDashboardKey,
+    PlanList,
+    PlanView,
+    SummaryKey,
+    UsageBucketView,
+    UsageSummary,
+)
 from llamaserve.protocol.common import StrictModel
 from llamaserve.protocol.errors import APIError, invalid
+from llamaserve.protocol.validation import StoredText
 
 BUCKETS = {"hour": 3600, "day": 86400}
 MAX_BUCKETS = 2000
@@ -40,17 +56,17 @@ router = APIRouter(prefix="/v1/dashboard", tags=["dashboard"], dependencies=[Dep
 
 
 class KeyCreate(StrictModel):
-    name: Annotated[str, Field(max_length=64)] = ""
-    allowed_models: Annotated[list[str], Field(min_length=1)] | None = None  # None: every model
+    name: Annotated[StoredText, Field(max_length=64)] = ""
+    allowed_models: Annotated[list[StoredText], Field(min_length=1)] | None = None  # None: every model
 
 
 class KeyChange(StrictModel):
-    name: Annotated[str, Field(max_length=64)] | None = None
+    name: Annotated[StoredText, Field(max_length=64)] | None = None
     enabled: bool | None = None
 
 
-def _key(k: ApiKey, account: str) -> dict[str, Any]:
-    return {**key_view(k, account), "expires": unix(k.expires_at) if k.expires_at else None}
+def _key(k: ApiKey, account: str) -> DashboardKey:
+    return DashboardKey(**key_view(k, account).model_dump(), expires=unix(k.expires_at) if k.expires_at else None)
 
 
 def _known_model(request: Request, name: str) -> bool:
@@ -65,64 +81,63 @@ def _forget_keys(request: Request) -> None:
 
 # --- account and keys -----------------------------------------------------------------------------------------
 @router.get("/account")
-async def account(request: Request, logged_in: SessionDep) -> dict[str, Any]:
+async def account(request: Request, logged_in: SessionDep) -> DashboardAccount:
     """The account's balance, plan and limits."""
     store = platform_of(request).store
     a = await store.account_by_id(logged_in.account.id)
     plan = PLANS.get(a.plan, PLANS["free"])
-    return {
-        "object": "account",
-        "account": a.name,
-        "email": a.email,
-        "plan": a.plan,
-        "requests_per_minute": plan.requests_per_minute,
-        "tokens_per_minute": plan.tokens_per_minute,
-        "balance": format_credits(a.balance),
-        "balance_micro": a.balance,
-        "open_holds": await store.open_holds(a.id),
-        "is_admin": a.is_admin,
-    }
+    return DashboardAccount(
+        account=a.name,
+        email=a.email,
+        plan=a.plan,
+        requests_per_minute=plan.requests_per_minute,
+        tokens_per_minute=plan.tokens_per_minute,
+        balance=format_credits(a.balance),
+        balance_micro=a.balance,
+        open_holds=await store.open_holds(a.id),
+        is_admin=a.is_admin,
+    )
 
 
 @router.get("/plans")
-async def plans() -> dict[str, Any]:
+async def plans() -> PlanList:
     """The rate-limit plans (None: no limit)."""
     data = [
-        {"name": p.name, "requests_per_minute": p.requests_per_minute, "tokens_per_minute": p.tokens_per_minute}
+        PlanView(name=p.name, requests_per_minute=p.requests_per_minute, tokens_per_minute=p.tokens_per_minute)
         for p in PLANS.values()
     ]
-    return {"object": "list", "data": data}
+    return PlanList(data=data)
 
 
 @router.get("/models")
-async def models(request: Request) -> dict[str, Any]:
+async def models(request: Request) -> ModelIdList:
     """The models served here (for a key's allowed models)."""
     registry = request.app.state.registry
     model = request.app.state.model
     ids = [spec.id for spec in registry.models] if registry is not None else [model.id] if model else []
-    return {"object": "list", "data": [{"id": i} for i in ids]}
+    return ModelIdList(data=[ModelId(id=i) for i in ids])
 
 
 @router.get("/keys")
-async def list_keys(request: Request, logged_in: SessionDep) -> dict[str, Any]:
+async def list_keys(request: Request, logged_in: SessionDep) -> DashboardKeyList:
     """The account's keys (prefixes only; secrets are never stored), without the playground's."""
     name = logged_in.account.name
     keys = await platform_of(request).store.list_keys(name)
-    return {"object": "list", "data": [_key(k, name) for k, _ in keys if k.expires_at is None]}
+    return DashboardKeyList(data=[_key(k, name) for k, _ in keys if k.expires_at is None])
 
 
 @router.post("/keys", status_code=201)
-async def create_key(body: KeyCreate, request: Request, logged_in: SessionDep) -> dict[str, Any]:
+async def create_key(body: KeyCreate, request: Request, logged_in: SessionDep) -> NewDashboardKey:
     """A new key; the response is the only place the full key (`key`) ever appears."""
     for i, model in enumerate(body.allowed_models or []):
         if not _known_model(request, model):
             raise invalid(f"no model named {model!r} is served here", f"allowed_models[{i}]", "model_not_found")
     name = logged_in.account.name
     full, key = await platform_of(request).store.create_key(name, body.name.strip(), body.allowed_models)
-    return {**_key(await platform_of(request).store.key(key.prefix), name), "key": full}
+    return NewDashboardKey(**_key(await platform_of(request).store.key(key.prefix), name).model_dump(), key=full)
 
 
-async def _change_key(request: Request, logged_in: SessionDep, prefix: str, **change: Any) -> dict[str, Any]:
+async def _change_key(request: Request, logged_in: SessionDep, prefix: str, **change: Any) -> DashboardKey:
     """Change one of the account's own keys; another account's key is 404, exactly like a key that does not
     exist."""
     try:
@@ -134,7 +149,7 @@ async def _change_key(request: Request, logged_in: SessionDep, prefix: str, **ch
 
 
 @router.patch("/keys/{prefix}")
-async def change_key(prefix: str, body: KeyChange, request: Request, logged_in: SessionDep) -> dict[str, Any]:
+async def change_key(prefix: StoredText, body: KeyChange, request: Request, logged_in: SessionDep) -> DashboardKey:
     """Rename a key, or enable or disable it (a disabled key gets 403 until enabled again)."""
     if body.name is None and body.enabled is None:
         raise invalid("give name or enabled", None)
@@ -143,17 +158,17 @@ async def change_key(prefix: str, body: KeyChange, request: Request, logged_in: 
 
 
 @router.post("/keys/{prefix}/revoke")
-async def revoke_key(prefix: str, request: Request, logged_in: SessionDep) -> dict[str, Any]:
+async def revoke_key(prefix: StoredText, request: Request, logged_in: SessionDep) -> DashboardKey:
     """Revoke a key for good (401 from now on)."""
     return await _change_key(request, logged_in, prefix, revoked=True)
 
 
 @router.post("/playground/key", status_code=201)
-async def playground_key(request: Request, logged_in: SessionDep) -> dict[str, Any]:
+async def playground_key(request: Request, logged_in: SessionDep) -> NewDashboardKey:
     """A key for the playground page, expiring with the session; the session's previous one is revoked."""
     full, key = await platform_of(request).store.playground_key(logged_in.token)
     _forget_keys(request)
-    return {**_key(key, logged_in.account.name), "key": full}
+    return NewDashboardKey(**_key(key, logged_in.account.name).model_dump(), key=full)
 
 
 # --- usage ----------------------------------------------------------------------------------------------------
@@ -163,9 +178,9 @@ async def usage(
     logged_in: SessionDep,
     since: Annotated[str | None, Query(description="ISO 8601 or Unix seconds")] = None,
     until: Annotated[str | None, Query(description="ISO 8601 or Unix seconds")] = None,
-    model: str | None = None,
+    model: StoredText | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> dict[str, Any]:
+) -> DashboardUsageList:
     """Recent requests, newest first, as GET /v1/account/usage gives them, with the key that made each."""
     store = platform_of(request).store
     account_id = logged_in.account.id
@@ -174,14 +189,9 @@ async def usage(
     items = []
     for r in records:
         key = keys.get(r.key_id)
-        items.append({**usage_item(r), "key": key.prefix if key else None, "key_name": key.name if key else None})
-    totals = {
-        "requests": len(items),
-        "prompt_tokens": sum(r.prompt_tokens for r in records),
-        "completion_tokens": sum(r.completion_tokens for r in records),
-        "cost": format_credits(sum(r.cost for r in records)),
-    }
-    return {"object": "list", "data": items, "totals": totals}
+        item = usage_item(r).model_dump()
+        items.append(DashboardUsageItem(**item, key=key.prefix if key else None, key_name=key.name if key else None))
+    return DashboardUsageList(data=items, totals=usage_totals(records))
 
 
 @router.get("/usage/summary")
@@ -191,10 +201,13 @@ async def usage_summary(
     since: Annotated[str | None, Query(description="ISO 8601 or Unix seconds; default: 7 days ago")] = None,
     until: Annotated[str | None, Query(description="ISO 8601 or Unix seconds; default: now")] = None,
     bucket: Literal["hour", "day"] = "day",
-) -> dict[str, Any]:
+) -> UsageSummary:
     """Requests, tokens and spend per time bucket (UTC), model and key: what the usage charts draw."""
     end = parse_time(until, "until") or dt.datetime.now(dt.UTC)
-    start = parse_time(since, "since") or end - dt.timedelta(days=7)
+    try:
+        start = parse_time(since, "since") or end - dt.timedelta(days=7)
+    except OverflowError as e:  # until in the first week of year 1
+        raise invalid("until is too early to count 7 days back from; give since", "until") from e
     seconds = BUCKETS[bucket]
     if (end - start).total_seconds() / seconds > MAX_BUCKETS:
         raise invalid(f"more than {MAX_BUCKETS} {bucket}s between since and until; use a larger bucket", "since")
@@ -202,26 +215,25 @@ async def usage_summary(
     rows = await store.usage_summary(logged_in.account.id, start, end, seconds)
     keys = await store.list_keys(logged_in.account.name)
     data = [
-        {
-            "start": r.start,
-            "model": r.model,
-            "key": r.key_prefix,
-            "requests": r.requests,
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens,
-            "cost": format_credits(r.cost),
-            "cost_micro": r.cost,
-        }
+        UsageBucketView(
+            start=r.start,
+            model=r.model,
+            key=r.key_prefix,
+            requests=r.requests,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
+            cost=format_credits(r.cost),
+            cost_micro=r.cost,
+        )
         for r in rows
     ]
-    return {
-        "object": "usage_summary",
-        "bucket_seconds": seconds,
-        "since": int(start.timestamp()),
-        "until": int(end.timestamp()),
-        "data": data,
-        "keys": [{"prefix": k.prefix, "name": k.name, "playground": k.expires_at is not None} for k, _ in keys],
-    }
+    return UsageSummary(
+        bucket_seconds=seconds,
+        since=int(start.timestamp()),
+        until=int(end.timestamp()),
+        data=data,
+        keys=[SummaryKey(prefix=k.prefix, name=k.name, playground=k.expires_at is not None) for k, _ in keys],
+    )
 
 
 # --- pages ----------------------------------------------------------------------------------------------------

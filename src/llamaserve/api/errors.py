@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -19,14 +20,29 @@ log = logging.getLogger(__name__)
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "text", "image_url"}
 
 
+# Codes of the errors Starlette and FastAPI raise themselves (unknown route, wrong method, unparsable body).
+_HTTP_CODES = {400: "invalid_body", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+class ErrorJSONResponse(JSONResponse):
+    """An error body as ASCII JSON: a message may quote what the client sent, and text that UTF-8 cannot carry
+    (a lone surrogate from a JSON escape) must not turn an error into a failure to send the error."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status, headers=headers)
+    return ErrorJSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status, headers=headers)
+
+
+_LOCATIONS = {"body", "query", "path", "header", "cookie"}  # where FastAPI found a parameter: not part of its name
 
 
 def param_name(loc: Sequence[Any]) -> str | None:
-    """('body', 'messages', 0, 'role') → 'messages[0].role'."""
+    """('body', 'messages', 0, 'role') → 'messages[0].role'; ('query', 'limit') → 'limit'."""
     name = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    for part in loc[1:] if loc and loc[0] in _LOCATIONS else loc:
         if isinstance(part, int):
             name += f"[{part}]"
         elif "[" in str(part) or "-" in str(part) or str(part) in _TYPE_TAGS:
@@ -41,13 +57,32 @@ def _validation_message(err: dict[str, Any], param: str | None) -> str:
         return f"Unrecognized request argument supplied: {param}"
     if err.get("type") in ("json_invalid", "model_attributes_type") and not param:
         return "The request body is not valid JSON (or not a JSON object)."
+    if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+        return "The request body is empty: send a JSON object."
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"Invalid value for '{param}': {msg}" if param else msg
 
 
+def _within(param: str | None, outer: str | None) -> bool:
+    if outer is None or param == outer:
+        return True
+    return param is not None and param.startswith((f"{outer}.", f"{outer}["))
+
+
+def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report. A value that fits no member of a union fails once per member: `content` with an
+    image part is "not a valid string" and, as a list, has a bad URL inside. Of the first parameter's failures
+    (itself or within it), one from a member whose type matched says what is wrong, and the deepest says where."""
+    if not errors:
+        return {"msg": "invalid request", "loc": ()}
+    outer = param_name(errors[0].get("loc", ()))
+    related = [e for e in errors if _within(param_name(e.get("loc", ())), outer)]
+    telling = [e for e in related if not str(e.get("type", "")).endswith(("_type", "_parsing"))]
+    return max(telling, key=lambda e: len(e.get("loc", ()))) if telling else errors[0]
+
+
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = list(exc.errors())
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    first = _most_telling(list(exc.errors()))
     # A JSON syntax error's location is a character offset, not a parameter.
     param = None if first.get("type") == "json_invalid" else param_name(first.get("loc", ()))
     code = "unrecognized_argument" if first.get("type") == "extra_forbidden" else "invalid_value"
@@ -58,13 +93,14 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
+    return ErrorJSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
 
 
 async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    return error_response(exc.status_code, ErrorDetail(message=message, type=kind), getattr(exc, "headers", None))
+    detail = ErrorDetail(message=message, type=kind, code=_HTTP_CODES.get(exc.status_code))
+    return error_response(exc.status_code, detail, getattr(exc, "headers", None))
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 
 from llamaserve.api.chat import template_messages
@@ -13,6 +11,7 @@ from llamaserve.backends.local import LocalModel
 from llamaserve.chat.llama3 import Llama3FormatError
 from llamaserve.chat.template import TemplateError
 from llamaserve.protocol.errors import invalid
+from llamaserve.protocol.models import ModelCard, ModelList
 from llamaserve.protocol.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -25,33 +24,33 @@ router = APIRouter()
 
 
 # --- models, tokenize -----------------------------------------------------------------------------------------
-def _model_card(model: LocalModel, created: int) -> dict[str, Any]:
-    return {
-        "id": model.id,
-        "object": "model",
-        "created": created,
-        "owned_by": "llamaserve",
-        "max_model_len": model.max_model_len,
-        "capabilities": sorted({"tools", "json", "logprobs"} | ({"vision"} if model.vision else set())),
-    }
+def _model_card(model: LocalModel, created: int) -> ModelCard:
+    capabilities = sorted({"tools", "json", "logprobs"} | ({"vision"} if model.vision else set()))
+    return ModelCard(
+        id=model.id,
+        created=created,
+        owned_by="llamaserve",
+        max_model_len=model.max_model_len,
+        capabilities=capabilities,
+    )
 
 
-@router.get("/v1/models")
-async def list_models(request: Request, caller: CallerDep) -> dict[str, Any]:
+@router.get("/v1/models", response_model_exclude_none=True)
+async def list_models(request: Request, caller: CallerDep) -> ModelList:
     """The registry's models with their aliases and capabilities, or the one local model."""
     registry: Registry | None = request.app.state.registry
     created = request.app.state.started
     if registry is not None:
-        return {"object": "list", "data": [spec.card(created) for spec in registry.models]}
-    return {"object": "list", "data": [_model_card(request.app.state.model, created)]}
+        return ModelList(data=[ModelCard.model_validate(spec.card(created)) for spec in registry.models])
+    return ModelList(data=[_model_card(request.app.state.model, created)])
 
 
-@router.get("/v1/models/{model_id:path}")
-async def get_model_card(model_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
+@router.get("/v1/models/{model_id:path}", response_model_exclude_none=True)
+async def get_model_card(model_id: str, request: Request, caller: CallerDep) -> ModelCard:
     registry: Registry | None = request.app.state.registry
     spec = registry.resolve(model_id) if registry is not None else None
     if spec is not None:
-        return spec.card(request.app.state.started)
+        return ModelCard.model_validate(spec.card(request.app.state.started))
     return _model_card(lookup_model(request, model_id), request.app.state.started)
 
 

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from llamaserve.protocol.common import SamplingFields, StrictModel
+from llamaserve.protocol.common import LegacyLogprobs, SamplingFields, StrictModel, Usage
+from llamaserve.protocol.validation import JSONSchema, Text
 
 
 class TextPart(StrictModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(StrictModel):
-    url: str
+    url: Text
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -28,22 +29,22 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class FunctionCall(StrictModel):
-    name: str
-    arguments: str
+    name: Text
+    arguments: Text
 
 
 class ToolCall(StrictModel):
-    id: str
+    id: Text
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: Text | None = None
 
     def text(self) -> str:
         """The message's text: a string as is, text parts joined by newlines."""
@@ -59,8 +60,8 @@ class ChatMessage(StrictModel):
 
 class JSONSchemaFormat(StrictModel):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: Text | None = None
+    schema_: JSONSchema | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
@@ -71,8 +72,8 @@ class ResponseFormat(StrictModel):
 
 class FunctionDefinition(StrictModel):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")]
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
+    description: Text | None = None
+    parameters: JSONSchema | None = None
     strict: bool | None = None
 
 
@@ -82,7 +83,7 @@ class Tool(StrictModel):
 
 
 class FunctionName(StrictModel):
-    name: str
+    name: Text
 
 
 class NamedToolChoice(StrictModel):
@@ -102,11 +103,18 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: dict[str, int] | None = None
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
 
 
 class AssistantMessage(BaseModel):
@@ -115,11 +123,21 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCall] = []
 
 
+FINISH_REASON = "stop, length or tool_calls (an upstream engine may name others); null while a stream goes on"
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: str | None
-    logprobs: None = None
+    finish_reason: str | None = Field(description=FINISH_REASON)
+    logprobs: ChatLogprobs | None = None
+
+
+class EchoedPrompt(BaseModel):
+    """The rendered prompt, with `echo` (Together's extension)."""
+
+    text: str
+    logprobs: LegacyLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -129,3 +147,45 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt: list[EchoedPrompt] | None = Field(default=None, description="Only with echo.")
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed tool call: the first delta of a call has its id, type and name, later ones argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = Field(default=None, description=FINISH_REASON)
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion; the stream ends with `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(
+        default=None, description="With stream_options.include_usage: null on every chunk but the last."
+    )
+    prompt: list[EchoedPrompt] | None = Field(default=None, description="Only with echo, in a chunk of its own.")

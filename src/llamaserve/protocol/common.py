@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llamaserve.engine import SamplingParams
+from llamaserve.protocol.validation import Text
 
 MAX_STOP_SEQUENCES = 4
+TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
 
 
 class StrictModel(BaseModel):
@@ -22,9 +25,14 @@ class StreamOptions(StrictModel):
 
 
 class SamplingFields(StrictModel):
-    model: str
+    model: Text
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    stop: str | list[str] | None = None
+    # The validators below give the messages; json_schema_extra tells the spec the same rules (keywords next to
+    # anyOf constrain only the branch they can apply to: maxItems arrays, propertyNames objects).
+    stop: Annotated[
+        Text | list[Text] | None,
+        Field(json_schema_extra={"maxItems": MAX_STOP_SEQUENCES, "items": {"type": "string", "minLength": 1}}),
+    ] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
@@ -36,8 +44,11 @@ class SamplingFields(StrictModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    user: str | None = None
+    logit_bias: Annotated[
+        dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None,
+        Field(json_schema_extra={"propertyNames": {"pattern": f"^{TOKEN_ID.pattern}$"}}),
+    ] = None
+    user: Text | None = None
     # Extension (as vLLM and llama.cpp's server have it): keep generating past end-of-sequence tokens.
     ignore_eos: bool = False
 
@@ -55,7 +66,7 @@ class SamplingFields(StrictModel):
     @classmethod
     def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key in v or {}:
-            if not key.lstrip("-").isdigit():
+            if not TOKEN_ID.fullmatch(key):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         return v
 
@@ -83,3 +94,24 @@ class SamplingFields(StrictModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# --- response parts shared by chat and text completions --------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens served from the prefix cache.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class LegacyLogprobs(BaseModel):
+    """Logprobs in the shape of OpenAI's legacy completions (also chat `echo`'s prompt logprobs)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="null for the first prompt token (nothing before it)")
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]

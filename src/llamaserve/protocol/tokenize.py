@@ -8,11 +8,12 @@ from pydantic import BaseModel, Field
 
 from llamaserve.protocol.chat import ChatMessage, Tool
 from llamaserve.protocol.common import StrictModel
+from llamaserve.protocol.validation import Text
 
 
 class TokenizeRequest(StrictModel):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     tools: list[Tool] | None = None  # rendered into the prompt as a chat completion with these tools would be
     add_generation_prompt: bool = True
@@ -26,7 +27,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(StrictModel):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[Annotated[int, Field(ge=0)]]
 
 

@@ -1,0 +1,294 @@
+"""One account cannot reach another's data through any route, and admin routes refuse user credentials.
+
+Two accounts, A and B, each with a dashboard login, keys and usage. With A's key and A's dashboard session,
+every route of /openapi.json is tried with B's things (key prefixes, account name, email) wherever a route
+takes one: the answer is 401, 403 or 404, or A's own data, never B's; and B is unchanged afterwards. The routes
+come from the spec itself, and each must be classified below: a new route fails this test until someone says
+how it keeps accounts apart."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import MODEL, Server, start_server
+from tests.test_dashboard import Visitor
+
+ADMIN = "security-admin-key"
+PASSWORD = "a long enough password"
+
+
+@dataclass
+class Account:
+    name: str
+    email: str
+    key: str  # a whole API key
+    prefix: str
+    visitor: Visitor  # logged in to the dashboard
+    request_ids: set[str] = field(default_factory=set)
+    balance_micro: int = 0  # after its own requests
+
+
+@dataclass
+class World:
+    server: Server
+    a: Account
+    b: Account
+
+    def key_get(self, path: str, **params: Any) -> httpx.Response:
+        return httpx.get(f"{self.server.base_url}{path}", params=params, headers=bearer(self.a.key), timeout=60)
+
+    def key_send(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        url = f"{self.server.base_url}{path}"
+        return httpx.request(method, url, json=body, headers=bearer(self.a.key), timeout=120)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def make_account(server: Server, name: str) -> Account:
+    admin = httpx.Client(base_url=server.base_url, headers=bearer(ADMIN), timeout=60)
+    body = {"name": name, "plan": "unlimited", "credits": "10", "email": f"{name}@example.com", "password": PASSWORD}
+    assert admin.post("/admin/accounts", json=body).status_code == 201
+    key = admin.post(f"/admin/accounts/{name}/keys", json={"name": f"{name}'s key"}).json()
+    visitor = Visitor(server)
+    assert visitor.login(f"{name}@example.com", PASSWORD).status_code == 200
+    account = Account(name, f"{name}@example.com", key["key"], key["prefix"], visitor)
+    for _ in range(2):
+        r = httpx.post(
+            f"{server.v1}/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+            headers=bearer(account.key),
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        account.request_ids.add(r.headers["x-request-id"])
+    account.balance_micro = settled(server, account)["balance_micro"]
+    return account
+
+
+def settled(server: Server, account: Account) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        balance = httpx.get(f"{server.v1}/account/balance", headers=bearer(account.key)).json()
+        if not balance["open_holds"] or time.monotonic() > deadline:
+            return balance
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with start_server("--parallel", "2", "--admin-key", ADMIN) as server:
+        yield World(server, make_account(server, "alice"), make_account(server, "bob"))
+
+
+def refused(r: httpx.Response, *statuses: int) -> None:
+    assert r.status_code in statuses, (r.request.method, r.request.url, r.status_code, r.text[:300])
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def no_trace_of_b(world: World, r: httpx.Response) -> None:
+    """Nothing of B's in a response: not its name, email, key prefix or request ids."""
+    text = r.text
+    for secret in (world.b.name, world.b.email, world.b.prefix, *world.b.request_ids):
+        assert secret not in text, (r.request.url, secret)
+
+
+# --- the probes, one per route ---------------------------------------------------------------------------------
+def chat(world: World) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "user": world.b.name}
+    r = world.key_send("POST", "/v1/chat/completions", body)
+    assert r.status_code == 200  # billed to A: B's balance is checked at the end
+    no_trace_of_b(world, r)
+
+
+def completions(world: World) -> None:
+    r = world.key_send("POST", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+    assert r.status_code == 200
+    no_trace_of_b(world, r)
+
+
+def public(path: str, method: str = "GET", body: Any = None) -> Callable[[World], None]:
+    """A route that serves no account's data, whoever calls it."""
+
+    def probe(world: World) -> None:
+        r = httpx.request(method, f"{world.server.base_url}{path}", json=body, timeout=60)
+        assert r.status_code < 400, r.text
+        no_trace_of_b(world, r)
+
+    return probe
+
+
+def key_get(path: str) -> Callable[[World], None]:
+    def probe(world: World) -> None:
+        r = world.key_get(path)
+        assert r.status_code == 200
+        no_trace_of_b(world, r)
+
+    return probe
+
+
+def balance(world: World) -> None:
+    r = world.key_get("/v1/account/balance")
+    assert r.json()["account"] == world.a.name
+    no_trace_of_b(world, r)
+
+
+def usage(world: World) -> None:
+    for params in ({}, {"model": MODEL}, {"since": "0", "limit": "10000"}):
+        r = world.key_get("/v1/account/usage", **params)
+        ids = {item["request_id"] for item in r.json()["data"]}
+        assert ids and not ids & world.b.request_ids, params
+        no_trace_of_b(world, r)
+
+
+def admin_route(method: str, path: str, body: Any = None) -> Callable[[World], None]:
+    """Admin routes with B's things in the path: A's key is not the admin key (401), A's session is not an
+    admin's (403), and B's key in the path changes nothing."""
+
+    def probe(world: World) -> None:
+        url = path.format(name=world.b.name, prefix=world.b.prefix, action="revoke")
+        refused(world.key_send(method, url, body), 401)
+        refused(world.a.visitor.request(method, url, json=body), 403)
+        r = httpx.request(method, f"{world.server.base_url}{url}", json=body, timeout=60)  # nobody at all
+        refused(r, 401, 403)
+
+    return probe
+
+
+def dashboard_get(path: str) -> Callable[[World], None]:
+    """The session's own account only; an API key is no session."""
+
+    def probe(world: World) -> None:
+        r = world.a.visitor.get(path)
+        assert r.status_code == 200, r.text
+        no_trace_of_b(world, r)
+        refused(world.key_get(path), 401)
+
+    return probe
+
+
+def dashboard_keys(world: World) -> None:
+    dashboard_get("/v1/dashboard/keys")(world)
+    keys = world.a.visitor.get("/v1/dashboard/keys").json()["data"]
+    assert {k["account"] for k in keys} == {world.a.name}
+
+
+def dashboard_usage(world: World) -> None:
+    dashboard_get("/v1/dashboard/usage")(world)
+    ids = {item["request_id"] for item in world.a.visitor.get("/v1/dashboard/usage").json()["data"]}
+    assert ids and not ids & world.b.request_ids
+
+
+def dashboard_change(method: str, path: str, body: Any = None) -> Callable[[World], None]:
+    """B's key prefix in the path: 404, exactly as for a key that does not exist."""
+
+    def probe(world: World) -> None:
+        url = path.format(prefix=world.b.prefix)
+        refused(world.a.visitor.request(method, url, json=body), 404)
+        refused(world.key_send(method, url, body), 401)
+
+    return probe
+
+
+def new_key(world: World) -> None:
+    r = world.a.visitor.post("/v1/dashboard/keys", {"name": "new"})
+    assert r.status_code == 201 and r.json()["account"] == world.a.name
+    refused(world.key_send("POST", "/v1/dashboard/keys", {"name": "by key"}), 401)
+
+
+def playground_key(world: World) -> None:
+    r = world.a.visitor.post("/v1/dashboard/playground/key")
+    assert r.status_code == 201 and r.json()["account"] == world.a.name
+    refused(world.key_send("POST", "/v1/dashboard/playground/key"), 401)
+
+
+def signup(world: World) -> None:
+    """B's email is taken; the answer says so and nothing more."""
+    visitor = Visitor(world.server)
+    r = visitor.signup(world.b.email, "another long password")
+    refused(r, 409)
+    assert world.b.name not in r.text.replace(world.b.email, "")
+
+
+def login(world: World) -> None:
+    refused(Visitor(world.server).login(world.b.email, "wrong password"), 401)
+    refused(Visitor(world.server).login(world.b.email, world.b.key), 401)  # a key is no password
+
+
+def logout(world: World) -> None:
+    """A's log-out ends A's session only (a fresh one: the sweep goes on with the first)."""
+    other = Visitor(world.server)
+    assert other.login(world.a.email, PASSWORD).status_code == 200
+    assert other.post("/auth/logout").status_code == 200
+    assert world.b.visitor.get("/v1/dashboard/account").status_code == 200
+
+
+SWEEP: dict[tuple[str, str], Callable[[World], None]] = {
+    ("POST", "/v1/chat/completions"): chat,
+    ("POST", "/v1/completions"): completions,
+    ("GET", "/v1/models"): key_get("/v1/models"),
+    ("GET", "/v1/models/{model_id}"): key_get(f"/v1/models/{MODEL}"),
+    ("POST", "/tokenize"): public("/tokenize", "POST", {"prompt": "bob"}),
+    ("POST", "/detokenize"): public("/detokenize", "POST", {"tokens": [1, 2]}),
+    ("GET", "/v1/account/balance"): balance,
+    ("GET", "/v1/account/usage"): usage,
+    ("GET", "/admin/accounts"): admin_route("GET", "/admin/accounts"),
+    ("POST", "/admin/accounts"): admin_route("POST", "/admin/accounts", {"name": "mallory"}),
+    ("PATCH", "/admin/accounts/{name}"): admin_route("PATCH", "/admin/accounts/{name}", {"status": "suspended"}),
+    ("POST", "/admin/accounts/{name}/credits"): admin_route(
+        "POST", "/admin/accounts/{name}/credits", {"amount": "-10"}
+    ),
+    ("GET", "/admin/accounts/{name}/keys"): admin_route("GET", "/admin/accounts/{name}/keys"),
+    ("POST", "/admin/accounts/{name}/keys"): admin_route("POST", "/admin/accounts/{name}/keys", {}),
+    ("POST", "/admin/keys/{prefix}/{action}"): admin_route("POST", "/admin/keys/{prefix}/{action}"),
+    ("GET", "/auth/session"): public("/auth/session"),
+    ("POST", "/auth/signup"): signup,
+    ("POST", "/auth/login"): login,
+    ("POST", "/auth/logout"): logout,
+    ("GET", "/v1/dashboard/account"): dashboard_get("/v1/dashboard/account"),
+    ("GET", "/v1/dashboard/plans"): dashboard_get("/v1/dashboard/plans"),
+    ("GET", "/v1/dashboard/models"): dashboard_get("/v1/dashboard/models"),
+    ("GET", "/v1/dashboard/keys"): dashboard_keys,
+    ("POST", "/v1/dashboard/keys"): new_key,
+    ("PATCH", "/v1/dashboard/keys/{prefix}"): dashboard_change(
+        "PATCH", "/v1/dashboard/keys/{prefix}", {"enabled": False}
+    ),
+    ("POST", "/v1/dashboard/keys/{prefix}/revoke"): dashboard_change("POST", "/v1/dashboard/keys/{prefix}/revoke"),
+    ("POST", "/v1/dashboard/playground/key"): playground_key,
+    ("GET", "/v1/dashboard/usage"): dashboard_usage,
+    ("GET", "/v1/dashboard/usage/summary"): dashboard_get("/v1/dashboard/usage/summary"),
+    ("GET", "/health"): public("/health"),
+    ("GET", "/metrics"): public("/metrics"),
+}
+
+
+def test_every_route_is_classified(world: World) -> None:
+    spec = httpx.get(f"{world.server.base_url}/openapi.json").json()
+    routes = {(method.upper(), path) for path, methods in spec["paths"].items() for method in methods}
+    assert routes - set(SWEEP) == set(), "routes nobody has said how they keep accounts apart"
+    assert set(SWEEP) - routes == set(), "classified routes the server no longer has"
+
+
+@pytest.mark.parametrize("route", list(SWEEP), ids=[f"{m} {p}" for m, p in SWEEP])
+def test_no_route_reaches_another_accounts_data(world: World, route: tuple[str, str]) -> None:
+    SWEEP[route](world)
+
+
+def test_b_is_unchanged_after_the_sweep(world: World) -> None:
+    b = world.b
+    assert settled(world.server, b)["balance_micro"] == b.balance_micro
+    usage = httpx.get(f"{world.server.v1}/account/usage", headers=bearer(b.key)).json()["data"]
+    assert {item["request_id"] for item in usage} == b.request_ids
+    [key] = b.visitor.get("/v1/dashboard/keys").json()["data"]
+    assert (key["prefix"], key["enabled"], key["revoked"], key["name"]) == (b.prefix, True, False, "bob's key")
+    account = b.visitor.get("/v1/dashboard/account").json()
+    assert account["plan"] == "unlimited" and account["account"] == b.name
+    with httpx.Client(base_url=world.server.base_url, headers=bearer(ADMIN)) as admin:
+        [view] = [a for a in admin.get("/admin/accounts").json()["data"] if a["name"] == b.name]
+    assert view["status"] == "active"
