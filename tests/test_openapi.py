@@ -135,7 +135,7 @@ def test_every_operation_declares_its_errors_in_one_shape(spec: dict[str, Any]) 
             assert "422" not in responses, f"{method} {path}"  # validation errors are 400s
             assert "500" in responses, f"{method} {path}"
             for status, response in responses.items():
-                if int(status) >= 400 and path != "/health":
+                if int(status) >= 400 and path not in ("/health", "/ready"):
                     assert response["content"]["application/json"]["schema"] == {"$ref": ERROR_REF}, (path, status)
     inference = {"400", "401", "402", "403", "404", "429", "502", "503", "504"}
     for path in ("/v1/chat/completions", "/v1/completions"):
@@ -237,6 +237,7 @@ def test_models_tokenize_and_the_account_match_the_spec(server: Server, strict: 
     usage = check(strict, "GET", "/v1/account/usage", client.get("/v1/account/usage"))
     assert usage["data"]
     check(strict, "GET", "/health", httpx.get(f"{server.base_url}/health"))
+    check(strict, "GET", "/ready", httpx.get(f"{server.base_url}/ready"))
 
 
 def test_admin_responses_match_the_spec(server: Server, strict: dict[str, Any]) -> None:

@@ -264,6 +264,7 @@ SWEEP: dict[tuple[str, str], Callable[[World], None]] = {
     ("GET", "/v1/dashboard/usage"): dashboard_usage,
     ("GET", "/v1/dashboard/usage/summary"): dashboard_get("/v1/dashboard/usage/summary"),
     ("GET", "/health"): public("/health"),
+    ("GET", "/ready"): public("/ready"),
     ("GET", "/metrics"): public("/metrics"),
 }
 

@@ -92,6 +92,18 @@ HEALTH_SCHEMA = {
         "engine": {"type": ["object", "null"], "additionalProperties": {"type": "integer"}},
     },
 }
+READY_SCHEMA = {
+    "type": "object",
+    "required": ["status", "checks"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not ready"]},
+        "checks": {
+            "type": "object",
+            "description": "accepting, engine, database and upstream:<model>, each true when it is fine",
+            "additionalProperties": {"type": "boolean"},
+        },
+    },
+}
 
 
 def install(app: FastAPI, accounts: bool) -> None:
@@ -123,6 +135,7 @@ def build(app: FastAPI, accounts: bool) -> dict[str, Any]:
     _stream_content(spec["paths"]["/v1/chat/completions"]["post"], "ChatCompletionChunk")
     _stream_content(spec["paths"]["/v1/completions"]["post"], "CompletionChunk")
     _health(spec["paths"].get("/health", {}).get("get"))
+    _ready(spec["paths"].get("/ready", {}).get("get"))
     components.setdefault("securitySchemes", {}).update(SECURITY_SCHEMES if accounts else {})
     return spec
 
@@ -215,6 +228,14 @@ def _health(operation: dict[str, Any] | None) -> None:
     content = {"application/json": {"schema": HEALTH_SCHEMA}}
     operation["responses"]["200"] = {"description": "Serving.", "content": content}
     operation["responses"]["503"] = {"description": "The engine has stopped.", "content": content}
+
+
+def _ready(operation: dict[str, Any] | None) -> None:
+    if operation is None:
+        return
+    content = {"application/json": {"schema": READY_SCHEMA}}
+    operation["responses"]["200"] = {"description": "Ready for traffic.", "content": content}
+    operation["responses"]["503"] = {"description": "Not ready: a check failed, or draining.", "content": content}
 
 
 def _add_models(schemas: dict[str, Any], models: list[type[BaseModel]]) -> None:
