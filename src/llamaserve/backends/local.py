@@ -133,7 +133,7 @@ class LocalModel:
             assert isinstance(self.tool_format, HermesFormat)
             flat = self.tool_format.inline_messages(flat, tools)
             tools = None
-        if self.template.typed_content:
+        if self.template.typed_content:  # a template that prints only content parts (SmolVLM's)
             flat = [{**m, "content": [{"type": "text", "text": m["content"]}]} if m.get("content") else m for m in flat]
         text = self.template.render(flat, add_generation_prompt, tools)
         if not images:
