@@ -125,7 +125,8 @@ def test_queue_bound_gives_503() -> None:
 
         codes = asyncio.run(burst())
         assert codes[:2] == [200, 200] and set(codes[2:]) == {503}, codes
-        r = httpx.post(f"{server.v1}/chat/completions", json={**body, "max_tokens": 2}, headers=server.auth)
+        small = {**body, "max_tokens": 2}
+        r = httpx.post(f"{server.v1}/chat/completions", json=small, headers=server.auth, timeout=120)
         assert r.status_code == 200
 
 
