@@ -64,13 +64,16 @@ def usage_totals(records: list[UsageRecord]) -> UsageTotals:
 @router.get("/v1/account/balance")
 async def balance(request: Request, caller: CallerDep) -> Balance:
     platform = platform_of(request)
+    # Holds first: a client that sees none open then gets a balance that has every settlement in it (read the
+    # other way round, a settlement landing in between showed the old balance with no hold open).
+    open_holds = await platform.store.open_holds(caller.account_id)
     account = await platform.store.account_by_id(caller.account_id)
     return Balance(
         account=account.name,
         plan=account.plan,
         balance=format_credits(account.balance),
         balance_micro=account.balance,
-        open_holds=await platform.store.open_holds(account.id),
+        open_holds=open_holds,
     )
 
 

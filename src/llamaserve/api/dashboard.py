@@ -84,6 +84,7 @@ def _forget_keys(request: Request) -> None:
 async def account(request: Request, logged_in: SessionDep) -> DashboardAccount:
     """The account's balance, plan and limits."""
     store = platform_of(request).store
+    open_holds = await store.open_holds(logged_in.account.id)  # first, as GET /v1/account/balance does
     a = await store.account_by_id(logged_in.account.id)
     plan = PLANS.get(a.plan, PLANS["free"])
     return DashboardAccount(
@@ -94,7 +95,7 @@ async def account(request: Request, logged_in: SessionDep) -> DashboardAccount:
         tokens_per_minute=plan.tokens_per_minute,
         balance=format_credits(a.balance),
         balance_micro=a.balance,
-        open_holds=await store.open_holds(a.id),
+        open_holds=open_holds,
         is_admin=a.is_admin,
     )
 
