@@ -145,7 +145,7 @@ def key_view(k: ApiKey, account: str) -> KeyView:
     )
 
 
-MAX_CREDITS = 10**12  # credits in one grant; its micro-credits stay far inside the store's 64-bit integers
+MAX_CREDITS = 10**9  # credits in one grant: thousands of grants before a balance nears the 64-bit limit
 
 
 def _credits(text: str, param: str) -> int:
