@@ -267,6 +267,17 @@ def test_suspended_account_is_403_until_reactivated(run: Run) -> None:
     run(body)
 
 
+def test_an_update_with_no_changes_changes_nothing(run: Run) -> None:
+    async def body(store: Store) -> None:
+        before = await new_account(store)
+        after = await store.update_account("acme")
+        assert (after.plan, after.status, after.balance) == (before.plan, before.status, before.balance)
+        with pytest.raises(StoreError):
+            await store.update_account("nobody")
+
+    run(body)
+
+
 def test_allowed_models_reach_the_caller(run: Run) -> None:
     async def body(store: Store) -> None:
         await new_account(store)

@@ -189,7 +189,7 @@ async def create_account(body: NewAccount, request: Request) -> AccountView:
 
 @router.patch("/accounts/{name}")
 async def change_account(name: StoredText, body: AccountChange, request: Request) -> AccountView:
-    if body.plan is None and body.status is None:  # the store would write an UPDATE with nothing to set
+    if body.plan is None and body.status is None:  # a PATCH that changes nothing is a mistake worth naming
         raise invalid("give plan or status", None)
     try:
         return account_view(await platform_of(request).store.update_account(name, plan=body.plan, status=body.status))

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Integer,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -227,6 +228,8 @@ class Store:
     ) -> Account:
         changes = (("plan", plan), ("status", status), ("email", email), ("password_hash", password_hash))
         values: dict[str, Any] = {k: v for k, v in (*changes, ("is_admin", is_admin)) if v is not None}
+        if not values:  # nothing to change (an UPDATE with no SET is not SQL)
+            return await self.account(name)
         try:
             async with self._write() as s:
                 result = await s.execute(update(Account).where(Account.name == name).values(**values))
@@ -462,7 +465,6 @@ class Store:
         async with self._sessions() as s:
             return list(await s.scalars(query.order_by(UsageRecord.id.desc()).limit(limit)))
 
-
     async def usage_summary(
         self, account_id: int, since: dt.datetime, until: dt.datetime, bucket_seconds: int
     ) -> list[UsageBucket]:
@@ -496,59 +498,72 @@ class Store:
         return [UsageBucket(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6])) for r in rows]
 
 
+# The per-request statements, built once on the tables (Core, not the ORM): every request runs them, and
+# building and compiling them anew cost more than the database's own work.
+_accounts, _holds, _ledger, _usage = (m.__table__ for m in (Account, Hold, LedgerEntry, UsageRecord))
+_TAKE = (
+    update(_accounts)
+    .where(_accounts.c.id == bindparam("account_id"), _accounts.c.balance >= bindparam("amount"))
+    .values(balance=_accounts.c.balance - bindparam("amount"))
+)
+_OPEN_HOLD = insert(_holds).values(status="open").returning(_holds.c.id)
+_LEDGER = insert(_ledger)
+_CLOSE_HOLD = (
+    update(_holds)
+    .where(_holds.c.id == bindparam("hold_id"), _holds.c.status == "open")
+    .values(status="settled", settled_at=bindparam("now"))
+    .returning(_holds.c.account_id, _holds.c.amount)
+)
+_HOLD_EXISTS = select(_holds.c.id).where(_holds.c.id == bindparam("hold_id"))
+_CREDIT = (
+    update(_accounts)
+    .where(_accounts.c.id == bindparam("account_id"))
+    .values(balance=_accounts.c.balance + bindparam("delta"))
+)
+_RECORD_USAGE = insert(_usage)
+
+
 def _hold(conn: Connection, account_id: int, amount: int, request_id: str) -> int | None:
-    taken = conn.execute(
-        update(Account)
-        .where(Account.id == account_id, Account.balance >= amount)
-        .values(balance=Account.balance - amount)
-    )
-    if taken.rowcount == 0:
+    if conn.execute(_TAKE, {"account_id": account_id, "amount": amount}).rowcount == 0:
         return None
+    now = _now()
     hold_id = conn.scalar(
-        insert(Hold)
-        .values(account_id=account_id, request_id=request_id, amount=amount, status="open")
-        .returning(Hold.id)
+        _OPEN_HOLD, {"account_id": account_id, "request_id": request_id, "amount": amount, "created_at": now}
     )
-    conn.execute(
-        insert(LedgerEntry).values(account_id=account_id, kind="hold", amount=-amount, hold_id=hold_id, note=request_id)
-    )
+    ledger = {"account_id": account_id, "kind": "hold", "amount": -amount, "hold_id": hold_id, "note": request_id}
+    conn.execute(_LEDGER, {**ledger, "created_at": now})
     return hold_id
 
 
 def _settle(conn: Connection, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
-    row = conn.execute(
-        update(Hold)
-        .where(Hold.id == hold_id, Hold.status == "open")
-        .values(status="settled", settled_at=_now())
-        .returning(Hold.account_id, Hold.amount)
-    ).first()
+    now = _now()
+    row = conn.execute(_CLOSE_HOLD, {"hold_id": hold_id, "now": now}).first()
     if row is None:
-        if conn.scalar(select(Hold.id).where(Hold.id == hold_id)) is None:
+        if conn.scalar(_HOLD_EXISTS, {"hold_id": hold_id}) is None:
             raise StoreError(f"no hold {hold_id}")
         return False
     account_id, amount = row
     charge = max(0, min(charge, amount))
-    conn.execute(update(Account).where(Account.id == account_id).values(balance=Account.balance + amount - charge))
+    conn.execute(_CREDIT, {"account_id": account_id, "delta": amount - charge})
+    entry = {"account_id": account_id, "hold_id": hold_id, "note": "", "created_at": now}
     conn.execute(
-        insert(LedgerEntry),
-        [
-            {"account_id": account_id, "kind": "release", "amount": amount, "hold_id": hold_id, "note": ""},
-            {"account_id": account_id, "kind": "charge", "amount": -charge, "hold_id": hold_id, "note": ""},
-        ],
+        _LEDGER, [{**entry, "kind": "release", "amount": amount}, {**entry, "kind": "charge", "amount": -charge}]
     )
     if usage is not None:
         conn.execute(
-            insert(UsageRecord).values(
-                request_id=usage.request_id,
-                account_id=account_id,
-                key_id=key_id,
-                model=usage.model,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                cost=charge,
-                status=usage.status,
-                latency_ms=usage.latency_ms,
-            )
+            _RECORD_USAGE,
+            {
+                "request_id": usage.request_id,
+                "account_id": account_id,
+                "key_id": key_id,
+                "model": usage.model,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cost": charge,
+                "status": usage.status,
+                "latency_ms": usage.latency_ms,
+                "created_at": now,
+            },
         )
     return True
 
