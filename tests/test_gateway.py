@@ -142,7 +142,11 @@ def stream_text(server: Server, model: str, **body: Any) -> tuple[str, dict[str,
     text, usage, chunks = "", None, []
     headers = server.auth if server.api_key else {}
     with httpx.stream(
-        "POST", f"{server.v1}/chat/completions", json={"model": model, "stream": True, **body}, headers=headers
+        "POST",
+        f"{server.v1}/chat/completions",
+        json={"model": model, "stream": True, **body},
+        headers=headers,
+        timeout=120,
     ) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -279,6 +283,56 @@ def test_upstream_failures(faulty_gateway: Server, model: str, status: int, code
         time.sleep(0.05)
     after = balance()
     assert after["open_holds"] == 0 and after["balance_micro"] == before  # nothing charged
+
+
+class _Counting(BaseHTTPRequestHandler):
+    """An instant upstream that counts the completions asked of it."""
+
+    requests = 0
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).requests += 1
+        message = {"role": "assistant", "content": "Red."}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+        send_json(self, 200, {"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage})
+
+    def do_GET(self) -> None:  # noqa: N802
+        send_json(self, 200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_refused_hold_stops_the_upstream_call(tmp_path: Path) -> None:
+    """The upstream call starts while the credits are held: a 402 cancels it, gives its slot back, charges
+    nothing; the account's next requests wait for their hold and never reach the upstream."""
+    with serve_http(_Counting) as url:
+        path = registry(tmp_path / "llamaserve.toml", [{"id": "counted", "upstreams": [f"{url}/v1"]}])
+        with start_server("--config", str(path), "--admin-key", "admin") as gw:
+            admin = {"Authorization": "Bearer admin"}
+            r = httpx.post(f"{gw.base_url}/admin/accounts", json={"name": "poor", "credits": "0.0001"}, headers=admin)
+            assert r.status_code == 201, r.text
+            key = httpx.post(f"{gw.base_url}/admin/accounts/poor/keys", json={}, headers=admin).json()["key"]
+            refused = post(gw, "/chat/completions", key=key, model="counted", messages=MESSAGES, max_tokens=5)
+            assert refused.status_code == 402 and refused.json()["error"]["code"] == "insufficient_credits"
+            reached = _Counting.requests
+            assert reached <= 1
+            for stream in (False, True):
+                again = post(gw, "/chat/completions", key=key, model="counted", messages=MESSAGES, stream=stream)
+                assert again.status_code == 402, again.text
+            assert _Counting.requests == reached
+            account = httpx.get(f"{gw.v1}/account/balance", headers={"Authorization": f"Bearer {key}"}).json()
+            assert account["open_holds"] == 0 and account["balance_micro"] == 100
+            metrics = httpx.get(f"{gw.base_url}/metrics").text
+            assert "llamaserve_upstream_in_flight{" in metrics and all(
+                line.endswith(" 0")
+                for line in metrics.splitlines()
+                if line.startswith("llamaserve_upstream_in_flight{")
+            )
+            served = post(gw, "/chat/completions", model="counted", messages=MESSAGES, max_tokens=5)
+            assert served.status_code == 200 and _Counting.requests == reached + 1
 
 
 def test_dead_engine_is_taken_out_and_probed_back_in(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from llamaserve.protocol.errors import APIError
 
 log = logging.getLogger(__name__)
 AUTH_CACHE_SECONDS = 5.0
+SHORT_OF_CREDITS_SECONDS = 60.0  # after a 402, the account's requests wait for their hold before going upstream
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Platform:
     # A key disabled elsewhere (CLI, another replica) takes effect within AUTH_CACHE_SECONDS; the admin API of
     # this process clears the cache at once.
     auth_cache: dict[str, tuple[Caller, float]] = field(default_factory=dict)
+    short_of_credits: dict[int, float] = field(default_factory=dict)  # account id → until (monotonic)
 
     async def authenticate(self, presented: str) -> Caller:
         digest = hashlib.sha256(presented.encode()).hexdigest()
@@ -146,6 +148,38 @@ class Admission:
     def timeout(self) -> float | None:
         return self.platform.request_timeout if self.platform else None
 
+    @property
+    def short_of_credits(self) -> bool:
+        """Whether this account was refused for credits a moment ago (so its next hold will likely fail too)."""
+        return self.platform is not None and self.platform.short_of_credits.get(self.caller.account_id, 0) > (
+            time.monotonic()
+        )
+
+    async def hold(self) -> None:
+        """Hold the worst-case cost (402 if the balance cannot cover it, the rate limit's tokens given back)."""
+        platform = self.platform
+        if platform is None:
+            return
+        assert self.price is not None
+        self.hold_amount = self.price.cost(self.prompt_tokens, self.reserved_tokens)
+        hold_id = await platform.store.hold(self.caller.account_id, self.hold_amount, self.request_id)
+        if hold_id is None:
+            platform.short_of_credits[self.caller.account_id] = time.monotonic() + SHORT_OF_CREDITS_SECONDS
+            plan = platform.plan(self.caller.plan)
+            await platform.limiter.refund(self.caller.key_prefix, plan, self.prompt_tokens + self.reserved_tokens)
+            balance = (await platform.store.account_by_id(self.caller.account_id)).balance
+            raise APIError(
+                402,
+                f"Insufficient credits: this request may cost up to {format_credits(self.hold_amount)} credits "
+                f"(prompt + max_tokens × n) and the balance is {format_credits(balance)}; add credits or lower "
+                "max_tokens",
+                type="insufficient_credits",
+                code="insufficient_credits",
+                headers=self.headers,
+            )
+        self.hold_id = hold_id
+        platform.active[self.caller.key_id] += 1  # until finish()
+
     def settle_when_closed(self, handles: list[RequestHandle]) -> None:
         """Settle once every handle has closed (finished, failed, or cancelled by a departed client)."""
         open_handles = set(range(len(handles)))
@@ -166,7 +200,7 @@ class Admission:
     def finish(self, completion_tokens: int, status: str, prompt_tokens: int | None = None) -> None:
         """Settle in the background (once): charge `completion_tokens` and the prompt (the real count if known
         now, else the one admitted), release the rest of the hold."""
-        if self.settled or self.platform is None:
+        if self.settled or self.platform is None or not self.hold_id:  # nothing held: nothing to settle
             return
         self.settled = True
         self.platform.active[self.caller.key_id] -= 1
@@ -216,9 +250,10 @@ async def admit(
     prompt_tokens: int,
     completion_tokens: int,
     price: Price | None = None,
+    hold: bool = True,
 ) -> Admission:
     """Rate limit (429) and hold the worst-case cost (402) for a request of `prompt_tokens` that may generate up
-    to `completion_tokens` in all its choices."""
+    to `completion_tokens` in all its choices. With `hold=False` the caller holds later, by `Admission.hold()`."""
     if not accounts_enabled(request):
         return Admission(None, caller, request_id, model_id, prompt_tokens, completion_tokens, 0, UNLIMITED)
     platform = platform_of(request)
@@ -242,21 +277,9 @@ async def admit(
         else:
             message = f"Rate limit reached for plan {plan.name!r}; retry in {decision.retry_after:.1f}s"
         raise APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded", headers=decision.headers())
-    price = price or platform.price
-    worst = price.cost(prompt_tokens, completion_tokens)
-    hold_id = await platform.store.hold(caller.account_id, worst, request_id)
-    if hold_id is None:
-        await platform.limiter.refund(caller.key_prefix, plan, prompt_tokens + completion_tokens)
-        balance = (await platform.store.account_by_id(caller.account_id)).balance
-        raise APIError(
-            402,
-            f"Insufficient credits: this request may cost up to {format_credits(worst)} credits "
-            f"(prompt + max_tokens × n) and the balance is {format_credits(balance)}; add credits or lower max_tokens",
-            type="insufficient_credits",
-            code="insufficient_credits",
-            headers=decision.headers(),
-        )
-    platform.active[caller.key_id] += 1  # until finish()
-    return Admission(
-        platform, caller, request_id, model_id, prompt_tokens, completion_tokens, hold_id, decision, price, worst
+    admission = Admission(
+        platform, caller, request_id, model_id, prompt_tokens, completion_tokens, 0, decision, price or platform.price
     )
+    if hold:
+        await admission.hold()
+    return admission

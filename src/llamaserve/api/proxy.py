@@ -9,6 +9,7 @@ reports in `usage` (streams ask for it with `stream_options.include_usage`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import AsyncIterator
@@ -68,6 +69,14 @@ def prompt_bound(payload: dict[str, Any]) -> int:
     return total
 
 
+def has_images(payload: dict[str, Any]) -> bool:
+    return any(
+        isinstance(part, dict) and part.get("type") == "image_url"
+        for message in payload.get("messages") or []
+        for part in (message.get("content") if isinstance(message.get("content"), list) else [])
+    )
+
+
 async def inline_images(payload: dict[str, Any], spec: ModelSpec, limits: ImageLimits) -> None:
     """Fetch and check every image part here and pass it on as a data URI, so the upstream never fetches an
     address the gateway would refuse."""
@@ -99,31 +108,54 @@ async def proxy(
     budget = (body.max_tokens or default_max) * body.n
     if "vision" not in model.spec.capabilities:  # refuses at the first image part, before holding or fetching
         await inline_images(payload, model.spec, request.app.state.image_limits)
-    admission = await admit(
-        request, caller, request.state.request_id, model.spec.id, n_prompt, budget, model.spec.price
-    )
-    try:
-        await inline_images(payload, model.spec, request.app.state.image_limits)
-    except BaseException:
-        admission.finish(0, "rejected", prompt_tokens=0)
-        raise
-    wants_usage = body.include_usage
+    request_id = request.state.request_id
+    admission = await admit(request, caller, request_id, model.spec.id, n_prompt, budget, model.spec.price, hold=False)
     if body.stream:
         payload["stream_options"] = {"include_usage": True}
+    if has_images(payload) or admission.short_of_credits:
+        # Images are fetched only for a request whose credits are held; an account refused a moment ago waits
+        # for its hold rather than make the upstream start work it will likely not be paid for.
+        await admission.hold()
+        try:
+            await inline_images(payload, model.spec, request.app.state.image_limits)
+        except BaseException:
+            admission.finish(0, "rejected", prompt_tokens=0)
+            raise
+        opening = asyncio.ensure_future(model.router.open(path, payload, body.stream))
+    else:
+        # The upstream call starts while the credits are held, so the hold (a database write) adds no latency.
+        # Nothing reaches the client before the hold is placed; a refused hold cancels the call.
+        opening = asyncio.ensure_future(model.router.open(path, payload, body.stream))
+        try:
+            await admission.hold()
+        except BaseException:
+            await _abandon(opening)
+            raise
     try:
-        upstream, response = await model.router.open(path, payload, body.stream)
+        upstream, response = await opening
     except BaseException:
         admission.finish(0, "error", prompt_tokens=0)  # nothing was produced: nothing to charge
         raise
     if not body.stream:
         return _complete(admission, model, upstream, response)
-    relay = Relay(admission, model, upstream, response, wants_usage)
+    relay = Relay(admission, model, upstream, response, body.include_usage)
     return StreamingResponse(
         relay.events(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **admission.headers},
         background=BackgroundTask(relay.close),
     )
+
+
+async def _abandon(opening: asyncio.Future[tuple[Upstream, UpstreamReply]]) -> None:
+    """Stop an upstream call whose request was refused meanwhile, and give back what it took."""
+    opening.cancel()
+    try:
+        upstream, reply = await opening
+    except BaseException:  # cancelled or failed: Router.open gave its slot back
+        return
+    upstream.outstanding -= 1
+    reply.close()
 
 
 def _complete(admission: Admission, model: UpstreamModel, upstream: Upstream, response: UpstreamReply) -> Any:

@@ -234,6 +234,9 @@ class Router:
                 if not e.retryable or len(tried) >= 2:
                     raise e.error from e
                 continue
+            except BaseException:  # cancelled: the request was refused (or its client left) meanwhile
+                upstream.outstanding -= 1
+                raise
             upstream.succeeded()
             return upstream, response
 
