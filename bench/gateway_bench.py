@@ -2,7 +2,11 @@
 --config` gateway in front of it (key check, rate limit, credit hold, proxy, settlement), interleaved so both
 see the same machine state. Prints latency p50/p99, requests/s and the milliseconds the gateway adds.
 
+With `--engine stub` the upstream is bench/stub_upstream.py, which answers at once: what is left is the gateway's
+own cost, without the engine's noise (nor its competition for the cores).
+
     .venv/bin/python bench/gateway_bench.py --requests 200
+    .venv/bin/python bench/gateway_bench.py --engine stub --requests 1000
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "tempe
 
 @contextlib.contextmanager
 def process(*args: str) -> Iterator[str]:
+    """`llamaserve ARGS` on a free port."""
+    with started([sys.executable, "-m", "llamaserve.cli", *args]) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def started(command: list[str]) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llamaserve.cli", *args, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc, timeout=120)
@@ -60,11 +67,13 @@ async def one(client: httpx.AsyncClient, url: str, model: str, stream: bool) -> 
     return (time.perf_counter() - started) * 1000
 
 
-async def run(engine: str, gateway: str, key: str, n: int, concurrency: int, stream: bool) -> dict[str, list[float]]:
+async def run(
+    engine: str, model: str, gateway: str, key: str, n: int, concurrency: int, stream: bool
+) -> dict[str, list[float]]:
     """Alternate direct and gateway requests, `concurrency` at a time."""
     lat: dict[str, list[float]] = {"direct": [], "gateway": []}
     targets = {
-        "direct": (f"{engine}/v1/chat/completions", MODEL, {}),
+        "direct": (f"{engine}/v1/chat/completions", model, {}),
         "gateway": (f"{gateway}/v1/chat/completions", "smol", {"Authorization": f"Bearer {key}"}),
     }
     clients = {name: httpx.AsyncClient(timeout=60, headers=h) for name, (_, _, h) in targets.items()}
@@ -86,11 +95,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads of the engine")
+    p.add_argument("--engine", choices=("real", "stub"), default="real", help="llamaserve engine, or an instant stub")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, process("engine", "--threads", str(args.threads)) as engine:
+    if args.engine == "stub":
+        upstream, model = started([sys.executable, str(Path(__file__).parent / "stub_upstream.py")]), "stub"
+    else:
+        upstream, model = process("engine", "--threads", str(args.threads)), MODEL
+    with tempfile.TemporaryDirectory() as tmp, upstream as engine:
         config = Path(tmp) / "llamaserve.toml"
         config.write_text(
-            f'[[models]]\nid = "smol"\n[[models.backends]]\ntype = "upstream"\nurl = "{engine}/v1"\nmodel = "{MODEL}"\n'
+            f'[[models]]\nid = "smol"\n[[models.backends]]\ntype = "upstream"\nurl = "{engine}/v1"\nmodel = "{model}"\n'
         )
         with process("serve", "--config", str(config), "--data-dir", tmp) as gateway:
             key = (Path(tmp) / "default.key").read_text().strip()
@@ -98,7 +112,7 @@ def main() -> None:
             print("|---|---|---|---|---|---|")
             for stream in (False, True):
                 for concurrency in (1, 8):
-                    lat = asyncio.run(run(engine, gateway, key, args.requests, concurrency, stream))
+                    lat = asyncio.run(run(engine, model, gateway, key, args.requests, concurrency, stream))
                     d, g = lat["direct"], lat["gateway"]
                     rate = [1000 * concurrency / statistics.mean(x) for x in (d, g)]
                     print(
