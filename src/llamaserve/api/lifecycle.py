@@ -160,4 +160,3 @@ class DrainingServer(uvicorn.Server):
     async def _stop_after_drain(self, sig: int) -> None:
         await self.lifecycle.wait_idle(self.lifecycle.limits.drain_timeout)
         super().handle_exit(sig, None)
-
