@@ -130,7 +130,7 @@ def test_engine_killed_mid_stream_ends_it_with_an_error_charges_what_was_deliver
             # Charged for what reached the client: its text's bytes / 4 (no usage came), not the 2000 held.
             b_after = settled(gw)
             [record] = usage(gw)
-            assert record["status"] == "cancelled"
+            assert record["status"] == "error"
             assert record["completion_tokens"] == math.ceil(len(stream.text.encode()) / 4) < 2000
             assert record["cost_micro"] == (record["prompt_tokens"] + record["completion_tokens"]) * 1000
             assert b_after["balance_micro"] == before - record["cost_micro"]
