@@ -147,7 +147,7 @@ def refusals_once_full_write_nothing(server: Server, body: dict[str, Any]) -> li
         async with httpx.AsyncClient(timeout=120, headers=server.auth) as c:
             url = f"{server.v1}/chat/completions"
             before = settled_records()
-            long = [asyncio.create_task(c.post(url, json={**body, "max_tokens": 200})) for _ in range(2)]
+            long = [asyncio.create_task(c.post(url, json={**body, "max_tokens": 60})) for _ in range(2)]
             while (stats := server.engine_stats())["running"] + stats["waiting"] < 2:
                 await asyncio.sleep(0.05)
             refused = [(await c.post(url, json=body)).status_code for _ in range(2)]
