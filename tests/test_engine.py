@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -128,6 +129,33 @@ def test_queue_bound_gives_503() -> None:
         small = {**body, "max_tokens": 2}
         r = httpx.post(f"{server.v1}/chat/completions", json=small, headers=server.auth, timeout=120)
         assert r.status_code == 200
+        assert refusals_once_full_write_nothing(server, body) == [503, 503]
+
+
+def refusals_once_full_write_nothing(server: Server, body: dict[str, Any]) -> list[int]:
+    """With the slot and the queue taken, requests are refused before any credit hold: no usage row, no ledger
+    write for them (under overload a 503 costs the database nothing)."""
+
+    def settled_records() -> int:
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.v1}/account/balance", headers=server.auth).json()["open_holds"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        return len(httpx.get(f"{server.v1}/account/usage", headers=server.auth).json()["data"])
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(timeout=120, headers=server.auth) as c:
+            url = f"{server.v1}/chat/completions"
+            before = settled_records()
+            long = [asyncio.create_task(c.post(url, json={**body, "max_tokens": 60})) for _ in range(2)]
+            while (stats := server.engine_stats())["running"] + stats["waiting"] < 2:
+                await asyncio.sleep(0.05)
+            refused = [(await c.post(url, json=body)).status_code for _ in range(2)]
+            assert [(await t).status_code for t in long] == [200, 200]
+        assert settled_records() == before + 2  # the two that ran, nothing for the refused
+        return refused
+
+    return asyncio.run(run())
 
 
 def test_second_chat_turn_reuses_the_first() -> None:

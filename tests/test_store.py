@@ -22,7 +22,7 @@ from sqlalchemy import Connection, select, text, update
 from sqlalchemy.engine import make_url
 
 from llamaserve.billing.migrations import alembic_config
-from llamaserve.billing.models import Account, Base, Hold, LedgerEntry, UsageRecord
+from llamaserve.billing.models import Account, Base, Gateway, Hold, LedgerEntry, UsageRecord
 from llamaserve.billing.store import AuthError, Caller, Store, StoreError, Usage
 from tests.conftest import postgres_database
 
@@ -508,6 +508,36 @@ def test_release_stale_holds_releases_only_old_open_holds(run: Run) -> None:
         assert statuses == {old: "settled", fresh: "open", old_settled: "settled"}
         assert set(await usage_records(store, account.id)) == {"r2"}  # no usage record for a released hold
         assert await store.release_stale_holds(dt.timedelta(minutes=10)) == 0
+
+    run(body)
+
+
+def test_holds_of_a_gateway_that_stopped_beating_are_released_by_another(run: Run) -> None:
+    """Three gateways on one store: `dead` stopped beating 11 s ago, `live` beat just now, `me` sweeps. Only
+    the dead one's fresh hold is released (uncharged); a hold from before owners were recorded waits for age."""
+
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        me = store.instance
+        holds = {}
+        for owner in ("dead", "live", me):
+            store.instance = owner
+            await store.heartbeat()
+            holds[owner] = await store.hold(account.id, 10, f"r-{owner}")
+        store.instance = me
+        legacy = await store.hold(account.id, 10, "r-legacy")
+        async with store.engine.begin() as conn:
+            await conn.execute(update(Hold).where(Hold.id == legacy).values(owner=None))
+            silent_since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=11)
+            await conn.execute(update(Gateway).where(Gateway.id == "dead").values(heartbeat_at=silent_since))
+
+        released = await store.release_stale_holds(dt.timedelta(hours=1), dead_after=dt.timedelta(seconds=10))
+        assert released == 1
+        async with store.engine.connect() as conn:
+            statuses = dict((await conn.execute(select(Hold.request_id, Hold.status))).all())
+        assert statuses == {"r-dead": "settled", "r-live": "open", f"r-{me}": "open", "r-legacy": "open"}
+        assert await balance(store, account.id) == 100 - 3 * 10
+        assert await store.release_stale_holds(dt.timedelta(hours=1), dead_after=dt.timedelta(seconds=10)) == 0
 
     run(body)
 

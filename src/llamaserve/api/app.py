@@ -69,7 +69,9 @@ async def _answers(probe: Awaitable[None], timeout: float = 2.0) -> bool:
 
 async def _open_platform(config: PlatformConfig) -> Platform:
     store = await open_store(config.url, config.data_dir)
-    released = await store.release_stale_holds(stale_hold_age(config.request_timeout))
+    await store.heartbeat()  # alive before the first hold: other gateways must not take its holds for orphans
+    stale_after = stale_hold_age(config.request_timeout)
+    released = await store.release_stale_holds(stale_after)
     if released:
         log.warning("released %d credit holds left open by an earlier process", released)
     return Platform(
@@ -79,6 +81,7 @@ async def _open_platform(config: PlatformConfig) -> Platform:
         request_timeout=config.request_timeout,
         admin_key=config.admin_key,
         max_concurrent_per_key=config.max_concurrent_per_key,
+        stale_after=stale_after,
     )
 
 
@@ -106,6 +109,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         platform = await _open_platform(platform_config) if platform_config else None
         app.state.platform = platform
+        beating = asyncio.get_running_loop().create_task(platform.keep_alive()) if platform else None
         app.state.upstream_models = _upstream_models(registry)
         for upstream_model in app.state.upstream_models.values():
             upstream_model.router.start_health_checks()
@@ -114,6 +118,8 @@ def create_app(
         try:
             yield
         finally:
+            if beating is not None:
+                beating.cancel()
             for upstream in app.state.upstream_models.values():
                 await upstream.router.close()
             if model is not None:

@@ -20,6 +20,7 @@ from llamaserve.api.common import (
     engine_error,
     get_model,
     new_id,
+    refuse_when_full,
     sse,
     sse_response,
     submit,
@@ -228,6 +229,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     # The hold is sized from the tokenized prompt, image tokens included.
     n_prompt = plan.prompt.n_tokens
     budget = completion_budget(model, [n_prompt], plan.params, body.n)
+    refuse_when_full(model, body.n)
     admission = await admit(
         request, caller, request.state.request_id, model.id, n_prompt, budget, request.app.state.local_price
     )

@@ -57,6 +57,20 @@ def completion_budget(model: LocalModel, prompt_sizes: list[int], params: Sampli
     return n * sum(max(0, min(params.max_tokens, model.max_model_len - size)) for size in prompt_sizes)
 
 
+def _overloaded(message: str) -> APIError:
+    return APIError(503, message, type="server_overloaded", code="engine_overloaded", headers={"Retry-After": "1"})
+
+
+def refuse_when_full(model: LocalModel, sequences: int) -> None:
+    """503 before any hold when the engine's queue cannot take `sequences` more: under overload a refusal then
+    costs no database write (submit checks again, exactly; this is the cheap early answer)."""
+    engine = model.engine
+    if engine.outstanding + sequences > engine.n_slots + engine.max_waiting:
+        raise _overloaded(
+            f"the engine is at capacity ({engine.n_slots} running, {engine.max_waiting} queued); retry shortly"
+        )
+
+
 def submit(
     model: LocalModel,
     prompts: Sequence[Sequence[int] | Sequence[Chunk]],
@@ -77,9 +91,7 @@ def submit(
         admission.settle_soon([])
         if isinstance(e, InvalidPrompt):
             raise invalid(str(e), param, code=e.code) from e
-        raise APIError(
-            503, str(e), type="server_overloaded", code="engine_overloaded", headers={"Retry-After": "1"}
-        ) from e
+        raise _overloaded(str(e)) from e
     admission.settle_when_closed(handles)
     return handles
 

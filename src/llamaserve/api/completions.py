@@ -19,6 +19,7 @@ from llamaserve.api.common import (
     get_model,
     merged,
     new_id,
+    refuse_when_full,
     sse,
     sse_response,
     submit,
@@ -68,6 +69,7 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
     )
     budget = completion_budget(model, [len(p) for p in prompts], params, body.n)
     prompt_tokens = sum(len(p) for p in prompts)
+    refuse_when_full(model, len(prompts) * body.n)
     admission = await admit(
         request, caller, request.state.request_id, model.id, prompt_tokens, budget, request.app.state.local_price
     )

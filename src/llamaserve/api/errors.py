@@ -10,8 +10,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
+from llamaserve.billing.store import database_unavailable
 from llamaserve.protocol.errors import APIError, ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,12 @@ async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     """A bug: log it with its request id; the client gets that id and nothing of the traceback. (This handler
     runs outside the request-id middleware, so it sets the header itself.)"""
+    response = _internal_error(request)
+    response.headers["x-request-id"] = getattr(request.state, "request_id", "unknown")
+    return response
+
+
+def _internal_error(request: Request) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "unknown")
     log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
     detail = ErrorDetail(
@@ -113,11 +122,30 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         type="server_error",
         code="internal_error",
     )
-    return error_response(500, detail, {"x-request-id": request_id})
+    return error_response(500, detail)
+
+
+async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
+    """The database out of reach is the service being unavailable for a moment (503, retry), not a bug: one log
+    line, no traceback per request. Each store call is one transaction, so nothing was half-written. (This
+    handler runs inside the request-id middleware, which adds the header.)"""
+    if not database_unavailable(exc):
+        return _internal_error(request)
+    request_id = getattr(request.state, "request_id", "unknown")
+    log.warning("database unavailable on %s %s (request %s): %s", request.method, request.url.path, request_id, exc)
+    detail = ErrorDetail(
+        message=f"The service is unavailable for a moment (request id {request_id}); retry shortly",
+        type="server_unavailable",
+        code="database_unavailable",
+    )
+    return error_response(503, detail, {"Retry-After": "2"})
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(APIError, _on_api_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _on_http_error)  # type: ignore[arg-type]
+    # Database outages: handled here rather than by the catch-all, which Starlette re-raises (a traceback each).
+    for kind in (DBAPIError, PoolTimeout, ConnectionError, TimeoutError):
+        app.add_exception_handler(kind, _on_database_error)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -25,6 +25,7 @@ from pydantic.json_schema import models_json_schema
 
 from llamaserve.api.admin import require_admin
 from llamaserve.api.auth import PRESESSION_COOKIE, csrf_header, require_session
+from llamaserve.api.lifecycle import PROBES
 from llamaserve.api.platform import require_caller
 from llamaserve.protocol.chat import ChatCompletionChunk
 from llamaserve.protocol.completions import CompletionChunk
@@ -44,7 +45,8 @@ STATUS_TEXT = {
     429: "Over a rate limit (`Retry-After` says when to come back).",
     500: "A bug or an engine failure; the message carries the request id, never a traceback.",
     502: "An upstream engine is unreachable, reset the connection or failed (bad_gateway).",
-    503: "The engine's queue is full (engine_overloaded, `Retry-After`).",
+    503: "Try again later (`Retry-After`): the engine's queue is full (engine_overloaded), the database is "
+    "unreachable (database_unavailable) or the server is shutting down (shutting_down).",
     504: "Ran past the request timeout (request_timeout) or an upstream's (upstream_timeout).",
 }
 INFERENCE = (402, 404, 429, 502, 503, 504)
@@ -194,6 +196,8 @@ def _fix_operation(operation: dict[str, Any], route: RouteContext, method: str, 
     if security:
         operation["security"] = security
     statuses |= {500, *ROUTE_ERRORS.get((method, route.path_format), ())}
+    if route.path_format not in PROBES:  # a drain or a database outage can refuse any other route
+        statuses.add(503)
     if _takes_input(operation):
         statuses.add(400)
     for status in sorted(statuses):

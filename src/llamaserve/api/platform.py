@@ -9,6 +9,7 @@ whether the request finished, failed, timed out or lost its client.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import logging
 import time
@@ -20,13 +21,18 @@ from fastapi import Depends, Request
 
 from llamaserve.billing.limits import PLANS, UNLIMITED, Decision, Plan, RateLimiter
 from llamaserve.billing.pricing import Price, format_credits
-from llamaserve.billing.store import AuthError, Caller, Store, Usage
+from llamaserve.billing.store import AuthError, Caller, Store, Usage, database_unavailable
 from llamaserve.engine import RequestHandle
 from llamaserve.protocol.errors import APIError
 
 log = logging.getLogger(__name__)
 AUTH_CACHE_SECONDS = 5.0
 SHORT_OF_CREDITS_SECONDS = 60.0  # after a 402, the account's requests wait for their hold before going upstream
+# Waits between tries of a settlement the database could not take: one back within a minute still gets it.
+SETTLE_RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+HEARTBEAT_SECONDS = 2.0  # how often a gateway says it is alive (the owner of its holds)
+DEAD_AFTER = dt.timedelta(seconds=10)  # a gateway silent this long is dead: its holds are released
+DRAIN_SECONDS = 10.0  # at shutdown, how long settlements still trying may take before they are left to the sweep
 
 
 @dataclass
@@ -37,6 +43,7 @@ class Platform:
     request_timeout: float  # seconds a request may run before it gets 504
     admin_key: str | None = None  # guards /admin/...; None: admin API off
     max_concurrent_per_key: int = 128  # inference requests one key may have open at once (streams included)
+    stale_after: dt.timedelta = dt.timedelta(hours=1)  # a hold older than this belongs to no live request
     active: Counter[int] = field(default_factory=Counter)  # open inference requests by key id
     settling: set[asyncio.Task[None]] = field(default_factory=set)  # settlements in flight (awaited at shutdown)
     # Recently authenticated keys (by the key's hash, never the key), so a busy key costs no query per request.
@@ -57,12 +64,29 @@ class Platform:
         self.auth_cache[digest] = (caller, now + AUTH_CACHE_SECONDS)
         return caller
 
+    async def keep_alive(self) -> None:
+        """Beat every HEARTBEAT_SECONDS and release the holds of gateways that stopped beating (killed, crashed),
+        charging nothing. This process sweeps only once its own beats have gone through for DEAD_AFTER without a
+        gap: after a database outage every gateway missed beats, and live ones must have beaten again first."""
+        steady_since = time.monotonic()
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                await self.store.heartbeat()
+                if time.monotonic() - steady_since >= DEAD_AFTER.total_seconds():
+                    released = await self.store.release_stale_holds(self.stale_after, DEAD_AFTER)
+                    if released:
+                        log.warning("released %d credit holds of gateways that stopped", released)
+            except Exception as e:  # the database out of reach: beat again next time
+                log.warning("heartbeat failed: %s", e)
+                steady_since = time.monotonic()
+
     def plan(self, name: str) -> Plan:
         return PLANS.get(name, PLANS["free"])
 
     async def drain(self) -> None:
         if self.settling:
-            await asyncio.gather(*self.settling, return_exceptions=True)
+            await asyncio.wait(self.settling, timeout=DRAIN_SECONDS)
 
 
 # `llamaserve engine` serves without accounts (a gateway in front does the accounting): everyone is this caller.
@@ -234,12 +258,26 @@ class Admission:
             int((time.monotonic() - self.started) * 1000),
         )
         try:
-            await platform.store.settle(self.hold_id, charge, usage, self.caller.key_id)
+            await self._store_settlement(charge, usage)
             unused = self.reserved_tokens - completion_tokens
             if unused > 0:
                 await platform.limiter.refund(self.caller.key_prefix, platform.plan(self.caller.plan), unused)
-        except Exception:  # the hold stays open and is released at the next start; say so loudly
+        except Exception:  # the hold stays open and the sweep releases it, uncharged; say so loudly
             log.exception("could not settle hold %s of request %s", self.hold_id, self.request_id)
+
+    async def _store_settlement(self, charge: int, usage: Usage) -> None:
+        """Settle in the store, trying again while the database is out of reach. Safe to repeat: a settlement
+        that committed although its answer was lost is found settled and not charged twice."""
+        assert self.platform is not None
+        for wait in (*SETTLE_RETRY_SECONDS, None):
+            try:
+                await self.platform.store.settle(self.hold_id, charge, usage, self.caller.key_id)
+                return
+            except Exception as e:
+                if wait is None or not database_unavailable(e):
+                    raise
+                log.warning("settling hold %s: database unavailable (%s); retrying in %gs", self.hold_id, e, wait)
+                await asyncio.sleep(wait)
 
 
 async def admit(

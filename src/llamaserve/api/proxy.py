@@ -193,6 +193,7 @@ class Relay:
         self.usage: dict[str, Any] = {}
         self.text_bytes = 0
         self.done = False
+        self.broken = False  # the upstream broke the stream (not the client leaving)
         self.closed = False
 
     async def events(self) -> AsyncIterator[str]:
@@ -209,6 +210,7 @@ class Relay:
                     yield event
         except (aiohttp.ClientError, TimeoutError):
             # Bytes already went to the client: no retry, no new status; end the stream with an error event.
+            self.broken = True
             yield sse(
                 {
                     "error": {
@@ -247,4 +249,5 @@ class Relay:
             prompt, completion = int(self.usage.get("prompt_tokens") or 0), int(self.usage["completion_tokens"])
         else:
             prompt, completion = None, math.ceil(self.text_bytes / 4)
-        self.admission.finish(completion, "ok" if self.done else "cancelled", prompt_tokens=prompt)
+        status = "ok" if self.done else "error" if self.broken else "cancelled"
+        self.admission.finish(completion, status, prompt_tokens=prompt)

@@ -73,8 +73,21 @@ class Hold(Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="open")  # open | settled
     created_at: Mapped[dt.datetime] = _now()
     settled_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The gateway process that took it (Gateway.id); None: taken before processes were tracked.
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     __table_args__ = (Index("ix_holds_status_created", "status", "created_at"),)
+
+
+class Gateway(Base):
+    """A running gateway process, as long as it keeps beating: the holds of one that stopped beating belong to no
+    live request (it crashed or was killed) and any other process may release them."""
+
+    __tablename__ = "gateways"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    started_at: Mapped[dt.datetime] = _now()
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
 class LedgerEntry(Base):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -35,15 +36,17 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from llamaserve.billing.keys import generate_key, parse_key, secret_matches
-from llamaserve.billing.models import Account, ApiKey, Hold, LedgerEntry, UsageRecord, WebSession
+from llamaserve.billing.models import Account, ApiKey, Gateway, Hold, LedgerEntry, UsageRecord, WebSession
 from llamaserve.billing.passwords import new_session_token, token_hash
 
 T = TypeVar("T")
@@ -98,6 +101,25 @@ class UsageBucket:
     cost: int
 
 
+# PostgreSQL SQLSTATEs that say the database cannot be reached or cannot take us now, not that a query is wrong:
+# class 08 (connection exception), admin/crash shutdown, starting up, too many connections, no such database.
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", "3D000")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means the database is out of reach for now (down, restarting, connection lost, SQLite busy):
+    a client should retry (503) and the server recovers by itself, unlike a wrong query (a bug: 500)."""
+    if isinstance(exc, DBAPIError):
+        sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+        return (
+            exc.connection_invalidated
+            or isinstance(exc, (OperationalError, InterfaceError))
+            or sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+        )
+    # No pooled connection came free; or the driver failed to connect (asyncpg raises these unwrapped).
+    return isinstance(exc, (PoolTimeout, ConnectionError, TimeoutError))
+
+
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite+aiosqlite:///{data_dir / 'llamaserve.db'}"
 
@@ -109,8 +131,11 @@ def _now() -> dt.datetime:
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
+        self.instance = uuid.uuid4().hex  # this process, as the owner of the holds it takes (see heartbeat)
         self.is_sqlite = url.startswith("sqlite")
-        self.engine: AsyncEngine = create_async_engine(url, connect_args={"timeout": 30} if self.is_sqlite else {})
+        # PostgreSQL: a connection attempt gives up after 5 s (asyncpg's default is 60 s), so requests during an
+        # outage get their 503 promptly. SQLite: the busy timeout.
+        self.engine: AsyncEngine = create_async_engine(url, connect_args={"timeout": 30 if self.is_sqlite else 5})
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
@@ -397,7 +422,7 @@ class Store:
         """Reserve `amount` for a request; returns the hold's id, or None if the balance cannot cover it."""
         if amount < 0:
             raise ValueError(f"a hold cannot be negative ({amount})")
-        return await self._transaction(_hold, account_id, amount, request_id)
+        return await self._transaction(_hold, account_id, amount, request_id, self.instance)
 
     async def settle(self, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
         """Release a hold and charge what was used (at most the hold), with the usage record, in one
@@ -420,15 +445,29 @@ class Store:
         with self._sqlite_engine.begin() as conn:
             return work(conn, *args)
 
-    async def release_stale_holds(self, older_than: dt.timedelta) -> int:
+    async def heartbeat(self) -> None:
+        """Say this process is alive (the owner of its open holds); call more often than `dead_after` below, and
+        before taking the first hold."""
+        await self._transaction(_beat, self.instance)
+
+    async def release_stale_holds(self, older_than: dt.timedelta, dead_after: dt.timedelta | None = None) -> int:
         """Release holds left open by a process that died mid-request (charging nothing: what it produced was
-        never reported). Only holds older than any live request could be, so other replicas are safe."""
-        cutoff = _now() - older_than
+        never reported): holds older than any live request could be, and, with `dead_after`, the holds of every
+        other process that has not beaten for that long. Live processes' holds are safe."""
+        now = _now()
+        stale = Hold.created_at < now - older_than
+        if dead_after is not None:
+            alive = select(Gateway.id).where(Gateway.heartbeat_at >= now - dead_after)
+            orphaned = Hold.owner.is_not(None) & (Hold.owner != self.instance) & Hold.owner.not_in(alive)
+            stale = or_(stale, orphaned)
         async with self._sessions() as s:
-            stale = list(await s.scalars(select(Hold.id).where(Hold.status == "open", Hold.created_at < cutoff)))
+            ids = list(await s.scalars(select(Hold.id).where(Hold.status == "open", stale)))
         settled = 0
-        for hold_id in stale:
+        for hold_id in ids:
             settled += await self.settle(hold_id, 0, None, key_id=0)
+        if dead_after is not None:  # forget processes dead for long (their holds are released by now)
+            async with self._write() as w:
+                await w.execute(delete(Gateway).where(Gateway.heartbeat_at < now - 10 * dead_after))
         return settled
 
     async def open_holds(self, account_id: int | None = None) -> int:
@@ -523,12 +562,20 @@ _CREDIT = (
 _RECORD_USAGE = insert(_usage)
 
 
-def _hold(conn: Connection, account_id: int, amount: int, request_id: str) -> int | None:
+def _beat(conn: Connection, instance: str) -> None:
+    now = _now()
+    beat = conn.execute(update(Gateway).where(Gateway.id == instance).values(heartbeat_at=now))
+    if beat.rowcount == 0:
+        conn.execute(insert(Gateway).values(id=instance, started_at=now, heartbeat_at=now))
+
+
+def _hold(conn: Connection, account_id: int, amount: int, request_id: str, owner: str) -> int | None:
     if conn.execute(_TAKE, {"account_id": account_id, "amount": amount}).rowcount == 0:
         return None
     now = _now()
     hold_id = conn.scalar(
-        _OPEN_HOLD, {"account_id": account_id, "request_id": request_id, "amount": amount, "created_at": now}
+        _OPEN_HOLD,
+        {"account_id": account_id, "request_id": request_id, "amount": amount, "owner": owner, "created_at": now},
     )
     ledger = {"account_id": account_id, "kind": "hold", "amount": -amount, "hold_id": hold_id, "note": request_id}
     conn.execute(_LEDGER, {**ledger, "created_at": now})
