@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MODEL, Server, free_port, postgres_database, start_server
+from tests.conftest import MODEL, Server, free_port, postgres_database, redis_url, start_server
 from tests.test_gateway import GATEWAY_MODEL, registry
 
 ADMIN = "faults-admin-key"
@@ -56,13 +56,10 @@ def settled(server: Server, key: str | None = None, timeout: float = 10) -> dict
     return b
 
 
-def new_account(server: Server, name: str, credits: str) -> str:
+def new_account(server: Server, name: str, credits: str, plan: str = "unlimited") -> str:
     headers = {"Authorization": f"Bearer {ADMIN}"}
     with httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as admin:
-        assert (
-            admin.post("/admin/accounts", json={"name": name, "plan": "unlimited", "credits": credits}).status_code
-            == 201
-        )
+        assert admin.post("/admin/accounts", json={"name": name, "plan": plan, "credits": credits}).status_code == 201
         r = admin.post(f"/admin/accounts/{name}/keys", json={"name": "faults"})
         assert r.status_code == 201, r.text
         return r.json()["key"]
@@ -216,7 +213,7 @@ def test_gateway_killed_under_load_restarts_with_consistent_books(tmp_path: Path
 
 # --- the database out of reach -------------------------------------------------------------------------------------
 class CuttableProxy:
-    """A TCP proxy in front of PostgreSQL: `cut()` resets every connection and refuses new ones (the database
+    """A TCP proxy in front of PostgreSQL or Redis: `cut()` resets every connection and refuses new ones (the database
     went away), `restore()` listens again on the same port."""
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -339,6 +336,32 @@ def test_database_outage_is_503_then_recovers_without_restart() -> None:
             assert [r["status"] for r in records].count("ok") >= 3
             assert b["balance_micro"] == 100_000_000 - sum(r["cost_micro"] for r in records)
         assert postgres_books(url) == CONSISTENT
+
+
+@pytest.mark.slow
+def test_redis_outage_is_503_then_recovers_without_restart() -> None:
+    """The shared rate limits live in Redis: without it nothing can be admitted (503, never a hang or a 500),
+    and with it back requests go through again, with the same process."""
+    proxy = CuttableProxy(("127.0.0.1", 6379))
+    via_proxy = redis_url().replace("127.0.0.1:6379", f"127.0.0.1:{proxy.port}")
+    assert f":{proxy.port}" in via_proxy
+    with start_server("--parallel", "2", *PRICED, "--redis-url", via_proxy) as server:
+        key = new_account(server, "limited", "100", plan="pro")  # a plan with limits: every request asks Redis
+        assert chat(server, key).status_code == 200
+        proxy.cut()
+        started = time.monotonic()
+        unavailable(chat(server, key))
+        unavailable(chat(server, key, stream=True))
+        assert time.monotonic() - started < 15  # refused promptly, not after a hang
+        proxy.restore()
+        deadline = time.monotonic() + 15
+        while (r := chat(server, key)).status_code != 200:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.2)
+        b = settled(server, key)
+        records = usage(server, key)
+        assert [r["status"] for r in records] == ["ok", "ok"] and b["open_holds"] == 0  # the refused held nothing
+        assert b["balance_micro"] == 100_000_000 - sum(r["cost_micro"] for r in records)
 
 
 # --- slow clients --------------------------------------------------------------------------------------------------

@@ -265,13 +265,20 @@ def _limit_arg(limit: int | None) -> int:
     return -1 if limit is None else limit
 
 
+REDIS_TIMEOUT = 2.0  # seconds to connect to Redis or hear back from it: a hung Redis must not hang requests
+
+
+class LimiterUnavailable(ConnectionError):
+    """Redis, which keeps the shared rate limits, is out of reach: nothing can be admitted for now (503, retry)."""
+
+
 class RedisLimiter:
     """Token buckets in Redis, shared by gateway replicas; one Lua script decides both buckets atomically."""
 
     def __init__(self, url: str, prefix: str = "llamaserve:ratelimit:") -> None:
         from redis.asyncio import Redis  # imported here: Redis is needed only with --redis-url
 
-        self._redis: Redis = Redis.from_url(url)
+        self._redis: Redis = Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
         self._script = self._redis.register_script(_SCRIPT)  # EVALSHA, loading the script when Redis lacks it
         self._prefix = prefix
 
@@ -280,8 +287,14 @@ class RedisLimiter:
         return [f"{self._prefix}{{{key}}}:requests", f"{self._prefix}{{{key}}}:tokens"]
 
     async def _run(self, op: str, key: str, plan: Plan, tokens: int) -> list[bytes]:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
         args = [op, _limit_arg(plan.requests_per_minute), _limit_arg(plan.tokens_per_minute), tokens]
-        return await self._script(keys=self._keys(key), args=args)
+        try:
+            return await self._script(keys=self._keys(key), args=args)
+        except (RedisConnectionError, RedisTimeoutError) as e:  # the client reconnects by itself at the next call
+            raise LimiterUnavailable(f"Redis is out of reach ({e})") from e
 
     async def acquire(self, key: str, plan: Plan, tokens: int) -> Decision:
         if _is_unlimited(plan, tokens):
