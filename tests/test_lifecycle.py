@@ -153,7 +153,7 @@ def test_slow_body_is_408(limited: Server) -> None:
     with socket.create_connection((host, int(port)), timeout=10) as s:
         head = (
             f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {limited.api_key}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":"
+            'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model":'
         )
         s.sendall(head.encode())
         started = time.monotonic()

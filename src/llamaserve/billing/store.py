@@ -462,7 +462,6 @@ class Store:
         async with self._sessions() as s:
             return list(await s.scalars(query.order_by(UsageRecord.id.desc()).limit(limit)))
 
-
     async def usage_summary(
         self, account_id: int, since: dt.datetime, until: dt.datetime, bucket_seconds: int
     ) -> list[UsageBucket]:
