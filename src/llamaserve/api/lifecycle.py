@@ -83,8 +83,9 @@ class LifecycleMiddleware:
             self.lifecycle.ended()
 
 
-class _BodyRefused(Exception):
-    pass
+class _BodyRefused(BaseException):
+    """The body was refused (408/413) and the error sent. A BaseException: FastAPI turns an Exception raised
+    while it reads a body into a 400, whose second response start uvicorn refuses, logged as an unhandled error."""
 
 
 def _bounded(scope: Scope, receive: Receive, send: Send, limits: Limits) -> Receive:

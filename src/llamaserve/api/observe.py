@@ -204,12 +204,13 @@ class ObserveMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())
-        status = 0
+        status, error = 0, None
 
         async def send_observed(message: Message) -> None:
-            nonlocal status
+            nonlocal status, error
             if message["type"] == "http.response.start":
-                status = message["status"]
+                if not status:  # the response the client got: a refusal mid-body may be followed by another try
+                    status, error = message["status"], state.get("error_code")
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
@@ -217,19 +218,17 @@ class ObserveMiddleware:
             await self.app(scope, receive, send_observed)
         except Exception:
             if not status:  # the app's 500 handler answers outside this middleware
-                status = 500
-                state["error_code"] = "internal_error"
+                status, error = 500, "internal_error"
             raise
         finally:
             try:
-                self._record(scope, state, status, started)
+                self._record(scope, state, status, error if status >= 400 else None, started)
             except Exception:  # observing must never fail a request
                 log.exception("could not record request %s", request_id)
 
-    def _record(self, scope: Scope, state: dict[str, Any], status: int, started: float) -> None:
+    def _record(self, scope: Scope, state: dict[str, Any], status: int, error: str | None, started: float) -> None:
         seconds = time.perf_counter() - started
         route = getattr(scope.get("route"), "path", None) or "unmatched"  # the template: bounded labels
-        error = state.get("error_code") if status >= 400 else None
         self.metrics.response(route, scope["method"], status, error, seconds)
         admission: Admission | None = state.get("admission")
         ttft = None
@@ -238,7 +237,7 @@ class ObserveMiddleware:
             self.metrics.generation(admission, ttft)
         level = logging.DEBUG if scope["path"] in PROBES else logging.INFO  # scrapes and probes are noise
         if access_log.isEnabledFor(level):
-            fields = _fields(scope, state, status, seconds, admission, ttft)
+            fields = _fields(scope, state, status, error, seconds, admission, ttft)
             access_log.log(level, "request", extra={"fields": fields})
 
 
@@ -247,7 +246,13 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _fields(
-    scope: Scope, state: dict[str, Any], status: int, seconds: float, admission: Admission | None, ttft: float | None
+    scope: Scope,
+    state: dict[str, Any],
+    status: int,
+    error: str | None,
+    seconds: float,
+    admission: Admission | None,
+    ttft: float | None,
 ) -> dict[str, Any]:
     caller: Caller | None = state.get("caller")
     known = caller is not None and caller.key_id != 0  # `engine` serves everyone as an anonymous caller
@@ -265,5 +270,5 @@ def _fields(
         "completion_tokens": admission.completion_tokens if admission else None,
         "ttft_ms": _ms(ttft),
         "outcome": admission.outcome if admission else None,
-        "error": state.get("error_code") if status >= 400 else None,
+        "error": error,
     }
