@@ -17,9 +17,17 @@ FORMATS = ("json", "text")
 LEVELS = ("debug", "info", "warning", "error")
 
 
+_ENCODER = json.JSONEncoder(default=str)  # made once: json.dumps(default=...) builds an encoder every call
+_second: tuple[int, str] = (-1, "")  # the last second formatted (strftime is most of a timestamp's cost)
+
+
 def _timestamp(created: float) -> str:
     """RFC 3339 in UTC with milliseconds: 2026-01-02T03:04:05.678Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    global _second
+    whole = int(created)
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((created - whole) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,7 +43,7 @@ class JsonFormatter(logging.Formatter):
             line.update(fields)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)  # ASCII: a path's control characters cannot break the line
+        return _ENCODER.encode(line)  # ASCII: a path's control characters cannot break the line
 
 
 class TextFormatter(logging.Formatter):
@@ -58,5 +66,9 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Nothing we print needs the caller's file and line, thread or process: skip computing them for each record
+    # (the logging docs' own advice; the caller lookup walks the stack, and the access log writes a line a request).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     if root.level > logging.DEBUG:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # its migration chatter at every start
