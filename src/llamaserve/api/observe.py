@@ -255,15 +255,16 @@ def _fields(
     ttft: float | None,
 ) -> dict[str, Any]:
     caller: Caller | None = state.get("caller")
-    known = caller is not None and caller.key_id != 0  # `engine` serves everyone as an anonymous caller
+    if caller is not None and caller.key_id == 0:
+        caller = None  # `engine` serves everyone as an anonymous caller
     return {
         "request_id": state["request_id"],
         "method": scope["method"],
         "path": scope["path"],
         "status": status,
         "latency_ms": _ms(seconds),
-        "account_id": caller.account_id if known else None,  # type: ignore[union-attr]
-        "key_prefix": caller.key_prefix if known else None,  # type: ignore[union-attr]
+        "account_id": caller.account_id if caller else None,
+        "key_prefix": caller.key_prefix if caller else None,
         "model": admission.model_id if admission else None,
         "backend": admission.backend if admission else None,
         "prompt_tokens": admission.prompt_tokens if admission and admission.outcome else None,
