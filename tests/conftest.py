@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -34,7 +35,39 @@ class Server:
     base_url: str  # http://127.0.0.1:PORT
     process: subprocess.Popen[bytes]
     data_dir: Path
+    log_path: Path  # the process's stdout and stderr (a file: a pipe nobody reads fills and blocks the server)
     api_key: str = ""  # the default account's key, made at first start
+    final_log: str | None = None  # the whole log, kept when the server stops (its directory goes)
+
+    def log_text(self) -> str:
+        if self.final_log is not None:
+            return self.final_log
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The JSON log lines so far (other output, such as the start-up banner, left out)."""
+        lines = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    pass  # a line being written
+        return lines
+
+    def access_log(self, request_id: str, timeout: float = 10) -> list[dict[str, Any]]:
+        """The access-log lines of one request, once there is one (they are written when the response has
+        ended, a moment after the client saw its last byte)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [
+                line
+                for line in self.log_lines()
+                if line.get("logger") == "llamaserve.access" and line.get("request_id") == request_id
+            ]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
     @property
     def v1(self) -> str:
@@ -91,12 +124,17 @@ def start_server(
             *(["--data-dir", str(data)] if command == "serve" else []),
             *args,
         ]
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        server = Server(f"http://127.0.0.1:{port}", process, data)
-        with _running(server):
-            key_file = data / "default.key"
-            server.api_key = key_file.read_text().strip() if key_file.exists() else ""
-            yield server
+        log_path = Path(tmp) / "server.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        server = Server(f"http://127.0.0.1:{port}", process, data, log_path)
+        try:
+            with _running(server):
+                key_file = data / "default.key"
+                server.api_key = key_file.read_text().strip() if key_file.exists() else ""
+                yield server
+        finally:
+            server.final_log = server.log_text()
 
 
 @contextmanager
@@ -106,8 +144,7 @@ def _running(server: Server) -> Iterator[None]:
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
-                out = process.stdout.read().decode() if process.stdout else ""
-                raise RuntimeError(f"llamaserve exited with {process.returncode}:\n{out}")
+                raise RuntimeError(f"llamaserve exited with {process.returncode}:\n{server.log_text()}")
             try:
                 if httpx.get(f"{server.base_url}/health", timeout=1).status_code == 200:
                     break

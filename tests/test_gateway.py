@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from tests.conftest import MODEL, Server, free_port, send_json, serve_http, start_server
 
@@ -179,17 +181,58 @@ def test_requests_spread_over_both_engines(gateway: Server, engines: list[Server
 def test_metrics_show_each_upstream(gateway: Server, engines: list[Server]) -> None:
     assert post(gateway, "/chat/completions", model=GATEWAY_MODEL, messages=MESSAGES, max_tokens=2).status_code == 200
     text = httpx.get(f"{gateway.base_url}/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in metric_samples(text)}
     for engine in engines:
-        labels = f'model="{GATEWAY_MODEL}",backend="{engine.v1}"'
-        assert f"llamaserve_upstream_healthy{{{labels}}} 1" in text
-        assert f"llamaserve_upstream_in_flight{{{labels}}} 0" in text
-    served = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("llamaserve_upstream_requests_total") and 'status="200"' in line
-    ]
+        labels = (("backend", engine.v1), ("model", GATEWAY_MODEL))
+        assert samples[("llamaserve_upstream_healthy", labels)] == 1
+        assert samples[("llamaserve_upstream_in_flight", labels)] == 0
+    served = [v for (name, labels), v in samples.items() if name == "llamaserve_upstream_requests_total"]
     assert served and sum(served) >= 1
     assert "# TYPE llamaserve_upstream_first_byte_seconds summary" in text
+
+
+def metric_samples(text: str) -> list[Sample]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def test_gateway_logs_the_upstream_that_served(gateway: Server, engines: list[Server]) -> None:
+    r = post(gateway, "/chat/completions", model=GATEWAY_MODEL, messages=MESSAGES, max_tokens=3, ignore_eos=True)
+    assert r.status_code == 200
+    [line] = gateway.access_log(r.headers["x-request-id"])
+    assert line["backend"] in {e.v1 for e in engines} and line["model"] == GATEWAY_MODEL
+    assert (line["status"], line["outcome"], line["completion_tokens"]) == (200, "ok", 3)
+    assert line["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    # The engine that served it logged the request too, with no account (a gateway does the accounting).
+    served = next(e for e in engines if e.v1 == line["backend"])
+    engine_lines = [
+        entry
+        for entry in served.log_lines()
+        if entry.get("logger") == "llamaserve.access" and entry.get("path") == "/v1/chat/completions"
+    ]
+    assert engine_lines and all(entry["key_prefix"] is None for entry in engine_lines)
+    with httpx.stream(
+        "POST",
+        f"{gateway.v1}/chat/completions",
+        json={"model": GATEWAY_MODEL, "messages": MESSAGES, "max_tokens": 4, "ignore_eos": True, "stream": True},
+        headers=gateway.auth,
+        timeout=60,
+    ) as streamed:
+        body = streamed.read()
+    assert b"[DONE]" in body
+    [line] = gateway.access_log(streamed.headers["x-request-id"])
+    assert line["backend"] in {e.v1 for e in engines} and line["completion_tokens"] == 4
+    assert 0 < line["ttft_ms"] <= line["latency_ms"]
+
+
+def test_dashboard_upstream_panels_read_exported_metrics(gateway: Server) -> None:
+    """The upstream half of test_observability's dashboard check: names the dashboard reads that only a
+    gateway in front of upstream engines exports."""
+    from tests.test_observability import dashboard_metrics
+
+    assert post(gateway, "/chat/completions", model=GATEWAY_MODEL, messages=MESSAGES, max_tokens=2).status_code == 200
+    exported = {s.name for s in metric_samples(httpx.get(f"{gateway.base_url}/metrics").text)}
+    wanted = {n for n in dashboard_metrics() if n.startswith("llamaserve_upstream_")}
+    assert wanted and not wanted - exported, wanted - exported
 
 
 def test_credits_follow_upstream_usage(gateway: Server) -> None:
@@ -325,12 +368,12 @@ def test_a_refused_hold_stops_the_upstream_call(tmp_path: Path) -> None:
             assert _Counting.requests == reached
             account = httpx.get(f"{gw.v1}/account/balance", headers={"Authorization": f"Bearer {key}"}).json()
             assert account["open_holds"] == 0 and account["balance_micro"] == 100
-            metrics = httpx.get(f"{gw.base_url}/metrics").text
-            assert "llamaserve_upstream_in_flight{" in metrics and all(
-                line.endswith(" 0")
-                for line in metrics.splitlines()
-                if line.startswith("llamaserve_upstream_in_flight{")
-            )
+            in_flight = [
+                s.value
+                for s in metric_samples(httpx.get(f"{gw.base_url}/metrics").text)
+                if s.name == "llamaserve_upstream_in_flight"
+            ]
+            assert in_flight == [0]
             served = post(gw, "/chat/completions", model="counted", messages=MESSAGES, max_tokens=5)
             assert served.status_code == 200 and _Counting.requests == reached + 1
 

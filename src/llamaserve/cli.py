@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +20,7 @@ from llamaserve.billing.pricing import format_credits, parse_credits
 from llamaserve.chat.images import ImageLimits
 from llamaserve.config import ModelNotFound, PlatformConfig, ServeConfig, default_data_dir
 from llamaserve.engine import LlamaError
+from llamaserve.logs import configure as configure_logging
 from llamaserve.registry import Registry, RegistryError, load_registry
 
 if TYPE_CHECKING:
@@ -27,6 +29,18 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="llamaserve: a self-hosted, OpenAI-compatible Llama API.", no_args_is_help=True)
 console = Console(stderr=True)
+
+
+class LogFormat(StrEnum):
+    json = "json"
+    text = "text"
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
 
 
 class ChatFormatName(StrEnum):
@@ -69,6 +83,12 @@ ImageAllow = Annotated[
     typer.Option(help="A network image URLs may point into although not public, e.g. 10.1.0.0/16 (repeatable)."),
 ]
 ImageMaxMb = Annotated[float, typer.Option(help="Largest image accepted, in MB.")]
+LogFormatOpt = Annotated[
+    LogFormat, typer.Option(help="Log lines on stderr: json (one object a line) or text. Bodies are never logged.")
+]
+LogLevelOpt = Annotated[
+    LogLevel, typer.Option(help="Least level logged; info has one access-log line per request (probes: debug).")
+]
 CPUS = max(1, os.cpu_count() or 1)
 
 
@@ -118,9 +138,12 @@ def serve(
         list[str] | None,
         typer.Option(help="A web origin whose pages may call the API from browsers (repeatable; default: none)."),
     ] = None,
+    log_format: LogFormatOpt = LogFormat.json,
+    log_level: LogLevelOpt = LogLevel.info,
 ) -> None:
     """Serve the OpenAI-compatible API, with accounts, keys, credits and rate limits: on one local model, or on
     the models of a registry file (local and upstream engines)."""
+    configure_logging(log_format.value, log_level.value)
     platform = PlatformConfig(
         data_dir=data_dir or default_data_dir(),
         database_url=database_url,
@@ -192,9 +215,12 @@ def engine(
     max_body_mb: MaxBodyMb = 32,
     body_timeout: BodyTimeout = 30,
     drain_timeout: DrainTimeout = 30,
+    log_format: LogFormatOpt = LogFormat.json,
+    log_level: LogLevelOpt = LogLevel.info,
 ) -> None:
     """A bare engine: the OpenAI-compatible API on one model, no accounts, for a gateway to front. Bind it where
     only the gateway can reach it."""
+    configure_logging(log_format.value, log_level.value)
     config = ServeConfig(
         host,
         port,
@@ -261,7 +287,17 @@ def _run(
     lifecycle = Lifecycle(limits)
     app_ = create_app(local, platform, registry, image_limits, lifecycle)
     # After the drain, streams still open get a few seconds to end before uvicorn cancels them.
-    uv = uvicorn.Config(app_, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
+    # uvicorn logs through our handler (log_config=None); its own access log is off: ours has more to say.
+    level = logging.getLogger().level
+    uv = uvicorn.Config(
+        app_,
+        host=config.host,
+        port=config.port,
+        log_config=None,
+        log_level=level if level <= logging.DEBUG else max(level, logging.WARNING),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
     DrainingServer(uv, lifecycle).run()
 
 

@@ -12,15 +12,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from llamaserve.api import account, admin, chat, completions, dashboard, errors, openai, openapi
 from llamaserve.api.lifecycle import Lifecycle, LifecycleMiddleware
+from llamaserve.api.observe import GatewayMetrics, ObserveMiddleware, StateCollector
 from llamaserve.api.platform import Platform
 from llamaserve.api.proxy import UpstreamModel
-from llamaserve.api.request_id import RequestIdMiddleware
 from llamaserve.backends.local import LocalModel
-from llamaserve.backends.upstream import METRIC_TYPES, Router, Upstream, metrics_lines
+from llamaserve.backends.upstream import Router, Upstream
 from llamaserve.billing.bootstrap import open_store, stale_hold_age
 from llamaserve.billing.limits import make_limiter
 from llamaserve.billing.pricing import Price
@@ -33,16 +34,6 @@ log = logging.getLogger(__name__)
 
 def _engine_stats(model: LocalModel) -> dict[str, Any]:
     return dataclasses.asdict(model.engine.stats)
-
-
-def _metrics_text(model: LocalModel) -> str:
-    """Prometheus text format: every engine counter and gauge, labelled with the model."""
-    lines = []
-    for name, value in _engine_stats(model).items():
-        kind = "gauge" if name in ("running", "waiting") or name.startswith("max_") else "counter"
-        metric = f"llamaserve_engine_{name}" + ("_total" if kind == "counter" else "")
-        lines += [f"# TYPE {metric} {kind}", f'{metric}{{model="{model.id}"}} {value}']
-    return "\n".join(lines) + "\n"
 
 
 async def _readiness(app: FastAPI, model: LocalModel | None) -> dict[str, bool]:
@@ -150,7 +141,13 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["x-request-id", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"],
         )
-    app.add_middleware(RequestIdMiddleware)  # outermost: every response has an id, refusals included
+    metrics = app.state.metrics = GatewayMetrics()
+    if model is not None:
+        for collector in model.engine.metrics.collectors:
+            metrics.registry.register(collector)
+    metrics.registry.register(StateCollector(app))
+    # Outermost: every response has an id, and is counted and logged, refusals included.
+    app.add_middleware(ObserveMiddleware, metrics=metrics)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(openai.router)
@@ -177,14 +174,8 @@ def create_app(
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(request: Request) -> str:
-        text = _metrics_text(model) if model is not None else ""
-        upstream_models: dict[str, UpstreamModel] = request.app.state.upstream_models
-        if upstream_models:
-            lines = list(METRIC_TYPES)
-            for model_id, upstream_model in upstream_models.items():
-                lines += metrics_lines(model_id, upstream_model.router)
-            text += "\n".join(lines) + "\n"
-        return text
+    async def prometheus(request: Request) -> Response:
+        """Prometheus text format: every stage's histograms, counters and gauges (README: Observability)."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -80,6 +80,7 @@ def submit(
     admission: Admission,
 ) -> list[RequestHandle]:
     """Queue every prompt of an admitted request; its credits settle when all of them have closed."""
+    admission.backend = "local"
     handles: list[RequestHandle] = []
     try:
         for prompt in prompts:

@@ -92,10 +92,12 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     detail = ErrorDetail(
         message=_validation_message(first, param), type="invalid_request_error", param=param, code=code
     )
+    request.state.error_code = code  # for the access log and the error counter
     return error_response(400, detail)
 
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
+    request.state.error_code = exc.body.error.code
     return ErrorJSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
 
 
@@ -103,6 +105,7 @@ async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     message = f"{request.method} {request.url.path}: {exc.detail}"
     detail = ErrorDetail(message=message, type=kind, code=_HTTP_CODES.get(exc.status_code))
+    request.state.error_code = detail.code
     return error_response(exc.status_code, detail, getattr(exc, "headers", None))
 
 

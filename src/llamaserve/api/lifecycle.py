@@ -67,27 +67,28 @@ class LifecycleMiddleware:
             await self.app(scope, receive, send)
             return
         if self.lifecycle.draining:
-            await _error(send, 503, "The server is shutting down; retry on another replica", "shutting_down")
+            await _error(scope, send, 503, "The server is shutting down; retry on another replica", "shutting_down")
             return
         limits = self.lifecycle.limits
         declared = _content_length(scope)
         if declared is not None and declared > limits.max_body_bytes:
-            await _error(send, 413, _too_large(limits.max_body_bytes), "request_too_large")
+            await _error(scope, send, 413, _too_large(limits.max_body_bytes), "request_too_large")
             return
         self.lifecycle.started()
         try:
-            await self.app(scope, _bounded(receive, send, limits), send)
+            await self.app(scope, _bounded(scope, receive, send, limits), send)
         except _BodyRefused:
             pass  # the error response went out already
         finally:
             self.lifecycle.ended()
 
 
-class _BodyRefused(Exception):
-    pass
+class _BodyRefused(BaseException):
+    """The body was refused (408/413) and the error sent. A BaseException: FastAPI turns an Exception raised
+    while it reads a body into a 400, whose second response start uvicorn refuses, logged as an unhandled error."""
 
 
-def _bounded(receive: Receive, send: Send, limits: Limits) -> Receive:
+def _bounded(scope: Scope, receive: Receive, send: Send, limits: Limits) -> Receive:
     """`receive` with the body's size and arrival time bounded (a body without Content-Length, or one that
     lies about it, is counted as it comes)."""
     loop = asyncio.get_running_loop()
@@ -102,12 +103,14 @@ def _bounded(receive: Receive, send: Send, limits: Limits) -> Receive:
         try:
             message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
         except TimeoutError:
-            await _error(send, 408, f"The request body did not arrive within {limits.body_timeout:g}s", "timeout")
+            await _error(
+                scope, send, 408, f"The request body did not arrive within {limits.body_timeout:g}s", "timeout"
+            )
             raise _BodyRefused from None
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limits.max_body_bytes:
-                await _error(send, 413, _too_large(limits.max_body_bytes), "request_too_large")
+                await _error(scope, send, 413, _too_large(limits.max_body_bytes), "request_too_large")
                 raise _BodyRefused
             body_done = not message.get("more_body", False)
         return message
@@ -129,7 +132,8 @@ def _too_large(limit: int) -> str:
     return f"The request body is larger than the {limit // (1024 * 1024)} MB this server accepts"
 
 
-async def _error(send: Send, status: int, message: str, code: str) -> None:
+async def _error(scope: Scope, send: Send, status: int, message: str, code: str) -> None:
+    scope.setdefault("state", {})["error_code"] = code  # for the access log and the error counter
     kind = "server_unavailable" if status == 503 else "invalid_request_error"
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -163,6 +163,11 @@ class Admission:
     started: float = field(default_factory=time.monotonic)
     settled: bool = False
     status: str | None = None  # set to force a status (timeout, error) when settling
+    # For the access log and the request metrics (read when the response has ended):
+    backend: str | None = None  # "local", or the upstream's URL once one answered
+    first_token_at: float | None = None  # perf_counter of the first token
+    completion_tokens: int | None = None  # known once finished
+    outcome: str | None = None  # the settled status: ok, cancelled, error, timeout, rejected
 
     @property
     def headers(self) -> dict[str, str]:
@@ -218,20 +223,25 @@ class Admission:
 
     def settle_soon(self, handles: list[RequestHandle]) -> None:
         completion = sum(h.completion_tokens for h in handles)
+        firsts = [h.first_token_at for h in handles if h.first_token_at is not None]
+        self.first_token_at = min(firsts, default=None)
         status = "error" if any(h.failed for h in handles) else "ok" if all(h.done for h in handles) else "cancelled"
         self.finish(completion, status)
 
     def finish(self, completion_tokens: int, status: str, prompt_tokens: int | None = None) -> None:
         """Settle in the background (once): charge `completion_tokens` and the prompt (the real count if known
         now, else the one admitted), release the rest of the hold."""
-        if self.settled or self.platform is None or not self.hold_id:  # nothing held: nothing to settle
+        if self.settled:
             return
         self.settled = True
+        if prompt_tokens is not None:
+            self.prompt_tokens = prompt_tokens
+        self.completion_tokens, self.outcome = completion_tokens, self.status or status
+        if self.platform is None or not self.hold_id:  # nothing held: nothing to settle
+            return
         self.platform.active[self.caller.key_id] -= 1
         if not self.platform.active[self.caller.key_id]:
             del self.platform.active[self.caller.key_id]
-        if prompt_tokens is not None:
-            self.prompt_tokens = prompt_tokens
         task = asyncio.get_running_loop().create_task(self._settle(completion_tokens, self.status or status))
         self.platform.settling.add(task)
         task.add_done_callback(self.platform.settling.discard)
@@ -293,7 +303,9 @@ async def admit(
     """Rate limit (429) and hold the worst-case cost (402) for a request of `prompt_tokens` that may generate up
     to `completion_tokens` in all its choices. With `hold=False` the caller holds later, by `Admission.hold()`."""
     if not accounts_enabled(request):
-        return Admission(None, caller, request_id, model_id, prompt_tokens, completion_tokens, 0, UNLIMITED)
+        admission = Admission(None, caller, request_id, model_id, prompt_tokens, completion_tokens, 0, UNLIMITED)
+        request.state.admission = admission  # the access log's source of model, backend and tokens
+        return admission
     platform = platform_of(request)
     if platform.active[caller.key_id] >= platform.max_concurrent_per_key:
         raise APIError(
@@ -318,6 +330,7 @@ async def admit(
     admission = Admission(
         platform, caller, request_id, model_id, prompt_tokens, completion_tokens, 0, decision, price or platform.price
     )
+    request.state.admission = admission  # the access log's source of model, backend and tokens
     if hold:
         await admission.hold()
     return admission

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,7 @@ async def proxy(
     except BaseException:
         admission.finish(0, "error", prompt_tokens=0)  # nothing was produced: nothing to charge
         raise
+    admission.backend = upstream.spec.name
     if not body.stream:
         return _complete(admission, model, upstream, response)
     relay = Relay(admission, model, upstream, response, body.include_usage)
@@ -232,7 +234,10 @@ class Relay:
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
-            self.text_bytes += len((delta.get("content") or choice.get("text") or "").encode())
+            text = delta.get("content") or choice.get("text") or ""
+            self.text_bytes += len(text.encode())
+            if self.admission.first_token_at is None and (text or delta.get("tool_calls")):
+                self.admission.first_token_at = time.perf_counter()  # the first token, as the gateway sees it
         if not self.wants_usage:
             if not chunk.get("choices") and chunk.get("usage"):
                 return None  # the usage chunk we asked for on our own account

@@ -23,6 +23,7 @@ from llamaserve.chat.template import ChatTemplate, TemplateError
 from llamaserve.chat.tools import FORMATS, HermesFormat, ToolFormat, template_tool_messages
 from llamaserve.config import ServeConfig, resolve_model
 from llamaserve.engine import ContextConfig, Engine, LlamaError, LlamaModel
+from llamaserve.engine.metrics import EngineMetrics
 from llamaserve.engine.mtmd import Chunk, ImageChunk, Projector, RGBImage
 
 
@@ -62,7 +63,9 @@ class LocalModel:
         except BaseException:
             self.llama.close()
             raise
-        self.engine = Engine(self.llama, max_waiting=config.max_queue, projector=self.projector)
+        self.engine = Engine(
+            self.llama, max_waiting=config.max_queue, projector=self.projector, metrics=EngineMetrics(self.id)
+        )
         self.template = ChatTemplate(
             self.llama.chat_template(),
             self.llama.token_text(self.llama.bos),

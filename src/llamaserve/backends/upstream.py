@@ -168,31 +168,6 @@ class UpstreamError(Exception):
         self.retryable = retryable
 
 
-def metrics_lines(model_id: str, router: Router) -> list[str]:
-    """Prometheus samples of a model's upstreams (the TYPE lines come from METRIC_TYPES)."""
-    lines = []
-    for u in router.upstreams:
-        labels = f'model="{model_id}",backend="{u.spec.url}"'
-        lines += [
-            f"llamaserve_upstream_in_flight{{{labels}}} {u.outstanding}",
-            f"llamaserve_upstream_healthy{{{labels}}} {int(u.available)}",
-            f"llamaserve_upstream_first_byte_seconds_sum{{{labels}}} {u.first_byte_seconds:.6f}",
-            f"llamaserve_upstream_first_byte_seconds_count{{{labels}}} {u.answered}",
-        ]
-        lines += [
-            f'llamaserve_upstream_requests_total{{{labels},status="{k}"}} {v}' for k, v in sorted(u.results.items())
-        ]
-    return lines
-
-
-METRIC_TYPES = [
-    "# TYPE llamaserve_upstream_in_flight gauge",
-    "# TYPE llamaserve_upstream_healthy gauge",
-    "# TYPE llamaserve_upstream_first_byte_seconds summary",
-    "# TYPE llamaserve_upstream_requests_total counter",
-]
-
-
 class Router:
     """Least outstanding requests per unit of weight, over the upstreams whose circuit is closed."""
 

@@ -19,6 +19,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,7 @@ import numpy as np
 
 from llamaserve.engine.llama import Batch, ContextConfig, LlamaModel
 from llamaserve.engine.logprobs import TokenLogprob, token_logprob
+from llamaserve.engine.metrics import EngineMetrics
 from llamaserve.engine.mtmd import Chunk, MtmdError, Projector
 from llamaserve.engine.prompt import ImageSpan, Prompt
 from llamaserve.engine.sampling import GrammarError, Sampler, SamplingParams
@@ -78,6 +80,8 @@ class RequestHandle:
     failed: bool = False  # a choice ended with an engine error
     closed: bool = False
     on_close: Callable[[], None] | None = None  # called once, when the request gives its place back
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None  # perf_counter when its first token was sampled (set by the engine thread)
 
     @property
     def cached_tokens(self) -> int:
@@ -114,13 +118,20 @@ class RequestHandle:
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, max_waiting: int = 1024, projector: Projector | None = None) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        max_waiting: int = 1024,
+        projector: Projector | None = None,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
         self.model = model
         self.projector = projector
         self.config: ContextConfig = model.config
         self.max_model_len = min(model.n_ctx_seq, model.n_ctx_train or model.n_ctx_seq)
         self.max_waiting = max_waiting
         self.stats = EngineStats()
+        self.metrics = metrics or EngineMetrics()
         self.outstanding = 0  # sequences submitted and not yet consumed (touched on the event loop only)
         self._scheduler = Scheduler(model, self.config.n_seq_max)
         self._batch = Batch(self.config.n_batch)
@@ -139,6 +150,14 @@ class Engine:
     @property
     def n_slots(self) -> int:
         return self.config.n_seq_max
+
+    def kv_cells(self) -> tuple[int, int, int]:
+        """KV cache cells: holding tokens (running sequences, and prompts kept as prefix cache), of running
+        sequences, in all. Read from any thread (a metrics scrape): lengths of lists, a snapshot."""
+        slots = self._scheduler.slots
+        used = sum(len(s.tokens) for s in slots)
+        active = sum(len(s.tokens) for s in slots if s.seq is not None)
+        return used, active, self.max_model_len * len(slots)
 
     # --- asyncio side ---------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -215,7 +234,10 @@ class Engine:
                 # Wait for work when nothing runs, or when every running sequence waits for an image encoding
                 # (whose end puts a wake-up in the inbox).
                 self._take_commands(block=idle)
-                for seq in sched.admit():
+                started = sched.admit()
+                if started:
+                    self._observe_started(started)
+                for seq in started:
                     if seq.images:
                         self._start_encoding(seq)
                 decoded = self._decode_images() if self.projector is not None else False
@@ -227,6 +249,11 @@ class Engine:
         except Exception:  # a bug here must not leave every client hanging
             log.exception("engine loop crashed")
             self._fail_all("internal engine error")
+
+    def _observe_started(self, started: list[Sequence]) -> None:
+        now = time.perf_counter()
+        for seq in started:
+            self.metrics.queue_wait.observe(now - seq.handle.submitted)
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -310,9 +337,12 @@ class Engine:
         if rc != 0:
             self._fail([s.seq for s in plan], f"llama_decode failed with code {rc}")
             return
-        stats = self.stats
+        now = time.perf_counter()
+        stats, metrics = self.stats, self.metrics
         stats.steps += 1
         stats.max_batch_sequences = max(stats.max_batch_sequences, len(plan))
+        metrics.batch_sequences.observe(len(plan))
+        metrics.batch_tokens.observe(self._batch.size)
         outputs: list[tuple[RequestHandle, Output]] = []
         sampled = 0
         for item in plan:
@@ -333,6 +363,7 @@ class Engine:
             n_top = seq.params.logprobs
             logprob = None if n_top is None else token_logprob(self.model, item.logits_index, token, n_top)
             seq.append(token, self.model, logprob)
+            self._observe_token(seq, now)
             out = seq.take_output()
             if out is not None:
                 outputs.append((seq.handle, out))
@@ -342,6 +373,16 @@ class Engine:
         stats.generated_tokens += sampled
         stats.max_batch_generating = max(stats.max_batch_generating, sampled)
         self._send(outputs)
+
+    def _observe_token(self, seq: Sequence, now: float) -> None:
+        """Time to first token (from submission) or since the sequence's previous token."""
+        if seq.n_generated == 1:
+            self.metrics.ttft.observe(now - seq.handle.submitted)
+            if seq.handle.first_token_at is None:
+                seq.handle.first_token_at = now
+        else:
+            self.metrics.itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
 
     def _prompt_logprobs(self, seq: Sequence, item: Scheduled) -> None:
         """Logprobs of the prompt tokens this chunk predicts: the logits at position p score token p + 1."""

@@ -57,6 +57,7 @@ class Sequence:
         self.slot: Slot | None = None
         self.sampler: Sampler | None = None
         self.cached_tokens = 0
+        self.last_token_at = 0.0  # perf_counter when its last token was sampled (inter-token latency)
         self.finish_reason: str | None = None
         self._new_tokens: list[int] = []
         self._new_text = ""
