@@ -48,6 +48,13 @@ class Sampler:
         chain_params.no_perf = True
         self.chain = C.llama_sampler_chain_init(chain_params)
         self._repetition: ctypes.c_void_p | None = None
+        try:
+            self._build(model, params, seed_offset)
+        except BaseException:
+            self.free()  # the samplers added so far belong to the chain
+            raise
+
+    def _build(self, model: LlamaModel, params: SamplingParams, seed_offset: int) -> None:
         add = self._add
         if params.logit_bias:
             biases = (C.llama_logit_bias * len(params.logit_bias))(
@@ -71,11 +78,7 @@ class Sampler:
             )
             add(self._repetition)
         if params.grammar is not None:
-            grammar = C.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
-            if not grammar:
-                self.free()
-                raise GrammarError("llama.cpp could not parse the grammar")
-            add(grammar)
+            add(_grammar(model, params.grammar))
         if params.greedy:
             add(C.llama_sampler_init_greedy())
             return
@@ -106,3 +109,15 @@ class Sampler:
         if self.chain:
             C.llama_sampler_free(self.chain)
             self.chain = None
+
+
+def _grammar(model: LlamaModel, text: str) -> ctypes.c_void_p:
+    """llama.cpp's grammar sampler for GBNF `text` (rule `root`); GrammarError if it cannot be made."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: the API refuses those, but not every caller is the API
+        raise GrammarError(f"the grammar is not valid Unicode ({e.reason} at character {e.start})") from e
+    grammar = C.llama_sampler_init_grammar(model.vocab, data, b"root")
+    if not grammar:
+        raise GrammarError("llama.cpp could not parse the grammar")
+    return grammar
