@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, Server, free_port, postgres_database, redis_url, start_server
-from tests.test_gateway import GATEWAY_MODEL, registry
+from tests.test_gateway import GATEWAY_MODEL, metric_samples, registry
 
 ADMIN = "faults-admin-key"
 PRICED = ("--admin-key", ADMIN, "--price-input", "1000", "--price-output", "1000")  # 1,000 micro-credits a token
@@ -134,8 +134,7 @@ def test_engine_killed_mid_stream_ends_it_with_an_error_charges_what_was_deliver
 
             # The router takes the dead engine out and the next requests are served by the other one.
             deadline = time.monotonic() + 10
-            dead = f'llamaserve_upstream_healthy{{model="{GATEWAY_MODEL}",backend="{victim.v1}"}} 0'
-            while dead not in httpx.get(f"{gw.base_url}/metrics").text:
+            while healthy(gw, victim.v1):
                 assert time.monotonic() < deadline, "the dead engine is still marked healthy"
                 time.sleep(0.2)
             served = survivor.engine_stats()["sequences_finished"]
@@ -145,6 +144,13 @@ def test_engine_killed_mid_stream_ends_it_with_an_error_charges_what_was_deliver
 
 
 # --- the gateway killed while streams run ----------------------------------------------------------------------
+def healthy(gateway: Server, upstream: str) -> bool:
+    """Whether the gateway's /metrics has `upstream` as healthy."""
+    samples = metric_samples(httpx.get(f"{gateway.base_url}/metrics").text)
+    [value] = [s.value for s in samples if s.name == "llamaserve_upstream_healthy" and s.labels["backend"] == upstream]
+    return value == 1
+
+
 def sqlite_books(data_dir: Path) -> dict[str, Any]:
     """What the SQLite file says, read directly: open holds, balance vs ledger, charges per hold and request."""
     con = sqlite3.connect(f"file:{data_dir / 'llamaserve.db'}?mode=ro", uri=True)

@@ -14,16 +14,19 @@ from fastapi.responses import JSONResponse
 from llamaserve.api.common import (
     SSE_DONE,
     ChoiceResult,
+    check_prompt_bytes,
     check_sampling,
     collect,
     completion_budget,
     engine_error,
     get_model,
     new_id,
+    prompt_work,
     refuse_when_full,
     sse,
     sse_response,
     submit,
+    text_bytes,
     usage,
 )
 from llamaserve.api.logprobs import LegacyLogprobs, chat_logprobs
@@ -224,8 +227,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     model = get_model(request, body.model)
     check_model_allowed(caller, model.id)
     check_sampling(body, model)  # cheap refusals before any image is fetched
+    size = text_bytes(m.text() for m in body.messages)  # the rendered prompt holds at least these bytes
+    check_prompt_bytes(model, size, "messages")
     images = await load_images(request, body, model)
-    plan = await asyncio.to_thread(plan_chat, body, model, images) if images else plan_chat(body, model)
+    if images:  # mtmd tokenizes (and resizes) the images too
+        plan = await asyncio.to_thread(plan_chat, body, model, images)
+    else:
+        plan = await prompt_work(size, plan_chat, body, model)
     # The hold is sized from the tokenized prompt, image tokens included.
     n_prompt = plan.prompt.n_tokens
     budget = completion_budget(model, [n_prompt], plan.params, body.n)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from llamaserve.api.common import (
     SSE_DONE,
+    check_prompt_bytes,
     check_sampling,
     collect,
     completion_budget,
@@ -19,10 +20,12 @@ from llamaserve.api.common import (
     get_model,
     merged,
     new_id,
+    prompt_work,
     refuse_when_full,
     sse,
     sse_response,
     submit,
+    text_bytes,
     usage,
 )
 from llamaserve.api.logprobs import LegacyLogprobs
@@ -61,7 +64,10 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
         raise invalid(
             f"model {model.id} does not support suffix (fill-in-the-middle)", "suffix", code="unsupported_parameter"
         )
-    prompts = _prompts(body, model)
+    texts = [p for p in body.prompts() if isinstance(p, str)]
+    for text in texts:
+        check_prompt_bytes(model, text_bytes([text]), "prompt")
+    prompts = await prompt_work(text_bytes(texts), _prompts, body, model)
     params = dataclasses.replace(
         body.sampling_params(DEFAULT_MAX_TOKENS),
         logprobs=body.logprobs,

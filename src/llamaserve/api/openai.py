@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 
 from llamaserve.api.chat import template_messages
 from llamaserve.api.common import get_model as lookup_model
+from llamaserve.api.common import prompt_work, text_bytes
 from llamaserve.api.platform import CallerDep
 from llamaserve.backends.local import LocalModel
 from llamaserve.chat.llama3 import Llama3FormatError
@@ -60,15 +61,18 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise invalid("give exactly one of prompt or messages", "prompt")
     if body.messages is not None:
+        size = text_bytes(m.text() for m in body.messages)
         try:
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-            prompt = model.render_chat(template_messages(body.messages), body.add_generation_prompt, tools)
+            messages = template_messages(body.messages)
+            prompt = await prompt_work(size, model.render_chat, messages, body.add_generation_prompt, tools)
         except (TemplateError, Llama3FormatError) as e:
             raise invalid(str(e), "messages") from e
         tokens = prompt.tokens
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        tokens = model.tokenize_text(body.prompt or "", add_special=add_special)
+        text = body.prompt or ""
+        tokens = await prompt_work(text_bytes([text]), model.tokenize_text, text, add_special)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=model.max_model_len)
 
 

@@ -72,6 +72,10 @@ class LocalModel:
             self.llama.token_text(self.llama.eos),
         )
         self.max_model_len = self.engine.max_model_len
+        # Byte-level BPE and SentencePiece pieces put together give back the prompt, so a prompt of B bytes is
+        # at least B / (longest piece) tokens: one beyond this many bytes cannot fit the context whatever its
+        # text, and is refused by its size before it is rendered or tokenized (a 10 MB message took 40 s).
+        self.max_prompt_bytes = self.max_model_len * self.llama.max_bytes_per_token()
         self.chat_format = config.chat_format
         if self.chat_format == "auto":
             wanted = (llama3.BEGIN_OF_TEXT, llama3.START_HEADER, llama3.END_HEADER, llama3.EOT)

@@ -274,12 +274,18 @@ class Engine:
                 return
 
     def _add(self, handle: RequestHandle) -> None:
+        """Build the request's samplers and queue it. A request whose sampler cannot be built fails alone: an
+        exception here would end the loop, and with it every other request."""
         try:
             for seq in handle.sequences:
                 seq.sampler = Sampler(self.model, seq.params, seed_offset=seq.choice)
                 seq.sampler.accept_prompt(seq.text_prompt)
         except GrammarError as e:
             self._fail(handle.sequences, str(e))  # frees the samplers made so far
+            return
+        except Exception as e:
+            log.exception("request %s: its sampler could not be built", handle.id)
+            self._fail(handle.sequences, f"the sampler could not be built ({type(e).__name__})")
             return
         self._scheduler.waiting.extend(handle.sequences)
 
@@ -346,33 +352,42 @@ class Engine:
         outputs: list[tuple[RequestHandle, Output]] = []
         sampled = 0
         for item in plan:
-            seq = item.seq
-            slot = seq.slot
-            assert slot is not None and seq.sampler is not None
-            if item.start < seq.prompt_len:
-                stats.prompt_tokens_computed += min(item.count, seq.prompt_len - item.start)
-                if seq.prompt_logprobs is not None:
-                    self._prompt_logprobs(seq, item)
-            slot.tokens.extend(seq.tokens[item.start : item.start + item.count])
-            if item.logits_index < 0:
-                continue
-            if seq.n_generated == 0:
-                stats.prompt_tokens_cached += seq.cached_tokens
-            sampled += 1
-            token = seq.sampler.sample(self.model, item.logits_index)
-            n_top = seq.params.logprobs
-            logprob = None if n_top is None else token_logprob(self.model, item.logits_index, token, n_top)
-            seq.append(token, self.model, logprob)
-            self._observe_token(seq, now)
-            out = seq.take_output()
-            if out is not None:
-                outputs.append((seq.handle, out))
-            if seq.finish_reason is not None:
-                self._scheduler.release(seq)
-                stats.sequences_finished += 1
+            try:
+                sampled += self._advance(item, outputs, now)
+            except Exception as e:  # one sequence's failure (its sampler, its text) ends that sequence only
+                log.exception("request %s: a step failed", item.seq.handle.id)
+                self._fail([item.seq], f"generation failed ({type(e).__name__})")
         stats.generated_tokens += sampled
         stats.max_batch_generating = max(stats.max_batch_generating, sampled)
         self._send(outputs)
+
+    def _advance(self, item: Scheduled, outputs: list[tuple[RequestHandle, Output]], now: float) -> int:
+        """Account for one sequence's part of the step and sample its next token if its logits came out;
+        returns how many tokens it sampled (0 or 1)."""
+        seq, stats = item.seq, self.stats
+        slot = seq.slot
+        assert slot is not None and seq.sampler is not None
+        if item.start < seq.prompt_len:
+            stats.prompt_tokens_computed += min(item.count, seq.prompt_len - item.start)
+            if seq.prompt_logprobs is not None:
+                self._prompt_logprobs(seq, item)
+        slot.tokens.extend(seq.tokens[item.start : item.start + item.count])
+        if item.logits_index < 0:
+            return 0
+        if seq.n_generated == 0:
+            stats.prompt_tokens_cached += seq.cached_tokens
+        token = seq.sampler.sample(self.model, item.logits_index)
+        n_top = seq.params.logprobs
+        logprob = None if n_top is None else token_logprob(self.model, item.logits_index, token, n_top)
+        seq.append(token, self.model, logprob)
+        self._observe_token(seq, now)
+        out = seq.take_output()
+        if out is not None:
+            outputs.append((seq.handle, out))
+        if seq.finish_reason is not None:
+            self._scheduler.release(seq)
+            stats.sequences_finished += 1
+        return 1
 
     def _observe_token(self, seq: Sequence, now: float) -> None:
         """Time to first token (from submission) or since the sequence's previous token."""

@@ -167,6 +167,15 @@ class LlamaModel:
             n = C.llama_detokenize(self.vocab, arr, len(tokens), buf, -n, False, special)
         return buf.raw[:n].decode("utf-8", errors="replace")
 
+    def max_bytes_per_token(self) -> int:
+        """The most prompt bytes one token can stand for: the vocabulary's longest piece (special tokens'
+        text included: a prompt may spell them). For tokenizers that normalize text (UGM's NFKC, WordPiece's
+        lower-casing and accent stripping can shorten it) four times that: NFKC shrinks a character at most
+        threefold (full-width forms), except characters it drops, which no one sends by the megabyte."""
+        longest = max(len(self._piece(t, True)) for t in range(self.n_vocab))
+        exact = C.llama_vocab_type(self.vocab) in (C.LLAMA_VOCAB_TYPE_BPE, C.LLAMA_VOCAB_TYPE_SPM)
+        return max(longest, 1) * (1 if exact else 4)
+
     def is_valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import random
 from dataclasses import dataclass, field
 
 import llama_cpp as C
+import numpy as np
 
 from llamaserve.engine.llama import LlamaModel
 
@@ -28,6 +30,9 @@ class SamplingParams:
     logprobs: int | None = None  # report each output token's logprob and this many alternatives; None: off
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); computes the whole prompt
     grammar: str | None = None  # GBNF the output must match (structured output, forced tool calls)
+    # Check only the chosen token against the grammar where that samples the same (see Sampler); False: mask
+    # the whole vocabulary every step, the reference that tests and bench/grammar_bench.py compare with.
+    grammar_fast: bool = True
     special_text: bool = False  # control tokens appear in the text (tool parsers need Llama 3's <|python_tag|>)
 
     @property
@@ -39,15 +44,39 @@ class GrammarError(ValueError):
     """llama.cpp refused a grammar."""
 
 
+# llama_token_data as numpy lays it out: the candidates of a grammar-checked draw are filled from the logits in C.
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert TOKEN_DATA.itemsize == ctypes.sizeof(C.llama_token_data)
+
+
 class Sampler:
-    """A llama.cpp sampler chain for one sequence. Applies, in order: logit bias, penalties, the grammar, then
-    either greedy argmax or top-k, top-p, min-p, temperature and a seeded draw."""
+    """A llama.cpp sampler chain for one sequence: logit bias, penalties, then either greedy argmax or top-k,
+    top-p, min-p, temperature and a seeded draw; and the grammar, if there is one.
+
+    Masking the whole vocabulary with the grammar costs ~30 ms a token here (every token's text is matched
+    against the grammar). So, as llama.cpp's common_sampler does, the chain picks a token from the unmasked
+    logits and the grammar checks only that one; only if it refuses does the grammar mask the whole vocabulary
+    and the chain pick again. This changes nothing where the chain ends in greedy argmax (the best token, if
+    allowed, is also the best allowed one, ties included: both take the lowest id) or in a plain draw (drawing
+    until an allowed token comes is drawing from the allowed ones, renormalized; a refusal draws from exactly
+    that). Top-k, top-p and min-p cut the distribution before the draw, and cut over the whole vocabulary they
+    keep other tokens than cut over the allowed ones: with those, and with `grammar_fast` off, the grammar sits
+    in the chain and masks every step."""
 
     def __init__(self, model: LlamaModel, params: SamplingParams, seed_offset: int = 0) -> None:
         chain_params = C.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self.chain = C.llama_sampler_chain_init(chain_params)
         self._repetition: ctypes.c_void_p | None = None
+        self.grammar: ctypes.c_void_p | None = None  # the grammar when it checks chosen tokens, outside the chain
+        self._candidates: np.ndarray | None = None
+        try:
+            self._build(model, params, seed_offset)
+        except BaseException:
+            self.free()  # the samplers added so far belong to the chain
+            raise
+
+    def _build(self, model: LlamaModel, params: SamplingParams, seed_offset: int) -> None:
         add = self._add
         if params.logit_bias:
             biases = (C.llama_logit_bias * len(params.logit_bias))(
@@ -71,11 +100,12 @@ class Sampler:
             )
             add(self._repetition)
         if params.grammar is not None:
-            grammar = C.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
-            if not grammar:
-                self.free()
-                raise GrammarError("llama.cpp could not parse the grammar")
-            add(grammar)
+            truncates = not params.greedy and (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0)
+            if params.grammar_fast and not truncates:
+                self.grammar = _grammar(model, params.grammar)
+                self._candidates = np.empty(model.n_vocab, TOKEN_DATA)
+            else:
+                add(_grammar(model, params.grammar))
         if params.greedy:
             add(C.llama_sampler_init_greedy())
             return
@@ -99,10 +129,59 @@ class Sampler:
                 C.llama_sampler_accept(self._repetition, token)
 
     def sample(self, model: LlamaModel, batch_index: int) -> int:
-        """Pick the next token from the logits at batch_index; the chain records it for its penalties."""
-        return C.llama_sampler_sample(self.chain, model.ctx, batch_index)
+        """Pick the next token from the logits at batch_index; the chain (and grammar) record it."""
+        if self.grammar is None:
+            return C.llama_sampler_sample(self.chain, model.ctx, batch_index)
+        cur = self._fill(model, batch_index)
+        C.llama_sampler_apply(self.chain, ctypes.byref(cur))
+        token = cur.data[cur.selected].id
+        if not self._allowed(token):
+            cur = self._fill(model, batch_index)
+            C.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+            C.llama_sampler_apply(self.chain, ctypes.byref(cur))
+            token = cur.data[cur.selected].id
+        C.llama_sampler_accept(self.grammar, token)  # once: it advances the grammar's state
+        C.llama_sampler_accept(self.chain, token)
+        return token
+
+    def _fill(self, model: LlamaModel, batch_index: int) -> C.llama_token_data_array:
+        """Every token of the vocabulary with its logit, as the samplers take them."""
+        data = self._candidates
+        assert data is not None
+        data["id"] = _token_ids(len(data))
+        data["logit"] = np.ctypeslib.as_array(model.logits(batch_index))
+        data["p"] = 0.0
+        pointer = data.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
+        return C.llama_token_data_array(pointer, len(data), -1, False)
+
+    def _allowed(self, token: int) -> bool:
+        """Whether the grammar, in its present state, lets `token` come next."""
+        one = C.llama_token_data(token, 1.0, 0.0)
+        single = C.llama_token_data_array(ctypes.pointer(one), 1, -1, False)
+        C.llama_sampler_apply(self.grammar, ctypes.byref(single))
+        return one.logit != float("-inf")
 
     def free(self) -> None:
         if self.chain:
             C.llama_sampler_free(self.chain)
             self.chain = None
+        if self.grammar:
+            C.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+
+def _grammar(model: LlamaModel, text: str) -> ctypes.c_void_p:
+    """llama.cpp's grammar sampler for GBNF `text` (rule `root`); GrammarError if it cannot be made."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: the API refuses those, but not every caller is the API
+        raise GrammarError(f"the grammar is not valid Unicode ({e.reason} at character {e.start})") from e
+    grammar = C.llama_sampler_init_grammar(model.vocab, data, b"root")
+    if not grammar:
+        raise GrammarError("llama.cpp could not parse the grammar")
+    return grammar
+
+
+@functools.cache
+def _token_ids(n_vocab: int) -> np.ndarray:
+    return np.arange(n_vocab, dtype=np.int32)

@@ -12,6 +12,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from pydantic import AfterValidator, Field
 
+from llamaserve.chat.grammar import MAX_MAX_COUNT, MAX_MIN_COUNT
+
 
 def _first_unencodable(text: str) -> int | None:
     """Where `text` has a lone UTF-16 surrogate (JSON allows the escape "\\ud800"; UTF-8 cannot carry it), if it
@@ -51,8 +53,6 @@ def valid_unicode_tree(value: Any) -> Any:
 # the grammar parser cannot take (it refuses a minimum over 2000 repetitions; a minimum above the maximum makes it
 # allocate without end), must stop here, as a 400 naming it, before it can stall or kill the engine.
 MAX_SCHEMA_DEPTH = 64  # nested objects and arrays; real schemas are a fraction of this
-MAX_MIN_COUNT = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD
-MAX_MAX_COUNT = 1_000_000  # beyond 2000 the grammar has no upper bound anyway
 COUNTS = ("minItems", "maxItems", "minLength", "maxLength")
 DATA_KEYWORDS = {"enum", "const", "default", "examples"}  # their values are JSON data, not schemas
 _META = Draft202012Validator(Draft202012Validator.META_SCHEMA)

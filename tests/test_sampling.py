@@ -1,0 +1,140 @@
+"""Grammar-constrained sampling: the fast path (the grammar checks only the token the chain picked) against the
+reference (the grammar masks the whole vocabulary every step), on the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+from collections import Counter
+from collections.abc import Iterator
+
+import llama_cpp as C
+import numpy as np
+import pytest
+
+from llamaserve.chat.grammar import json_object_grammar, json_schema_grammar
+from llamaserve.chat.tools import HermesFormat
+from llamaserve.config import resolve_model
+from llamaserve.engine import ContextConfig, Engine, LlamaModel, SamplingParams
+from llamaserve.engine.llama import Batch
+from llamaserve.engine.sampling import TOKEN_DATA, Sampler
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+        "age": {"type": "integer"},
+    },
+    "required": ["name", "age"],
+}
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}}  # fmt: skip
+GRAMMARS = {
+    "json_object": json_object_grammar(),
+    "json_schema": json_schema_grammar(SCHEMA),
+    "tool_call": HermesFormat().call_grammar([TOOL], ["tools[0]"]),
+}
+PROMPT = "Describe a person named Ada as JSON."
+
+
+@pytest.fixture
+def llama() -> Iterator[LlamaModel]:
+    path, _ = resolve_model(None)
+    model = LlamaModel(str(path), ContextConfig(n_ctx_seq=512, n_seq_max=2, n_batch=64, n_threads=2))
+    yield model
+    model.close()
+
+
+def generate(model: LlamaModel, params: list[SamplingParams]) -> list[str]:
+    """Each request's text, run one after another on a fresh engine (no batching between them)."""
+
+    async def main() -> list[str]:
+        engine = Engine(model)
+        engine.start(asyncio.get_running_loop())
+        prompt = model.tokenize(PROMPT, add_special=True)
+        texts = []
+        try:
+            for p in params:
+                text = ""
+                async for out in engine.submit(prompt, p).outputs():
+                    assert out.error is None, out.error
+                    text += out.text
+                texts.append(text)
+        finally:
+            engine.stop()
+        return texts
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("grammar", GRAMMARS.values(), ids=GRAMMARS.keys())
+def test_greedy_output_is_the_same_with_the_fast_path(llama: LlamaModel, grammar: str) -> None:
+    params = [SamplingParams(max_tokens=32, temperature=0.0, grammar=grammar, grammar_fast=f) for f in (True, False)]
+    fast, reference = generate(llama, params)
+    assert fast == reference
+    assert len(fast) > 16
+
+
+def test_seeded_draws_follow_the_grammar_and_repeat(llama: LlamaModel) -> None:
+    params = [SamplingParams(max_tokens=200, seed=seed, grammar=GRAMMARS["json_schema"]) for seed in (1, 2, 1)]
+    first, second, again = generate(llama, params)
+    assert first == again and first != second
+    for text in (first, second):
+        value = json.loads(text)  # complete (the schema's strings are short): it ended by the grammar's end
+        assert set(value) >= {"name", "age"}
+
+
+def test_a_plain_draw_has_the_masked_distribution(llama: LlamaModel) -> None:
+    """The first token of a JSON reply, drawn 1000 times through the fast path, against the distribution of the
+    grammar-masked logits computed here. The model would rather write prose, so most first draws are refused
+    and drawn again: the path that must not skew the result."""
+    grammar = GRAMMARS["json_object"]
+    tokens = llama.tokenize(PROMPT, add_special=True)
+    batch = Batch(64)
+    try:
+        for pos, token in enumerate(tokens):
+            batch.add(token, pos, 0, pos == len(tokens) - 1)
+        assert llama.decode(batch) == 0
+        last = len(tokens) - 1  # the batch index whose logits came out
+        expected = masked_distribution(llama, grammar, last)
+        refused, counts = 0, Counter()
+        for seed in range(1000):
+            sampler = Sampler(llama, SamplingParams(seed=seed, grammar=grammar))
+            refused += not sampler._allowed(draw_unmasked(llama, seed, last))
+            counts[sampler.sample(llama, last)] += 1
+            sampler.free()
+    finally:
+        batch.free()
+    assert refused > 300  # the resampling path ran, often
+    assert set(counts) <= set(np.flatnonzero(expected))  # never a token the grammar forbids
+    top = np.argsort(expected)[::-1][:5]
+    for token in top:  # each likely token's frequency within 4 standard errors of its probability
+        p = expected[token]
+        assert abs(counts[int(token)] / 1000 - p) < 4 * np.sqrt(p * (1 - p) / 1000) + 1e-3, (token, p, counts)
+
+
+def masked_distribution(model: LlamaModel, grammar: str, index: int) -> np.ndarray:
+    """softmax over the logits of a batch index, with the tokens the grammar forbids at its start removed."""
+    data = np.empty(model.n_vocab, TOKEN_DATA)
+    data["id"] = np.arange(model.n_vocab)
+    data["logit"] = np.ctypeslib.as_array(model.logits(index))
+    data["p"] = 0
+    cur = C.llama_token_data_array(data.ctypes.data_as(ctypes.POINTER(C.llama_token_data)), model.n_vocab, -1, False)
+    mask = C.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+    C.llama_sampler_apply(mask, ctypes.byref(cur))
+    C.llama_sampler_free(mask)
+    logits = np.empty(model.n_vocab, np.float64)
+    logits[data["id"]] = data["logit"]
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+
+def draw_unmasked(model: LlamaModel, seed: int, index: int) -> int:
+    """The token the same seeded chain picks without a grammar: the fast path's first draw."""
+    sampler = Sampler(model, SamplingParams(seed=seed))
+    try:
+        return sampler.sample(model, index)
+    finally:
+        sampler.free()
