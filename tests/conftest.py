@@ -15,11 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import openai
 import pytest
+
+if TYPE_CHECKING:
+    from llamaserve.engine import LlamaModel
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -233,6 +236,18 @@ def redis_url() -> str:
     except redis.RedisError as e:
         unavailable("Redis", e)
     return REDIS_URL
+
+
+@pytest.fixture
+def embedded_llama() -> Iterator[LlamaModel]:
+    """The embedded model in this process (2 sequences of 512 tokens), for driving the engine directly."""
+    from llamaserve.config import resolve_model
+    from llamaserve.engine import ContextConfig, LlamaModel
+
+    path, _ = resolve_model(None)
+    model = LlamaModel(str(path), ContextConfig(n_ctx_seq=512, n_seq_max=2, n_batch=64, n_threads=2))
+    yield model
+    model.close()
 
 
 @pytest.fixture(scope="session")

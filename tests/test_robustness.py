@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 
-from llamaserve.config import resolve_model
-from llamaserve.engine import ContextConfig, Engine, LlamaModel, SamplingParams
+from llamaserve.engine import Engine, LlamaModel, SamplingParams
 from tests.conftest import MODEL, Server
 
 T = TypeVar("T")
 
 
 # --- the engine, driven directly: what reaches it past the API's validation must still fail alone -------------
-@pytest.fixture
-def llama() -> Iterator[LlamaModel]:
-    path, _ = resolve_model(None)
-    model = LlamaModel(str(path), ContextConfig(n_ctx_seq=512, n_seq_max=2, n_batch=64, n_threads=2))
-    yield model
-    model.close()
-
-
 def run_engine(model: LlamaModel, body: Callable[[Engine], Awaitable[T]]) -> T:
     async def main() -> T:
         engine = Engine(model)
@@ -57,8 +48,8 @@ async def generate(engine: Engine, tokens: list[int], params: SamplingParams) ->
         "root ::= x",  # an undefined rule
     ],
 )
-def test_a_request_whose_sampler_cannot_be_built_fails_alone(llama: LlamaModel, grammar: str) -> None:
-    prompt = llama.tokenize("The capital of France is", add_special=True)
+def test_a_request_whose_sampler_cannot_be_built_fails_alone(embedded_llama: LlamaModel, grammar: str) -> None:
+    prompt = embedded_llama.tokenize("The capital of France is", add_special=True)
     greedy = SamplingParams(max_tokens=4, temperature=0.0)
 
     async def body(engine: Engine) -> list[tuple[str, str | None, str | None]]:
@@ -68,7 +59,7 @@ def test_a_request_whose_sampler_cannot_be_built_fails_alone(llama: LlamaModel, 
         assert engine.alive
         return results
 
-    (_, reason, error), good, (_, reason2, error2) = run_engine(llama, body)
+    (_, reason, error), good, (_, reason2, error2) = run_engine(embedded_llama, body)
     assert reason == reason2 == "error" and error and error2 and "grammar" in error
     assert good[1] == "length" and good[0] and good[2] is None
 

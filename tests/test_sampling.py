@@ -7,7 +7,6 @@ import asyncio
 import ctypes
 import json
 from collections import Counter
-from collections.abc import Iterator
 
 import llama_cpp as C
 import numpy as np
@@ -15,8 +14,7 @@ import pytest
 
 from llamaserve.chat.grammar import json_object_grammar, json_schema_grammar
 from llamaserve.chat.tools import HermesFormat
-from llamaserve.config import resolve_model
-from llamaserve.engine import ContextConfig, Engine, LlamaModel, SamplingParams
+from llamaserve.engine import Engine, LlamaModel, SamplingParams
 from llamaserve.engine.llama import Batch
 from llamaserve.engine.sampling import TOKEN_DATA, Sampler
 
@@ -37,14 +35,6 @@ GRAMMARS = {
     "tool_call": HermesFormat().call_grammar([TOOL], ["tools[0]"]),
 }
 PROMPT = "Describe a person named Ada as JSON."
-
-
-@pytest.fixture
-def llama() -> Iterator[LlamaModel]:
-    path, _ = resolve_model(None)
-    model = LlamaModel(str(path), ContextConfig(n_ctx_seq=512, n_seq_max=2, n_batch=64, n_threads=2))
-    yield model
-    model.close()
 
 
 def generate(model: LlamaModel, params: list[SamplingParams]) -> list[str]:
@@ -70,40 +60,40 @@ def generate(model: LlamaModel, params: list[SamplingParams]) -> list[str]:
 
 
 @pytest.mark.parametrize("grammar", GRAMMARS.values(), ids=GRAMMARS.keys())
-def test_greedy_output_is_the_same_with_the_fast_path(llama: LlamaModel, grammar: str) -> None:
+def test_greedy_output_is_the_same_with_the_fast_path(embedded_llama: LlamaModel, grammar: str) -> None:
     params = [SamplingParams(max_tokens=32, temperature=0.0, grammar=grammar, grammar_fast=f) for f in (True, False)]
-    fast, reference = generate(llama, params)
+    fast, reference = generate(embedded_llama, params)
     assert fast == reference
     assert len(fast) > 16
 
 
-def test_seeded_draws_follow_the_grammar_and_repeat(llama: LlamaModel) -> None:
+def test_seeded_draws_follow_the_grammar_and_repeat(embedded_llama: LlamaModel) -> None:
     params = [SamplingParams(max_tokens=200, seed=seed, grammar=GRAMMARS["json_schema"]) for seed in (1, 2, 1)]
-    first, second, again = generate(llama, params)
+    first, second, again = generate(embedded_llama, params)
     assert first == again and first != second
     for text in (first, second):
         value = json.loads(text)  # complete (the schema's strings are short): it ended by the grammar's end
         assert set(value) >= {"name", "age"}
 
 
-def test_a_plain_draw_has_the_masked_distribution(llama: LlamaModel) -> None:
+def test_a_plain_draw_has_the_masked_distribution(embedded_llama: LlamaModel) -> None:
     """The first token of a JSON reply, drawn 1000 times through the fast path, against the distribution of the
     grammar-masked logits computed here. The model would rather write prose, so most first draws are refused
     and drawn again: the path that must not skew the result."""
     grammar = GRAMMARS["json_object"]
-    tokens = llama.tokenize(PROMPT, add_special=True)
+    tokens = embedded_llama.tokenize(PROMPT, add_special=True)
     batch = Batch(64)
     try:
         for pos, token in enumerate(tokens):
             batch.add(token, pos, 0, pos == len(tokens) - 1)
-        assert llama.decode(batch) == 0
+        assert embedded_llama.decode(batch) == 0
         last = len(tokens) - 1  # the batch index whose logits came out
-        expected = masked_distribution(llama, grammar, last)
+        expected = masked_distribution(embedded_llama, grammar, last)
         refused, counts = 0, Counter()
         for seed in range(1000):
-            sampler = Sampler(llama, SamplingParams(seed=seed, grammar=grammar))
-            refused += not sampler._allowed(draw_unmasked(llama, seed, last))
-            counts[sampler.sample(llama, last)] += 1
+            sampler = Sampler(embedded_llama, SamplingParams(seed=seed, grammar=grammar))
+            refused += not sampler._allowed(draw_unmasked(embedded_llama, seed, last))
+            counts[sampler.sample(embedded_llama, last)] += 1
             sampler.free()
     finally:
         batch.free()
