@@ -6,7 +6,10 @@ With `--engine stub` the upstream is bench/stub_upstream.py, which answers at on
 own cost, without the engine's noise (nor its competition for the cores).
 
     .venv/bin/python bench/gateway_bench.py --requests 200
-    .venv/bin/python bench/gateway_bench.py --engine stub --requests 1000
+    .venv/bin/python bench/gateway_bench.py --engine stub --floor --requests 1000
+
+`--floor` adds bench/passthrough.py beside the gateway: a bare forwarder (no keys, validation or credits), the
+least a second HTTP round trip costs on this machine.
 """
 
 from __future__ import annotations
@@ -67,21 +70,19 @@ async def one(client: httpx.AsyncClient, url: str, model: str, stream: bool) -> 
     return (time.perf_counter() - started) * 1000
 
 
-async def run(
-    engine: str, model: str, gateway: str, key: str, n: int, concurrency: int, stream: bool
-) -> dict[str, list[float]]:
-    """Alternate direct and gateway requests, `concurrency` at a time."""
-    lat: dict[str, list[float]] = {"direct": [], "gateway": []}
-    targets = {
-        "direct": (f"{engine}/v1/chat/completions", model, {}),
-        "gateway": (f"{gateway}/v1/chat/completions", "smol", {"Authorization": f"Bearer {key}"}),
-    }
+Target = tuple[str, str, dict[str, str]]  # chat completions URL, model name there, headers
+
+
+async def run(targets: dict[str, Target], n: int, concurrency: int, stream: bool) -> dict[str, list[float]]:
+    """The same requests to every target, `concurrency` at a time, taking turns (in a rotating order)."""
+    lat: dict[str, list[float]] = {name: [] for name in targets}
     clients = {name: httpx.AsyncClient(timeout=60, headers=h) for name, (_, _, h) in targets.items()}
+    names = list(targets)
     try:
-        for name in targets:  # warm-up: connections, first decode
+        for name in names:  # warm-up: connections, first decode
             await one(clients[name], targets[name][0], targets[name][1], stream)
-        for start in range(0, n, concurrency):
-            for name in ("direct", "gateway") if start % 2 == 0 else ("gateway", "direct"):
+        for round_, start in enumerate(range(0, n, concurrency)):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 url, model, _ = targets[name]
                 batch = min(concurrency, n - start)
                 lat[name] += await asyncio.gather(*(one(clients[name], url, model, stream) for _ in range(batch)))
@@ -91,11 +92,36 @@ async def run(
     return lat
 
 
+def report(targets: dict[str, Target], requests: int) -> None:
+    others = [name for name in targets if name != "direct"]
+    print(
+        "| mode | clients | direct p50 / p99 ms | "
+        + " | ".join(f"{name} p50 / p99 ms | {name} adds (p50) | {name} req/s" for name in others)
+        + " | direct req/s |"
+    )
+    print("|---" * (3 + 3 * len(others) + 1) + "|")
+    for stream in (False, True):
+        for concurrency in (1, 8):
+            lat = asyncio.run(run(targets, requests, concurrency, stream))
+            d = lat["direct"]
+            cells = [f"{percentile(d, 0.5):.1f} / {percentile(d, 0.99):.1f}"]
+            for name in others:
+                g = lat[name]
+                cells += [
+                    f"{percentile(g, 0.5):.1f} / {percentile(g, 0.99):.1f}",
+                    f"{percentile(g, 0.5) - percentile(d, 0.5):+.2f}",
+                    f"{1000 * concurrency / statistics.mean(g):.0f}",
+                ]
+            rate = f"{1000 * concurrency / statistics.mean(d):.0f}"
+            print(f"| {'stream' if stream else 'non-stream'} | {concurrency} | " + " | ".join(cells) + f" | {rate} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads of the engine")
     p.add_argument("--engine", choices=("real", "stub"), default="real", help="llamaserve engine, or an instant stub")
+    p.add_argument("--floor", action="store_true", help="also a bare passthrough (bench/passthrough.py): the floor")
     args = p.parse_args()
     if args.engine == "stub":
         upstream, model = started([sys.executable, str(Path(__file__).parent / "stub_upstream.py")]), "stub"
@@ -106,21 +132,18 @@ def main() -> None:
         config.write_text(
             f'[[models]]\nid = "smol"\n[[models.backends]]\ntype = "upstream"\nurl = "{engine}/v1"\nmodel = "{model}"\n'
         )
-        with process("serve", "--config", str(config), "--data-dir", tmp) as gateway:
+        with contextlib.ExitStack() as running:
+            gateway = running.enter_context(process("serve", "--config", str(config), "--data-dir", tmp))
             key = (Path(tmp) / "default.key").read_text().strip()
-            print("| mode | clients | direct p50 / p99 ms | gateway p50 / p99 ms | added p50 ms | req/s direct / gw |")
-            print("|---|---|---|---|---|---|")
-            for stream in (False, True):
-                for concurrency in (1, 8):
-                    lat = asyncio.run(run(engine, model, gateway, key, args.requests, concurrency, stream))
-                    d, g = lat["direct"], lat["gateway"]
-                    rate = [1000 * concurrency / statistics.mean(x) for x in (d, g)]
-                    print(
-                        f"| {'stream' if stream else 'non-stream'} | {concurrency} "
-                        f"| {percentile(d, 0.5):.1f} / {percentile(d, 0.99):.1f} "
-                        f"| {percentile(g, 0.5):.1f} / {percentile(g, 0.99):.1f} "
-                        f"| {percentile(g, 0.5) - percentile(d, 0.5):+.1f} | {rate[0]:.0f} / {rate[1]:.0f} |"
-                    )
+            targets: dict[str, Target] = {
+                "direct": (f"{engine}/v1/chat/completions", model, {}),
+                "gateway": (f"{gateway}/v1/chat/completions", "smol", {"Authorization": f"Bearer {key}"}),
+            }
+            if args.floor:
+                script = str(Path(__file__).parent / "passthrough.py")
+                floor = running.enter_context(started([sys.executable, script, "--upstream", engine]))
+                targets["passthrough"] = (f"{floor}/v1/chat/completions", model, {})
+            report(targets, args.requests)
 
 
 if __name__ == "__main__":
