@@ -67,7 +67,8 @@ def new_account(server: Server, name: str, credits: str, plan: str = "unlimited"
 
 def chat(server: Server, key: str, **body: Any) -> httpx.Response:
     payload = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, **body}
-    return httpx.post(f"{server.v1}/chat/completions", json=payload, headers={"Authorization": f"Bearer {key}"})
+    headers = {"Authorization": f"Bearer {key}"}
+    return httpx.post(f"{server.v1}/chat/completions", json=payload, headers=headers, timeout=60)
 
 
 class Stream:

@@ -277,8 +277,14 @@ class RedisLimiter:
 
     def __init__(self, url: str, prefix: str = "llamaserve:ratelimit:") -> None:
         from redis.asyncio import Redis  # imported here: Redis is needed only with --redis-url
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        self._redis: Redis = Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
+        # One retry at once (a pooled connection Redis dropped), not redis-py's ten with backoff: a request
+        # waits at most 2 × REDIS_TIMEOUT for its answer or its 503.
+        self._redis: Redis = Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, retry=Retry(NoBackoff(), 1)
+        )
         self._script = self._redis.register_script(_SCRIPT)  # EVALSHA, loading the script when Redis lacks it
         self._prefix = prefix
 
