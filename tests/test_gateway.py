@@ -202,14 +202,17 @@ def test_gateway_logs_the_upstream_that_served(gateway: Server, engines: list[Se
     assert line["backend"] in {e.v1 for e in engines} and line["model"] == GATEWAY_MODEL
     assert (line["status"], line["outcome"], line["completion_tokens"]) == (200, "ok", 3)
     assert line["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
-    # The engine that served it logged the request too, with no account (a gateway does the accounting).
+    # The engine that served it logged the request under the same id, with no account (the gateway accounts).
     served = next(e for e in engines if e.v1 == line["backend"])
-    engine_lines = [
-        entry
-        for entry in served.log_lines()
-        if entry.get("logger") == "llamaserve.access" and entry.get("path") == "/v1/chat/completions"
-    ]
-    assert engine_lines and all(entry["key_prefix"] is None for entry in engine_lines)
+    [engine_line] = served.access_log(r.headers["x-request-id"])
+    assert engine_line["path"] == "/v1/chat/completions" and engine_line["key_prefix"] is None
+    assert engine_line["completion_tokens"] == 3
+    # An engine takes only ids of our own shape; the gateway makes its own whatever the client sends.
+    forged = {"Authorization": gateway.auth["Authorization"], "X-Request-Id": "req_" + "0" * 32}
+    r = httpx.get(f"{gateway.v1}/models", headers=forged)
+    assert r.status_code == 200 and r.headers["x-request-id"] != forged["X-Request-Id"]
+    r = httpx.get(f"{served.v1}/models", headers={"X-Request-Id": "made up"})
+    assert r.headers["x-request-id"].startswith("req_") and r.headers["x-request-id"] != "made up"
     with httpx.stream(
         "POST",
         f"{gateway.v1}/chat/completions",

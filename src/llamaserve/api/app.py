@@ -147,7 +147,7 @@ def create_app(
             metrics.registry.register(collector)
     metrics.registry.register(StateCollector(app))
     # Outermost: every response has an id, and is counted and logged, refusals included.
-    app.add_middleware(ObserveMiddleware, metrics=metrics)
+    app.add_middleware(ObserveMiddleware, metrics=metrics, take_forwarded_ids=platform_config is None)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(openai.router)

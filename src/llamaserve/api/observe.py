@@ -25,7 +25,7 @@ from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamaserve.api.lifecycle import PROBES
-from llamaserve.api.request_id import new_request_id
+from llamaserve.api.request_id import forwarded_request_id, new_request_id
 from llamaserve.engine.metrics import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -191,16 +191,17 @@ class ObserveMiddleware:
     has ended, counts it and writes its access-log line. Pure ASGI (not BaseHTTPMiddleware): it must not buffer or
     delay streamed responses."""
 
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, take_forwarded_ids: bool = False) -> None:
         self.app = app
         self.metrics = metrics
+        self.take_forwarded_ids = take_forwarded_ids  # an engine behind a gateway: the gateway's id is the id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = new_request_id()
+        request_id = (self.take_forwarded_ids and forwarded_request_id(scope)) or new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())

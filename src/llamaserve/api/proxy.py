@@ -122,11 +122,11 @@ async def proxy(
         except BaseException:
             admission.finish(0, "rejected", prompt_tokens=0)
             raise
-        opening = asyncio.ensure_future(model.router.open(path, payload, body.stream))
+        opening = asyncio.ensure_future(model.router.open(path, payload, body.stream, request_id))
     else:
         # The upstream call starts while the credits are held, so the hold (a database write) adds no latency.
         # Nothing reaches the client before the hold is placed; a refused hold cancels the call.
-        opening = asyncio.ensure_future(model.router.open(path, payload, body.stream))
+        opening = asyncio.ensure_future(model.router.open(path, payload, body.stream, request_id))
         try:
             await admission.hold()
         except BaseException:

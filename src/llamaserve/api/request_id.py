@@ -1,11 +1,25 @@
 """Every response carries an `x-request-id` (set by api/observe.py's middleware); handlers find it at
 `request.state.request_id` (usage records, 500 bodies and the access log use it, so a user's report can be
-matched with the logs)."""
+matched with the logs). A gateway passes its id on to the engine behind it, which takes it (only an engine
+without accounts trusts it: there ids are not usage keys), so one request has one id in every log."""
 
 from __future__ import annotations
 
+import re
 import uuid
+
+from starlette.types import Scope
+
+_REQUEST_ID = re.compile(rb"req_[0-9a-f]{32}")
 
 
 def new_request_id() -> str:
     return f"req_{uuid.uuid4().hex}"
+
+
+def forwarded_request_id(scope: Scope) -> str | None:
+    """The request's own `x-request-id` header, if it is one of ours."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+            return value.decode()
+    return None

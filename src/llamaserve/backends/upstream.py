@@ -77,12 +77,12 @@ class Upstream:
         if self.failures >= BREAKER_FAILURES:
             self.open_until = time.monotonic() + BREAKER_SECONDS
 
-    async def open(self, path: str, body: dict[str, Any], stream: bool) -> UpstreamReply:
+    async def open(self, path: str, body: dict[str, Any], stream: bool, request_id: str) -> UpstreamReply:
         """Send the request; returns the reply once its status is 2xx (its body unread when streaming).
         Raises UpstreamError (retryable when the upstream certainly produced nothing)."""
         started = time.monotonic()
         try:
-            response = await self.session.post(path.lstrip("/"), json=body)
+            response = await self.session.post(path.lstrip("/"), json=body, headers={"X-Request-Id": request_id})
         except TimeoutError as e:
             self.results["504"] += 1
             raise UpstreamError(self._error(504, "did not answer in time", "upstream_timeout"), retryable=False) from e
@@ -189,7 +189,9 @@ class Router:
             candidates = sorted((u for u in self.upstreams if u not in exclude), key=lambda u: u.open_until)[:1]
         return min(candidates, key=lambda u: u.outstanding / u.spec.weight, default=None)
 
-    async def open(self, path: str, body: dict[str, Any], stream: bool) -> tuple[Upstream, UpstreamReply]:
+    async def open(
+        self, path: str, body: dict[str, Any], stream: bool, request_id: str
+    ) -> tuple[Upstream, UpstreamReply]:
         """Send to the best upstream; if it fails before producing anything, once more to another."""
         tried: tuple[Upstream, ...] = ()
         while True:
@@ -201,7 +203,7 @@ class Router:
             tried += (upstream,)
             upstream.outstanding += 1
             try:
-                response = await upstream.open(path, {**body, "model": upstream.spec.model}, stream)
+                response = await upstream.open(path, {**body, "model": upstream.spec.model}, stream, request_id)
             except UpstreamError as e:
                 upstream.outstanding -= 1
                 if e.error.status >= 500:
