@@ -30,7 +30,6 @@ from sqlalchemy import (
     Connection,
     Engine,
     Integer,
-    bindparam,
     create_engine,
     delete,
     event,
@@ -44,6 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.sql.elements import TextClause
 
 from llamaserve.billing.keys import generate_key, parse_key, secret_matches
 from llamaserve.billing.models import Account, ApiKey, Gateway, Hold, LedgerEntry, UsageRecord, WebSession
@@ -537,29 +537,37 @@ class Store:
         return [UsageBucket(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6])) for r in rows]
 
 
-# The per-request statements, built once on the tables (Core, not the ORM): every request runs them, and
-# building and compiling them anew cost more than the database's own work.
-_accounts, _holds, _ledger, _usage = (m.__table__ for m in (Account, Hold, LedgerEntry, UsageRecord))
-_TAKE = (
-    update(_accounts)
-    .where(_accounts.c.id == bindparam("account_id"), _accounts.c.balance >= bindparam("amount"))
-    .values(balance=_accounts.c.balance - bindparam("amount"))
+# The per-request statements, as SQL text: on SQLite they go straight to the driver (sqlite3 takes these :named
+# parameters), which skips all of SQLAlchemy's per-statement work; elsewhere through SQLAlchemy (compiled once).
+_TAKE = text("UPDATE accounts SET balance = balance - :amount WHERE id = :account_id AND balance >= :amount")
+_OPEN_HOLD = text(
+    "INSERT INTO holds (account_id, request_id, amount, status, owner, created_at) "
+    "VALUES (:account_id, :request_id, :amount, 'open', :owner, :now) RETURNING id"
 )
-_OPEN_HOLD = insert(_holds).values(status="open").returning(_holds.c.id)
-_LEDGER = insert(_ledger)
-_CLOSE_HOLD = (
-    update(_holds)
-    .where(_holds.c.id == bindparam("hold_id"), _holds.c.status == "open")
-    .values(status="settled", settled_at=bindparam("now"))
-    .returning(_holds.c.account_id, _holds.c.amount)
+_LEDGER = text(
+    "INSERT INTO ledger (account_id, kind, amount, hold_id, note, created_at) "
+    "VALUES (:account_id, :kind, :amount, :hold_id, :note, :now)"
 )
-_HOLD_EXISTS = select(_holds.c.id).where(_holds.c.id == bindparam("hold_id"))
-_CREDIT = (
-    update(_accounts)
-    .where(_accounts.c.id == bindparam("account_id"))
-    .values(balance=_accounts.c.balance + bindparam("delta"))
+_CLOSE_HOLD = text(
+    "UPDATE holds SET status = 'settled', settled_at = :now WHERE id = :hold_id AND status = 'open' "
+    "RETURNING account_id, amount"
 )
-_RECORD_USAGE = insert(_usage)
+_HOLD_EXISTS = text("SELECT id FROM holds WHERE id = :hold_id")
+_CREDIT = text("UPDATE accounts SET balance = balance + :delta WHERE id = :account_id")
+_RECORD_USAGE = text(
+    "INSERT INTO usage (request_id, account_id, key_id, model, prompt_tokens, completion_tokens, cost, status, "
+    "latency_ms, created_at) VALUES (:request_id, :account_id, :key_id, :model, :prompt_tokens, "
+    ":completion_tokens, :cost, :status, :latency_ms, :now)"
+)
+
+
+def _run(conn: Connection, statement: TextClause, params: dict[str, Any]) -> Any:
+    """Execute one per-request statement; returns a cursor (`rowcount`, `fetchone()`)."""
+    if conn.dialect.name != "sqlite":
+        return conn.execute(statement, params)
+    if "now" in params:  # stored as SQLAlchemy stores a DateTime on SQLite: UTC clock time, no offset
+        params = {**params, "now": params["now"].strftime("%Y-%m-%d %H:%M:%S.%f")}
+    return conn.connection.driver_connection.execute(statement.text, params)  # type: ignore[union-attr]
 
 
 def _beat(conn: Connection, instance: str) -> None:
@@ -570,48 +578,43 @@ def _beat(conn: Connection, instance: str) -> None:
 
 
 def _hold(conn: Connection, account_id: int, amount: int, request_id: str, owner: str) -> int | None:
-    if conn.execute(_TAKE, {"account_id": account_id, "amount": amount}).rowcount == 0:
+    if _run(conn, _TAKE, {"account_id": account_id, "amount": amount}).rowcount == 0:
         return None
     now = _now()
-    hold_id = conn.scalar(
-        _OPEN_HOLD,
-        {"account_id": account_id, "request_id": request_id, "amount": amount, "owner": owner, "created_at": now},
-    )
+    opened = {"account_id": account_id, "request_id": request_id, "amount": amount, "owner": owner, "now": now}
+    hold_id = _run(conn, _OPEN_HOLD, opened).fetchone()[0]
     ledger = {"account_id": account_id, "kind": "hold", "amount": -amount, "hold_id": hold_id, "note": request_id}
-    conn.execute(_LEDGER, {**ledger, "created_at": now})
+    _run(conn, _LEDGER, {**ledger, "now": now})
     return hold_id
 
 
 def _settle(conn: Connection, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
     now = _now()
-    row = conn.execute(_CLOSE_HOLD, {"hold_id": hold_id, "now": now}).first()
+    row = _run(conn, _CLOSE_HOLD, {"hold_id": hold_id, "now": now}).fetchone()
     if row is None:
-        if conn.scalar(_HOLD_EXISTS, {"hold_id": hold_id}) is None:
+        if _run(conn, _HOLD_EXISTS, {"hold_id": hold_id}).fetchone() is None:
             raise StoreError(f"no hold {hold_id}")
         return False
     account_id, amount = row
     charge = max(0, min(charge, amount))
-    conn.execute(_CREDIT, {"account_id": account_id, "delta": amount - charge})
-    entry = {"account_id": account_id, "hold_id": hold_id, "note": "", "created_at": now}
-    conn.execute(
-        _LEDGER, [{**entry, "kind": "release", "amount": amount}, {**entry, "kind": "charge", "amount": -charge}]
-    )
+    _run(conn, _CREDIT, {"account_id": account_id, "delta": amount - charge})
+    entry = {"account_id": account_id, "hold_id": hold_id, "note": "", "now": now}
+    _run(conn, _LEDGER, {**entry, "kind": "release", "amount": amount})
+    _run(conn, _LEDGER, {**entry, "kind": "charge", "amount": -charge})
     if usage is not None:
-        conn.execute(
-            _RECORD_USAGE,
-            {
-                "request_id": usage.request_id,
-                "account_id": account_id,
-                "key_id": key_id,
-                "model": usage.model,
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "cost": charge,
-                "status": usage.status,
-                "latency_ms": usage.latency_ms,
-                "created_at": now,
-            },
-        )
+        recorded = {
+            "request_id": usage.request_id,
+            "account_id": account_id,
+            "key_id": key_id,
+            "model": usage.model,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cost": charge,
+            "status": usage.status,
+            "latency_ms": usage.latency_ms,
+            "now": now,
+        }
+        _run(conn, _RECORD_USAGE, recorded)
     return True
 
 
