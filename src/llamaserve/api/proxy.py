@@ -113,20 +113,20 @@ async def proxy(
     admission = await admit(request, caller, request_id, model.spec.id, n_prompt, budget, model.spec.price, hold=False)
     if body.stream:
         payload["stream_options"] = {"include_usage": True}
-    if has_images(payload) or admission.short_of_credits:
-        # Images are fetched only for a request whose credits are held; an account refused a moment ago waits
-        # for its hold rather than make the upstream start work it will likely not be paid for.
+    # Images are fetched only for a request whose credits are held, and an account refused a moment ago waits for
+    # its hold rather than make the upstream start work it will likely not be paid for. Otherwise the upstream
+    # call starts while the credits are held, so the hold (a database write) adds no latency: nothing reaches the
+    # client before the hold is placed, and a refused hold cancels the call.
+    hold_first = has_images(payload) or admission.short_of_credits
+    if hold_first:
         await admission.hold()
         try:
             await inline_images(payload, model.spec, request.app.state.image_limits)
         except BaseException:
             admission.finish(0, "rejected", prompt_tokens=0)
             raise
-        opening = asyncio.ensure_future(model.router.open(path, payload, body.stream, request_id))
-    else:
-        # The upstream call starts while the credits are held, so the hold (a database write) adds no latency.
-        # Nothing reaches the client before the hold is placed; a refused hold cancels the call.
-        opening = asyncio.ensure_future(model.router.open(path, payload, body.stream, request_id))
+    opening = asyncio.ensure_future(model.router.open(path, payload, body.stream, request_id))
+    if not hold_first:
         try:
             await admission.hold()
         except BaseException:
