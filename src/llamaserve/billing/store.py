@@ -17,24 +17,22 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     BigInteger,
     Connection,
-    Engine,
     Integer,
-    create_engine,
     delete,
     event,
     func,
-    insert,
     or_,
     select,
     text,
@@ -116,8 +114,9 @@ def database_unavailable(exc: BaseException) -> bool:
             or isinstance(exc, (OperationalError, InterfaceError))
             or sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
         )
-    # No pooled connection came free; or the driver failed to connect (asyncpg raises these unwrapped).
-    return isinstance(exc, (PoolTimeout, ConnectionError, TimeoutError))
+    # No pooled connection came free; the driver failed to connect (asyncpg raises these unwrapped); SQLite busy
+    # or its file out of reach on the per-request connection (sqlite3's own errors, unwrapped).
+    return isinstance(exc, (PoolTimeout, ConnectionError, TimeoutError, sqlite3.OperationalError))
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -140,13 +139,9 @@ class Store:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # SQLite: per-request transactions run on one database thread with the stdlib driver (see _transaction).
-        self._sqlite_engine: Engine | None = None
-        self._sqlite_thread: ThreadPoolExecutor | None = None
+        self._sqlite: SqliteWriter | None = None
         if self.is_sqlite:
-            self._sqlite_engine = create_engine(url.replace("+aiosqlite", "", 1), connect_args={"timeout": 30})
-            event.listen(self._sqlite_engine, "connect", _sqlite_hot_path_pragmas)
-            self._sqlite_thread = ThreadPoolExecutor(1, thread_name_prefix="llamaserve-sqlite")
-            self._wal_flusher = WalFlusher(self._sqlite_engine.url.database or "")
+            self._sqlite = SqliteWriter(self.engine.url.database or "")
         # SQLite has one writer at a time; queue writers here instead of failing with "database is locked".
         self._write_lock = asyncio.Lock()
 
@@ -166,10 +161,8 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
-        if self._sqlite_thread is not None and self._sqlite_engine is not None:
-            await self._wal_flusher.close()
-            await asyncio.get_running_loop().run_in_executor(self._sqlite_thread, self._sqlite_engine.dispose)
-            self._sqlite_thread.shutdown()
+        if self._sqlite is not None:
+            await self._sqlite.close()
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncSession]:
@@ -430,20 +423,13 @@ class Store:
         return await self._transaction(_settle, hold_id, charge, usage, key_id)
 
     async def _transaction(self, work: Callable[..., T], *args: Any) -> T:
-        """Run `work(connection, *args)` in one write transaction. These run on every request, so on SQLite the
-        whole transaction goes to the database thread in one hop (aiosqlite would hop once per statement);
-        elsewhere it runs on the async connection through SQLAlchemy's sync facade."""
-        if self._sqlite_thread is not None:
-            result = await asyncio.get_running_loop().run_in_executor(self._sqlite_thread, self._on_sqlite, work, args)
-            self._wal_flusher.committed()
-            return result
+        """Run `work(statements, *args)` in one write transaction. These run on every request: on SQLite the
+        whole transaction goes to the database thread in one hop, on sqlite3 itself; elsewhere it runs on the
+        async connection through SQLAlchemy's sync facade."""
+        if self._sqlite is not None:
+            return await self._sqlite.transaction(work, *args)
         async with self.engine.begin() as conn:
             return await conn.run_sync(_asynchronous_commit, work, *args)
-
-    def _on_sqlite(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
-        assert self._sqlite_engine is not None
-        with self._sqlite_engine.begin() as conn:
-            return work(conn, *args)
 
     async def heartbeat(self) -> None:
         """Say this process is alive (the owner of its open holds); call more often than `dead_after` below, and
@@ -561,46 +547,48 @@ _RECORD_USAGE = text(
 )
 
 
-def _run(conn: Connection, statement: TextClause, params: dict[str, Any]) -> Any:
-    """Execute one per-request statement; returns a cursor (`rowcount`, `fetchone()`)."""
-    if conn.dialect.name != "sqlite":
-        return conn.execute(statement, params)
-    if "now" in params:  # stored as SQLAlchemy stores a DateTime on SQLite: UTC clock time, no offset
-        params = {**params, "now": params["now"].strftime("%Y-%m-%d %H:%M:%S.%f")}
-    return conn.connection.driver_connection.execute(statement.text, params)  # type: ignore[union-attr]
+_BEAT = text("UPDATE gateways SET heartbeat_at = :now WHERE id = :id")
+_FIRST_BEAT = text("INSERT INTO gateways (id, started_at, heartbeat_at) VALUES (:id, :now, :now)")
 
 
-def _beat(conn: Connection, instance: str) -> None:
+class Statements(Protocol):
+    """One transaction's way to run the per-request statements (SQLite: sqlite3; else: SQLAlchemy)."""
+
+    def __call__(self, statement: TextClause, params: dict[str, Any]) -> Any:
+        """Execute one statement; returns a cursor (`rowcount`, `fetchone()`)."""
+        ...
+
+
+def _beat(run: Statements, instance: str) -> None:
     now = _now()
-    beat = conn.execute(update(Gateway).where(Gateway.id == instance).values(heartbeat_at=now))
-    if beat.rowcount == 0:
-        conn.execute(insert(Gateway).values(id=instance, started_at=now, heartbeat_at=now))
+    if run(_BEAT, {"id": instance, "now": now}).rowcount == 0:
+        run(_FIRST_BEAT, {"id": instance, "now": now})
 
 
-def _hold(conn: Connection, account_id: int, amount: int, request_id: str, owner: str) -> int | None:
-    if _run(conn, _TAKE, {"account_id": account_id, "amount": amount}).rowcount == 0:
+def _hold(run: Statements, account_id: int, amount: int, request_id: str, owner: str) -> int | None:
+    if run(_TAKE, {"account_id": account_id, "amount": amount}).rowcount == 0:
         return None
     now = _now()
     opened = {"account_id": account_id, "request_id": request_id, "amount": amount, "owner": owner, "now": now}
-    hold_id = _run(conn, _OPEN_HOLD, opened).fetchone()[0]
+    hold_id = run(_OPEN_HOLD, opened).fetchone()[0]
     ledger = {"account_id": account_id, "kind": "hold", "amount": -amount, "hold_id": hold_id, "note": request_id}
-    _run(conn, _LEDGER, {**ledger, "now": now})
+    run(_LEDGER, {**ledger, "now": now})
     return hold_id
 
 
-def _settle(conn: Connection, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
+def _settle(run: Statements, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
     now = _now()
-    row = _run(conn, _CLOSE_HOLD, {"hold_id": hold_id, "now": now}).fetchone()
+    row = run(_CLOSE_HOLD, {"hold_id": hold_id, "now": now}).fetchone()
     if row is None:
-        if _run(conn, _HOLD_EXISTS, {"hold_id": hold_id}).fetchone() is None:
+        if run(_HOLD_EXISTS, {"hold_id": hold_id}).fetchone() is None:
             raise StoreError(f"no hold {hold_id}")
         return False
     account_id, amount = row
     charge = max(0, min(charge, amount))
-    _run(conn, _CREDIT, {"account_id": account_id, "delta": amount - charge})
+    run(_CREDIT, {"account_id": account_id, "delta": amount - charge})
     entry = {"account_id": account_id, "hold_id": hold_id, "note": "", "now": now}
-    _run(conn, _LEDGER, {**entry, "kind": "release", "amount": amount})
-    _run(conn, _LEDGER, {**entry, "kind": "charge", "amount": -charge})
+    run(_LEDGER, {**entry, "kind": "release", "amount": amount})
+    run(_LEDGER, {**entry, "kind": "charge", "amount": -charge})
     if usage is not None:
         recorded = {
             "request_id": usage.request_id,
@@ -614,7 +602,7 @@ def _settle(conn: Connection, hold_id: int, charge: int, usage: Usage | None, ke
             "latency_ms": usage.latency_ms,
             "now": now,
         }
-        _run(conn, _RECORD_USAGE, recorded)
+        run(_RECORD_USAGE, recorded)
     return True
 
 
@@ -631,16 +619,55 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_hot_path_pragmas(dbapi_connection: Any, record: Any) -> None:
-    """The per-request connection commits without waiting for the disk (WalFlusher syncs soon after)."""
-    _sqlite_pragmas(dbapi_connection, record)
-    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
-
-
 def _asynchronous_commit(conn: Connection, work: Callable[..., T], *args: Any) -> T:
     """PostgreSQL: `work` in a transaction whose commit does not wait for its WAL to reach the disk."""
     conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-    return work(conn, *args)
+    return work(conn.execute, *args)
+
+
+class SqliteWriter:
+    """SQLite's per-request transactions: one connection, on one thread of its own, driven by sqlite3 directly.
+    SQLAlchemy's engine, pool and transaction objects cost more CPU than the statements themselves (about 250 µs
+    a transaction here), and every request pays for two. Commits don't wait for the disk (`synchronous=NORMAL`):
+    the WalFlusher syncs the log soon after."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="llamaserve-sqlite")
+        self.connection: sqlite3.Connection | None = None  # opened on the thread, at its first transaction
+        self.wal_flusher = WalFlusher(path)
+
+    async def transaction(self, work: Callable[..., T], *args: Any) -> T:
+        result = await asyncio.get_running_loop().run_in_executor(self.thread, self._run, work, args)
+        self.wal_flusher.committed()
+        return result
+
+    def _run(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self.connection is None:
+            self.connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            _sqlite_pragmas(self.connection, None)
+            self.connection.execute("PRAGMA synchronous=NORMAL")
+        connection = self.connection
+        connection.execute("BEGIN IMMEDIATE")  # the write lock first: a writer never waits on an upgrade
+        try:
+            result = work(self._statement, *args)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return result
+
+    def _statement(self, statement: TextClause, params: dict[str, Any]) -> sqlite3.Cursor:
+        assert self.connection is not None
+        if "now" in params:  # stored as SQLAlchemy stores a DateTime on SQLite: UTC clock time, no offset
+            params = {**params, "now": params["now"].strftime("%Y-%m-%d %H:%M:%S.%f")}
+        return self.connection.execute(statement.text, params)
+
+    async def close(self) -> None:
+        await self.wal_flusher.close()
+        if self.connection is not None:
+            await asyncio.get_running_loop().run_in_executor(self.thread, self.connection.close)
+        self.thread.shutdown()
 
 
 WAL_FLUSH_SECONDS = 0.2
