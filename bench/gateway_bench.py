@@ -92,16 +92,18 @@ async def run(targets: dict[str, Target], n: int, concurrency: int, stream: bool
     return lat
 
 
-def report(targets: dict[str, Target], requests: int) -> None:
+def report(targets: dict[str, Target], requests: int, modes: list[bool], concurrencies: list[int]) -> None:
+    """One row per mode and concurrency. "adds" is p50 through minus p50 direct; "paired" is the median of the
+    differences between requests of the same round (sent one after the other), which machine drift affects less."""
     others = [name for name in targets if name != "direct"]
     print(
         "| mode | clients | direct p50 / p99 ms | "
-        + " | ".join(f"{name} p50 / p99 ms | {name} adds (p50) | {name} req/s" for name in others)
+        + " | ".join(f"{name} p50 / p99 ms | {name} adds (p50) | paired | {name} req/s" for name in others)
         + " | direct req/s |"
     )
-    print("|---" * (3 + 3 * len(others) + 1) + "|")
-    for stream in (False, True):
-        for concurrency in (1, 8):
+    print("|---" * (3 + 4 * len(others) + 1) + "|")
+    for stream in modes:
+        for concurrency in concurrencies:
             lat = asyncio.run(run(targets, requests, concurrency, stream))
             d = lat["direct"]
             cells = [f"{percentile(d, 0.5):.1f} / {percentile(d, 0.99):.1f}"]
@@ -110,6 +112,7 @@ def report(targets: dict[str, Target], requests: int) -> None:
                 cells += [
                     f"{percentile(g, 0.5):.1f} / {percentile(g, 0.99):.1f}",
                     f"{percentile(g, 0.5) - percentile(d, 0.5):+.2f}",
+                    f"{statistics.median(a - b for a, b in zip(g, d, strict=True)):+.2f}",
                     f"{1000 * concurrency / statistics.mean(g):.0f}",
                 ]
             rate = f"{1000 * concurrency / statistics.mean(d):.0f}"
@@ -122,7 +125,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads of the engine")
     p.add_argument("--engine", choices=("real", "stub"), default="real", help="llamaserve engine, or an instant stub")
     p.add_argument("--floor", action="store_true", help="also a bare passthrough (bench/passthrough.py): the floor")
+    p.add_argument("--modes", default="non-stream,stream", help="comma-separated: non-stream, stream")
+    p.add_argument("--clients", default="1,8", help="comma-separated concurrencies")
     args = p.parse_args()
+    modes = [{"non-stream": False, "stream": True}[m] for m in args.modes.split(",")]
+    concurrencies = [int(c) for c in args.clients.split(",")]
     if args.engine == "stub":
         upstream, model = started([sys.executable, str(Path(__file__).parent / "stub_upstream.py")]), "stub"
     else:
@@ -143,7 +150,7 @@ def main() -> None:
                 script = str(Path(__file__).parent / "passthrough.py")
                 floor = running.enter_context(started([sys.executable, script, "--upstream", engine]))
                 targets["passthrough"] = (f"{floor}/v1/chat/completions", model, {})
-            report(targets, args.requests)
+            report(targets, args.requests, modes, concurrencies)
 
 
 if __name__ == "__main__":

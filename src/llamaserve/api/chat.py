@@ -29,6 +29,7 @@ from llamaserve.api.common import (
     text_bytes,
     usage,
 )
+from llamaserve.api.inference import inference_route
 from llamaserve.api.logprobs import LegacyLogprobs, chat_logprobs
 from llamaserve.api.platform import CallerDep, admit, check_model_allowed
 from llamaserve.api.proxy import find_upstream, proxy
@@ -255,6 +256,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     if body.echo:
         response["prompt"] = [_echo(model, plan.prompt.text, results[0].prompt_logprobs)]
     return JSONResponse(response, headers=admission.headers)
+
+
+route = inference_route("/v1/chat/completions", ChatCompletionRequest, chat_completions)
 
 
 def _choice(model: LocalModel, plan: ChatPlan, body: ChatCompletionRequest, i: int, r: ChoiceResult) -> dict:

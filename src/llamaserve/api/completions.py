@@ -28,6 +28,7 @@ from llamaserve.api.common import (
     text_bytes,
     usage,
 )
+from llamaserve.api.inference import inference_route
 from llamaserve.api.logprobs import LegacyLogprobs
 from llamaserve.api.platform import CallerDep, admit, check_model_allowed
 from llamaserve.api.proxy import find_upstream, proxy
@@ -102,6 +103,9 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
         sum(h.cached_tokens for h in handles),
     )
     return JSONResponse({**head, "choices": choices, "usage": u}, headers=admission.headers)
+
+
+route = inference_route("/v1/completions", CompletionRequest, completions)
 
 
 def _joined(a: dict[str, list[Any]], b: dict[str, list[Any]]) -> dict[str, list[Any]]:
