@@ -15,7 +15,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from llamaserve.api import account, admin, chat, completions, dashboard, errors, inference, openai, openapi
+from llamaserve.api import account, admin, chat, completions, dashboard, errors, openai, openapi
+from llamaserve.api.inference import InferenceMiddleware
 from llamaserve.api.lifecycle import Lifecycle, LifecycleMiddleware
 from llamaserve.api.observe import GatewayMetrics, ObserveMiddleware, StateCollector
 from llamaserve.api.platform import Platform
@@ -131,6 +132,7 @@ def create_app(
     app.state.started = int(time.time())
     errors.install(app)
     app.state.lifecycle = lifecycle or Lifecycle()
+    app.add_middleware(InferenceMiddleware, routes=[chat.route, completions.route])  # innermost
     app.add_middleware(LifecycleMiddleware, lifecycle=app.state.lifecycle)
     if platform_config is not None and platform_config.cors_origins:
         # Off unless asked: browsers on other origins may not call the API (the dashboard is same-origin).
@@ -148,9 +150,8 @@ def create_app(
     metrics.registry.register(StateCollector(app))
     # Outermost: every response has an id, and is counted and logged, refusals included.
     app.add_middleware(ObserveMiddleware, metrics=metrics, take_forwarded_ids=platform_config is None)
-    app.include_router(chat.router)  # declared for the document; served by the routes installed below
+    app.include_router(chat.router)  # declared for the document and other methods; POSTs: InferenceMiddleware
     app.include_router(completions.router)
-    inference.install(app, [chat.route, completions.route])
     app.include_router(openai.router)
     if platform_config is not None:
         app.include_router(account.router)

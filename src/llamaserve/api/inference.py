@@ -1,32 +1,33 @@
-"""How the inference endpoints are served: plain Starlette routes, ahead of FastAPI's.
+"""How the inference endpoints are served: by a pure ASGI middleware, the innermost, ahead of FastAPI's routing.
 
-FastAPI declares POST /v1/chat/completions and /v1/completions with the other routes (the OpenAPI document is
-built from those declarations). These routes answer them, taking the same steps in the same order as FastAPI's
-request handler, without its per-request machinery (dependency solving, exit stacks, validation wrappers),
-which cost more CPU than the rest of a proxied request's own work (bench/gateway_bench.py):
+FastAPI declares POST /v1/chat/completions and /v1/completions with the other routes (the OpenAPI document and
+405s for other methods come from those declarations). This middleware answers them, taking the same steps in the
+same order as FastAPI's request handler, without the layers between it and the route (exception middleware,
+exit stacks, routing, dependency solving, validation wrappers), which cost about as much CPU as a proxied
+request's own work (bench/gateway_bench.py):
 
 1. read the body and parse it as JSON as FastAPI does (only for a JSON content type; same errors);
 2. authenticate the key: 401/403 before any complaint about the body's fields;
 3. validate the body with the endpoint's pydantic model: a RequestValidationError, answered by the same
    handler as every other route's (400 naming the parameter).
 
-Exceptions go to the app's handlers as from any route.
+An exception is answered by the app's handler for it, as Starlette's exception middleware would; one with no
+handler of its own (a bug) goes on up to the server-error middleware, as from any route.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match, Route
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llamaserve.api.platform import require_caller
 from llamaserve.billing.store import Caller
@@ -36,28 +37,50 @@ Endpoint = Callable[[M, Request, Caller], Awaitable[Any]]
 _NO_BODY = object()  # an empty body: FastAPI reports the body missing, after the key check
 
 
-def inference_route(path: str, model: type[M], endpoint: Endpoint[M]) -> Route:
+@dataclass(frozen=True)
+class InferenceRoute:
+    path: str  # also the metrics' route label (scope["route"].path, as FastAPI's routes have it)
+    handle: Callable[[Request], Awaitable[Response]]
+
+
+def inference_route(path: str, model: type[M], endpoint: Endpoint[M]) -> InferenceRoute:
     async def handle(request: Request) -> Response:
         body = await json_body(request)
         caller = await require_caller(request)
         return await endpoint(validated(model, body), request, caller)
 
-    return InferenceRoute(path, handle, methods=["POST"], name=endpoint.__name__)
+    return InferenceRoute(path, handle)
 
 
-class InferenceRoute(Route):
-    """A route that, like FastAPI's, names itself in the scope (`scope["route"]`: the metrics' route label)."""
+class InferenceMiddleware:
+    def __init__(self, app: ASGIApp, routes: Sequence[InferenceRoute]) -> None:
+        self.app = app
+        self.routes = {route.path: route for route in routes}
 
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child_scope = super().matches(scope)
-        if match != Match.NONE:
-            child_scope["route"] = self
-        return match, child_scope
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route
+        request = Request(scope, receive, send)
+        try:
+            response = await route.handle(request)
+        except Exception as e:
+            response = await _answer(request, e)
+        await response(scope, receive, send)
 
 
-def install(app: FastAPI, routes: list[Route]) -> None:
-    """Put `routes` first: a request they match never reaches FastAPI's declarations of the same paths."""
-    app.router.routes[0:0] = routes
+async def _answer(request: Request, error: Exception) -> Response:
+    """The app's handler's answer to `error` (looked up by class, as Starlette does); re-raised if only the
+    catch-all handles it: that one answers from the server-error middleware, outside the access log's."""
+    handlers = request.app.exception_handlers
+    for kind in type(error).__mro__:
+        if kind is Exception:
+            break
+        if kind in handlers:
+            return await handlers[kind](request, error)
+    raise error
 
 
 async def json_body(request: Request) -> Any:

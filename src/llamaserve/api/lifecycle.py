@@ -101,7 +101,8 @@ def _bounded(scope: Scope, receive: Receive, send: Send, limits: Limits) -> Rece
         if body_done:
             return await receive()  # after the body: only the disconnect, which may come at any time
         try:
-            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            async with asyncio.timeout_at(deadline):  # no task per message, unlike wait_for (Python < 3.12)
+                message = await receive()
         except TimeoutError:
             await _error(
                 scope, send, 408, f"The request body did not arrive within {limits.body_timeout:g}s", "timeout"
