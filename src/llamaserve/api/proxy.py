@@ -58,7 +58,7 @@ def prompt_bound(payload: dict[str, Any]) -> int:
     if messages is None:
         prompt = payload.get("prompt") or ""
         return len(json.dumps(prompt, ensure_ascii=False).encode()) + PER_MESSAGE_OVERHEAD * 2
-    total = TEMPLATE_ALLOWANCE + len(json.dumps(payload.get("tools") or [], ensure_ascii=False).encode())
+    total = TEMPLATE_ALLOWANCE + _json_bytes(payload.get("tools"))
     for message in messages:
         total += PER_MESSAGE_OVERHEAD
         content = message.get("content")
@@ -66,8 +66,12 @@ def prompt_bound(payload: dict[str, Any]) -> int:
         for part in parts:
             is_image = part.get("type") == "image_url"
             total += IMAGE_TOKEN_BOUND if is_image else len((part.get("text") or "").encode())
-        total += len(json.dumps(message.get("tool_calls") or [], ensure_ascii=False).encode())
+        total += _json_bytes(message.get("tool_calls"))
     return total
+
+
+def _json_bytes(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False).encode()) if value else 0
 
 
 def has_images(payload: dict[str, Any]) -> bool:
