@@ -408,6 +408,25 @@ def test_a_hold_settled_concurrently_settles_once(run: Run) -> None:
     run(body)
 
 
+def test_a_failing_settlement_among_concurrent_ones_fails_alone(run: Run) -> None:
+    """Transactions asked for together may share a trip to the database thread (SQLite): each still commits or
+    fails on its own."""
+
+    async def body(store: Store) -> None:
+        account = await new_account(store, credits=100)
+        _, key = await store.create_key("acme")
+        holds = [await store.hold(account.id, 10, f"r{i}") for i in range(4)]
+        settling = [store.settle(hold, 5, None, key.id) for hold in holds if hold is not None]
+        results = await asyncio.gather(
+            *settling[:2], store.settle(999, 1, None, key.id), *settling[2:], return_exceptions=True
+        )
+        assert [type(r) for r in results] == [bool, bool, StoreError, bool, bool]
+        assert [r for r in results if isinstance(r, bool)] == [True] * 4
+        assert await balance(store, account.id) == 100 - 4 * 5
+
+    run(body)
+
+
 # --- concurrency ----------------------------------------------------------------------------------------------
 HOLD = 37
 HOLDS_COVERED = 20

@@ -628,19 +628,57 @@ def _asynchronous_commit(conn: Connection, work: Callable[..., T], *args: Any) -
 class SqliteWriter:
     """SQLite's per-request transactions: one connection, on one thread of its own, driven by sqlite3 directly.
     SQLAlchemy's engine, pool and transaction objects cost more CPU than the statements themselves (about 250 µs
-    a transaction here), and every request pays for two. Commits don't wait for the disk (`synchronous=NORMAL`):
-    the WalFlusher syncs the log soon after."""
+    a transaction here), and every request pays for two. Transactions asked for while others run go to the thread
+    together, in one hop (a hop costs about 70 µs of CPU); each is still a transaction of its own. Commits don't
+    wait for the disk (`synchronous=NORMAL`): the WalFlusher syncs the log soon after."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="llamaserve-sqlite")
         self.connection: sqlite3.Connection | None = None  # opened on the thread, at its first transaction
         self.wal_flusher = WalFlusher(path)
+        self.waiting: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self.running: asyncio.Future[list[tuple[bool, Any]]] | None = None  # the batch on the thread now
 
     async def transaction(self, work: Callable[..., T], *args: Any) -> T:
-        result = await asyncio.get_running_loop().run_in_executor(self.thread, self._run, work, args)
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.waiting.append((work, args, done))
+        if self.running is None:
+            self._send_batch()
+        return await done
+
+    def _send_batch(self) -> None:
+        """Hand every waiting transaction to the thread (on the event loop, as is all the queue's handling)."""
+        batch, self.waiting = self.waiting, []
+        self.running = asyncio.get_running_loop().run_in_executor(
+            self.thread, self._run_batch, [(work, args) for work, args, _ in batch]
+        )
+        self.running.add_done_callback(lambda running: self._batch_done(running, [done for *_, done in batch]))
+
+    def _batch_done(self, running: asyncio.Future[list[tuple[bool, Any]]], waiters: list[asyncio.Future[Any]]) -> None:
+        self.running = None
         self.wal_flusher.committed()
-        return result
+        outcomes = running.result() if not running.cancelled() and running.exception() is None else None
+        for i, done in enumerate(waiters):
+            if done.done():  # its request was cancelled meanwhile
+                continue
+            if outcomes is None:
+                done.set_exception(StoreError("the database thread stopped"))
+            elif outcomes[i][0]:
+                done.set_result(outcomes[i][1])
+            else:
+                done.set_exception(outcomes[i][1])
+        if self.waiting:
+            self._send_batch()
+
+    def _run_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        for work, args in batch:
+            try:
+                outcomes.append((True, self._run(work, args)))
+            except Exception as e:
+                outcomes.append((False, e))
+        return outcomes
 
     def _run(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
         if self.connection is None:
@@ -651,10 +689,11 @@ class SqliteWriter:
         connection.execute("BEGIN IMMEDIATE")  # the write lock first: a writer never waits on an upgrade
         try:
             result = work(self._statement, *args)
+            connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
             raise
-        connection.execute("COMMIT")
         return result
 
     def _statement(self, statement: TextClause, params: dict[str, Any]) -> sqlite3.Cursor:
