@@ -424,8 +424,8 @@ class Store:
 
     async def _transaction(self, work: Callable[..., T], *args: Any) -> T:
         """Run `work(statements, *args)` in one write transaction. These run on every request: on SQLite the
-        whole transaction goes to the database thread in one hop, on sqlite3 itself; elsewhere it runs on the
-        async connection through SQLAlchemy's sync facade."""
+        whole transaction goes to the database thread in one hop (with any others asked for meanwhile), on sqlite3
+        itself; elsewhere it runs on the async connection through SQLAlchemy's sync facade."""
         if self._sqlite is not None:
             return await self._sqlite.transaction(work, *args)
         async with self.engine.begin() as conn:
