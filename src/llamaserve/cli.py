@@ -255,6 +255,7 @@ def _run(
     import uvicorn
 
     from llamaserve.api.app import create_app
+    from llamaserve.api.http_protocol import CoalescingHttpProtocol
     from llamaserve.api.lifecycle import DrainingServer, Lifecycle
 
     try:
@@ -297,6 +298,7 @@ def _run(
         log_level=level if level <= logging.DEBUG else max(level, logging.WARNING),
         access_log=False,
         timeout_graceful_shutdown=5,
+        http=CoalescingHttpProtocol,
     )
     DrainingServer(uv, lifecycle).run()
 

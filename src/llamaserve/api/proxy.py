@@ -120,7 +120,8 @@ async def proxy(
     # Images are fetched only for a request whose credits are held, and an account refused a moment ago waits for
     # its hold rather than make the upstream start work it will likely not be paid for. Otherwise the upstream
     # call starts while the credits are held, so the hold (a database write) adds no latency: nothing reaches the
-    # client before the hold is placed, and a refused hold cancels the call.
+    # client before the hold is placed, and a refused hold cancels the call. The call goes first (one turn of the
+    # loop: up to its write), so the hold's hop to the database thread doesn't delay the request upstream.
     hold_first = has_images(payload) or admission.short_of_credits
     if hold_first:
         await admission.hold()
@@ -132,6 +133,7 @@ async def proxy(
     opening = asyncio.ensure_future(model.router.open(path, payload, body.stream, request_id))
     if not hold_first:
         try:
+            await asyncio.sleep(0)
             await admission.hold()
         except BaseException:
             await _abandon(opening)
