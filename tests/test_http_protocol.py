@@ -1,5 +1,6 @@
-"""The response transport: a response's head and body leave in one write; a lone write (a stream's head) leaves on
-the loop's next turn; nothing held is lost at close. On a real socket transport, its writes counted."""
+"""The response transport: a response's head and body leave in one write; a lone head (a stream's) leaves on the
+loop's next turn, and what follows it is not held; nothing held is lost at close. On a real socket transport, its
+writes counted."""
 
 from __future__ import annotations
 
@@ -32,8 +33,10 @@ async def connected() -> AsyncIterator[tuple[CoalescingTransport, Counted, socke
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
     counted = Counted(transport)  # type: ignore[arg-type]
+    coalescing = CoalescingTransport(counted, loop)  # type: ignore[arg-type]
+    coalescing.expect_head()  # as the protocol does when a request begins
     try:
-        yield CoalescingTransport(counted, loop), counted, peer  # type: ignore[arg-type]
+        yield coalescing, counted, peer
     finally:
         transport.close()
         peer.close()
@@ -61,7 +64,7 @@ def test_a_head_and_its_body_leave_in_one_write() -> None:
     asyncio.run(main())
 
 
-def test_a_lone_write_leaves_on_the_next_turn() -> None:
+def test_a_lone_head_leaves_on_the_next_turn_and_events_are_not_held() -> None:
     async def main() -> None:
         async with connected() as (transport, counted, peer):
             peer.setblocking(False)
@@ -70,9 +73,9 @@ def test_a_lone_write_leaves_on_the_next_turn() -> None:
             await asyncio.sleep(0)
             assert counted.writes == [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"]
             assert (await received(peer, 10)).startswith(b"HTTP/1.1 200 OK")
-            transport.write(b"5\r\nhello\r\n")  # a later event goes out on its own turn, after the head
-            await asyncio.sleep(0)
-            assert counted.writes[1:] == [b"5\r\nhello\r\n"]
+            transport.write(b"5\r\nhello\r\n")  # a stream's events go out as they are sent
+            transport.write(b"5\r\nworld\r\n")
+            assert counted.writes[1:] == [b"5\r\nhello\r\n", b"5\r\nworld\r\n"]
 
     asyncio.run(main())
 
@@ -97,5 +100,22 @@ def test_a_write_held_for_a_closed_connection_is_dropped() -> None:
             counted.transport.close()  # the client went away before the loop's turn ended
             await asyncio.sleep(0)
             assert counted.writes == []
+
+    asyncio.run(main())
+
+
+def test_only_the_head_of_each_response_is_held() -> None:
+    async def main() -> None:
+        async with connected() as (transport, counted, peer):
+            peer.setblocking(False)
+            transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+            transport.write(b"{}")
+            transport.write(b"late")  # no new request began: nothing to hold
+            assert counted.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}", b"late"]
+            transport.expect_head()  # the next request on the connection
+            transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            assert len(counted.writes) == 2
+            await asyncio.sleep(0)
+            assert counted.writes[2:] == [b"HTTP/1.1 204 No Content\r\n\r\n"]
 
     asyncio.run(main())
