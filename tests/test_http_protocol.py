@@ -30,6 +30,7 @@ class Counted:
 @asynccontextmanager
 async def connected() -> AsyncIterator[tuple[CoalescingTransport, Counted, socket.socket]]:
     ours, peer = socket.socketpair()
+    peer.setblocking(False)  # read with the loop's sock_recv
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
     counted = Counted(transport)  # type: ignore[arg-type]
@@ -53,7 +54,6 @@ async def received(peer: socket.socket, n: int) -> bytes:
 def test_a_head_and_its_body_leave_in_one_write() -> None:
     async def main() -> None:
         async with connected() as (transport, counted, peer):
-            peer.setblocking(False)
             transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
             transport.write(b"{}")
             assert counted.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
@@ -67,7 +67,6 @@ def test_a_head_and_its_body_leave_in_one_write() -> None:
 def test_a_lone_head_leaves_on_the_next_turn_and_events_are_not_held() -> None:
     async def main() -> None:
         async with connected() as (transport, counted, peer):
-            peer.setblocking(False)
             transport.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
             assert counted.writes == []
             await asyncio.sleep(0)
@@ -83,7 +82,6 @@ def test_a_lone_head_leaves_on_the_next_turn_and_events_are_not_held() -> None:
 def test_close_sends_what_is_held() -> None:
     async def main() -> None:
         async with connected() as (transport, counted, peer):
-            peer.setblocking(False)
             transport.write(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\r\n")
             transport.close()
             assert counted.writes == [b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n\r\n"]
@@ -107,7 +105,6 @@ def test_a_write_held_for_a_closed_connection_is_dropped() -> None:
 def test_only_the_head_of_each_response_is_held() -> None:
     async def main() -> None:
         async with connected() as (transport, counted, peer):
-            peer.setblocking(False)
             transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
             transport.write(b"{}")
             transport.write(b"late")  # no new request began: nothing to hold
