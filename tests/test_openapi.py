@@ -151,7 +151,8 @@ def test_security_says_who_may_call_what(spec: dict[str, Any]) -> None:
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
             security = op.get("security")
-            if path.startswith(("/v1/chat", "/v1/completions", "/v1/models", "/v1/account")):
+            keyed = ("/v1/chat", "/v1/completions", "/v1/models", "/v1/account", "/tokenize", "/detokenize")
+            if path.startswith(keyed):
                 assert security == [{"apiKey": []}], path
             elif path.startswith("/admin"):
                 assert {"adminKey": []} in security, path
@@ -161,7 +162,7 @@ def test_security_says_who_may_call_what(spec: dict[str, Any]) -> None:
             elif path in ("/auth/login", "/auth/signup"):
                 assert security == [{"csrf": [], "presession": []}]
             else:
-                assert security is None, path  # /tokenize, /detokenize, /health, /metrics, /auth/session
+                assert security is None, path  # /health, /ready, /metrics, /auth/session
     for path in ("/v1/chat/completions", "/v1/account/balance", "/admin/accounts"):
         method = "post" if "chat" in path else "get"
         assert {"401", "403"} <= set(spec["paths"][path][method]["responses"]), path

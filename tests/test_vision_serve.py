@@ -301,7 +301,7 @@ def test_echo_logprobs_with_images_is_refused(client: openai.OpenAI) -> None:
 
 
 def test_tokenize_refuses_images(vision: Server) -> None:
-    r = httpx.post(f"{vision.base_url}/tokenize", json={"model": MODEL, "messages": ask(image(noise(1)))})
+    r = vision.http().post("/tokenize", json={"model": MODEL, "messages": ask(image(noise(1)))})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]", r.text
 
 

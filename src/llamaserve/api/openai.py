@@ -1,4 +1,5 @@
-"""The OpenAI-compatible model listing, and vLLM-style /tokenize and /detokenize."""
+"""The OpenAI-compatible model listing, and vLLM-style /tokenize and /detokenize. On `serve` all of them take
+an API key, as every route that makes the model work: tokenizing a long prompt costs CPU like a request."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from fastapi import APIRouter, Request
 from llamaserve.api.chat import template_messages
 from llamaserve.api.common import get_model as lookup_model
 from llamaserve.api.common import prompt_work, text_bytes
-from llamaserve.api.platform import CallerDep
+from llamaserve.api.platform import CallerDep, check_model_allowed
 from llamaserve.backends.local import LocalModel
 from llamaserve.chat.llama3 import Llama3FormatError
 from llamaserve.chat.template import TemplateError
@@ -56,8 +57,9 @@ async def get_model_card(model_id: str, request: Request, caller: CallerDep) -> 
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, request: Request, caller: CallerDep) -> TokenizeResponse:
     model = lookup_model(request, body.model)
+    check_model_allowed(caller, model.id)
     if (body.prompt is None) == (body.messages is None):
         raise invalid("give exactly one of prompt or messages", "prompt")
     if body.messages is not None:
@@ -77,8 +79,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
-async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+async def detokenize(body: DetokenizeRequest, request: Request, caller: CallerDep) -> DetokenizeResponse:
     model = lookup_model(request, body.model)
+    check_model_allowed(caller, model.id)
     if any(not model.llama.is_valid_token(t) for t in body.tokens):
         raise invalid(f"token ids must be in 0..{model.llama.n_vocab - 1}", "tokens")
     return DetokenizeResponse(prompt=model.detokenize(body.tokens))
