@@ -125,11 +125,13 @@ def test_engine_killed_mid_stream_ends_it_with_an_error_charges_what_was_deliver
             # A terminal error event in OpenAI's shape, then the end: no hang, no [DONE], no transport error.
             assert not stream.done and not stream.failure, stream.failure
             assert stream.events[-1]["error"]["code"] == "bad_gateway" and "choices" not in stream.events[-1]
-            # Charged for what reached the client: its text's bytes / 4 (no usage came), not the 2000 held.
+            # Charged for what reached the client: its text's bytes / 4 (no usage came), not the 2000 held; the
+            # prompt at the same 4 bytes a token (plus 8 a message), not at its bound (a token a byte + 512).
             b_after = settled(gw)
             [record] = usage(gw)
             assert record["status"] == "error"
             assert record["completion_tokens"] == math.ceil(len(stream.text.encode()) / 4) < 2000
+            assert record["prompt_tokens"] == math.ceil(len(MESSAGES[0]["content"].encode()) / 4) + 8
             assert record["cost_micro"] == (record["prompt_tokens"] + record["completion_tokens"]) * 1000
             assert b_after["balance_micro"] == before - record["cost_micro"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -268,6 +269,24 @@ def failing_upstream() -> Iterator[str]:
         yield f"{url}/v1"
 
 
+class _NoUsage(BaseHTTPRequestHandler):
+    """An engine that answers without `usage`."""
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        choice = {"index": 0, "message": {"role": "assistant", "content": "Crimson red."}, "finish_reason": "stop"}
+        send_json(self, 200, {"id": "x", "object": "chat.completion", "choices": [choice]})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def usage_less_upstream() -> Iterator[str]:
+    with serve_http(_NoUsage) as url:
+        yield f"{url}/v1"
+
+
 @pytest.fixture(scope="module")
 def silent_upstream() -> Iterator[str]:
     """Accepts connections and never answers."""
@@ -295,7 +314,7 @@ def silent_upstream() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def faulty_gateway(
-    failing_upstream: str, silent_upstream: str, tmp_path_factory: pytest.TempPathFactory
+    failing_upstream: str, silent_upstream: str, usage_less_upstream: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     path = registry(
@@ -304,6 +323,7 @@ def faulty_gateway(
             {"id": "fails", "upstreams": [failing_upstream]},
             {"id": "hangs", "upstreams": [silent_upstream], "timeout": 1},
             {"id": "dead", "upstreams": [dead]},
+            {"id": "no-usage", "upstreams": [usage_less_upstream]},
         ],
     )
     with start_server("--config", str(path)) as server:
@@ -329,6 +349,25 @@ def test_upstream_failures(faulty_gateway: Server, model: str, status: int, code
         time.sleep(0.05)
     after = balance()
     assert after["open_holds"] == 0 and after["balance_micro"] == before  # nothing charged
+
+
+def test_an_upstream_without_usage_is_charged_by_estimate(faulty_gateway: Server) -> None:
+    """4 bytes of text a token for both counts (plus 8 tokens a message), not the prompt's bound that was held."""
+    r = post(faulty_gateway, "/chat/completions", model="no-usage", messages=MESSAGES, max_tokens=50)
+    assert r.status_code == 200, r.text
+    request_id = r.headers["x-request-id"]
+    deadline = time.monotonic() + 10
+    while not (records := [u for u in account_usage(faulty_gateway) if u["request_id"] == request_id]):
+        assert time.monotonic() < deadline, "the request was never settled"
+        time.sleep(0.05)
+    [record] = records
+    assert record["prompt_tokens"] == math.ceil(len(MESSAGES[0]["content"].encode()) / 4) + 8
+    assert record["completion_tokens"] == math.ceil(len(b"Crimson red.") / 4)
+    assert record["cost_micro"] == (record["prompt_tokens"] + record["completion_tokens"]) * 1000
+
+
+def account_usage(server: Server) -> list[dict[str, Any]]:
+    return httpx.get(f"{server.v1}/account/usage", headers=server.auth).json()["data"]
 
 
 class _Counting(BaseHTTPRequestHandler):

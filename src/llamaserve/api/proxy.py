@@ -4,7 +4,8 @@ model's public name, and its usage settles the hold.
 
 The hold is sized before any token is counted: prompt tokens are bounded by the prompt's UTF-8 bytes (no
 tokenizer of the upstream's model here), completion tokens by max_tokens × n. The charge is what the upstream
-reports in `usage` (streams ask for it with `stream_options.include_usage`).
+reports in `usage` (streams ask for it with `stream_options.include_usage`); where it reports none (a stream
+broken midway, an engine that omits usage), both counts are estimated at 4 bytes of text a token.
 """
 
 from __future__ import annotations
@@ -54,20 +55,34 @@ def find_upstream(request: Request, name: str) -> UpstreamModel | None:
 def prompt_bound(payload: dict[str, Any]) -> int:
     """An upper bound of the prompt's tokens: every token covers at least one byte of text; an image counts as
     IMAGE_TOKEN_BOUND tokens."""
+    text, other = _prompt_size(payload)
+    return text + other + (TEMPLATE_ALLOWANCE if "messages" in payload else 0)
+
+
+def prompt_estimate(payload: dict[str, Any]) -> int:
+    """The prompt's tokens as charged when the upstream reports none (a broken stream, an engine without
+    `usage`): 4 bytes of text a token, as the completion's are estimated, rather than the bound held."""
+    text, other = _prompt_size(payload)
+    return math.ceil(text / 4) + other
+
+
+def _prompt_size(payload: dict[str, Any]) -> tuple[int, int]:
+    """(bytes of text, tokens of the rest: each message's template overhead, images) of a prompt."""
     messages = payload.get("messages")
     if messages is None:
-        prompt = payload.get("prompt") or ""
-        return len(json.dumps(prompt, ensure_ascii=False).encode()) + PER_MESSAGE_OVERHEAD * 2
-    total = TEMPLATE_ALLOWANCE + _json_bytes(payload.get("tools"))
+        return len(json.dumps(payload.get("prompt") or "", ensure_ascii=False).encode()), PER_MESSAGE_OVERHEAD * 2
+    text, other = _json_bytes(payload.get("tools")), 0
     for message in messages:
-        total += PER_MESSAGE_OVERHEAD
+        other += PER_MESSAGE_OVERHEAD
         content = message.get("content")
         parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
         for part in parts:
-            is_image = part.get("type") == "image_url"
-            total += IMAGE_TOKEN_BOUND if is_image else len((part.get("text") or "").encode())
-        total += _json_bytes(message.get("tool_calls"))
-    return total
+            if part.get("type") == "image_url":
+                other += IMAGE_TOKEN_BOUND
+            else:
+                text += len((part.get("text") or "").encode())
+        text += _json_bytes(message.get("tool_calls"))
+    return text, other
 
 
 def _json_bytes(value: Any) -> int:
@@ -109,7 +124,7 @@ async def proxy(
 ) -> Any:
     check_model_allowed(caller, model.spec.id)
     payload = body.model_dump(exclude_unset=True, by_alias=True)
-    n_prompt = prompt_bound(payload)
+    n_prompt, prompt_guess = prompt_bound(payload), prompt_estimate(payload)
     budget = (body.max_tokens or default_max) * body.n
     if "vision" not in model.spec.capabilities:  # refuses at the first image part, before holding or fetching
         await inline_images(payload, model.spec, request.app.state.image_limits)
@@ -145,8 +160,8 @@ async def proxy(
         raise
     admission.backend = upstream.spec.name
     if not body.stream:
-        return _complete(admission, model, upstream, response)
-    relay = Relay(admission, model, upstream, response, body.include_usage)
+        return _complete(admission, model, upstream, response, prompt_guess)
+    relay = Relay(admission, model, upstream, response, body.include_usage, prompt_guess)
     return StreamingResponse(
         relay.events(),
         media_type="text/event-stream",
@@ -166,23 +181,25 @@ async def _abandon(opening: asyncio.Future[tuple[Upstream, UpstreamReply]]) -> N
     reply.close()
 
 
-def _complete(admission: Admission, model: UpstreamModel, upstream: Upstream, response: UpstreamReply) -> Any:
+def _complete(
+    admission: Admission, model: UpstreamModel, upstream: Upstream, response: UpstreamReply, prompt_guess: int
+) -> Any:
     upstream.outstanding -= 1
     data = response.json()
     data["model"] = model.spec.id
     usage = data.get("usage") or {}
-    prompt, completion = _usage_counts(usage, data)
+    prompt, completion = _usage_counts(usage, data, prompt_guess)
     admission.finish(completion, "ok", prompt_tokens=prompt)
     return JSONResponse(data, headers=admission.headers)
 
 
-def _usage_counts(usage: dict[str, Any], data: dict[str, Any]) -> tuple[int | None, int]:
-    """(prompt, completion) tokens from the upstream's usage; without it, completion tokens are estimated from
-    the text (4 bytes a token, rounded up) and the prompt keeps its bound."""
+def _usage_counts(usage: dict[str, Any], data: dict[str, Any], prompt_guess: int) -> tuple[int, int]:
+    """(prompt, completion) tokens from the upstream's usage; without it, both are estimated from their text
+    (4 bytes a token, rounded up)."""
     if "completion_tokens" in usage:
         return int(usage.get("prompt_tokens") or 0), int(usage["completion_tokens"])
     text = "".join((c.get("message") or {}).get("content") or c.get("text") or "" for c in data.get("choices") or [])
-    return None, math.ceil(len(text.encode()) / 4)
+    return prompt_guess, math.ceil(len(text.encode()) / 4)
 
 
 class Relay:
@@ -195,9 +212,10 @@ class Relay:
         upstream: Upstream,
         response: UpstreamReply,
         wants_usage: bool,
+        prompt_guess: int,
     ) -> None:
         self.admission, self.model, self.upstream, self.response = admission, model, upstream, response
-        self.wants_usage = wants_usage
+        self.wants_usage, self.prompt_guess = wants_usage, prompt_guess
         self.usage: dict[str, Any] = {}
         self.text_bytes = 0
         self.done = False
@@ -259,6 +277,6 @@ class Relay:
         if "completion_tokens" in self.usage:
             prompt, completion = int(self.usage.get("prompt_tokens") or 0), int(self.usage["completion_tokens"])
         else:
-            prompt, completion = None, math.ceil(self.text_bytes / 4)
+            prompt, completion = self.prompt_guess, math.ceil(self.text_bytes / 4)
         status = "ok" if self.done else "error" if self.broken else "cancelled"
         self.admission.finish(completion, status, prompt_tokens=prompt)
