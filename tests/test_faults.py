@@ -376,7 +376,7 @@ def test_redis_outage_is_503_then_recovers_without_restart() -> None:
 # --- slow clients --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def slow_limits() -> Iterator[Server]:
-    with start_server("--parallel", "4", "--body-timeout", "2") as server:
+    with start_server("--parallel", "4", "--body-timeout", "2", "--write-timeout", "300") as server:
         yield server
 
 
@@ -424,6 +424,35 @@ def test_a_client_that_stops_reading_stalls_only_its_own_stream(slow_limits: Ser
         assert tokens == 150
     finally:
         stalled.close()
+
+
+@pytest.mark.slow
+def test_a_client_that_reads_nothing_is_cut_off_after_the_write_timeout() -> None:
+    """Its buffers full and nothing read for --write-timeout seconds: the connection is closed, generation stops
+    and the request settles as cancelled (its hold released, what was generated charged)."""
+    with start_server("--parallel", "2", "--write-timeout", "2") as server:
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        body |= {"logprobs": True, "top_logprobs": 20}  # about 2 KB an event: its window shuts within 10 tokens
+        stalled = raw_request(server, json.dumps(body).encode(), rcvbuf=4096)
+        try:
+            deadline = time.monotonic() + 30
+            while not balance(server)["open_holds"]:  # admitted: generating 1000 tokens takes far longer than 2 s
+                assert time.monotonic() < deadline, "the request was never admitted"
+                time.sleep(0.05)
+            b = settled(server, timeout=60)  # the cut-off request's hold is released
+            [record] = usage(server)
+            assert record["status"] == "cancelled" and 0 < record["completion_tokens"] < 1000, record
+            assert server.wait_idle(timeout=30)["running"] == 0  # generation stopped
+            assert b["balance_micro"] == balance(server)["balance_micro"]  # settled once
+            stalled.settimeout(30)
+            received = b""
+            with pytest.raises(ConnectionResetError):  # what was buffered, then the cut: the end never comes
+                while chunk := stalled.recv(1 << 20):
+                    received += chunk
+                raise ConnectionResetError("closed")  # a FIN is a cut too
+            assert received.startswith(b"HTTP/1.1 200") and b"[DONE]" not in received
+        finally:
+            stalled.close()
 
 
 def test_a_body_trickled_a_byte_at_a_time_is_408_within_the_body_timeout(slow_limits: Server) -> None:

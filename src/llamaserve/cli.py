@@ -78,6 +78,9 @@ Format = Annotated[
 MaxBodyMb = Annotated[float, typer.Option(help="Largest request body accepted, in MB (larger: 413).")]
 BodyTimeout = Annotated[float, typer.Option(help="Seconds a client may take to send its request body (then 408).")]
 DrainTimeout = Annotated[float, typer.Option(help="On SIGTERM, seconds requests in flight may run before the stop.")]
+WriteTimeout = Annotated[
+    float, typer.Option(help="Seconds a client may read nothing of a response held up for it (then it is cut off).")
+]
 ImageAllow = Annotated[
     list[str] | None,
     typer.Option(help="A network image URLs may point into although not public, e.g. 10.1.0.0/16 (repeatable)."),
@@ -134,6 +137,7 @@ def serve(
     max_body_mb: MaxBodyMb = 32,
     body_timeout: BodyTimeout = 30,
     drain_timeout: DrainTimeout = 30,
+    write_timeout: WriteTimeout = 60,
     cors_origin: Annotated[
         list[str] | None,
         typer.Option(help="A web origin whose pages may call the API from browsers (repeatable; default: none)."),
@@ -185,7 +189,7 @@ def serve(
         mmproj=mmproj,
     )
     images = _image_limits(image_allow, image_max_mb)
-    limits = _limits(max_body_mb, body_timeout, drain_timeout)
+    limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout)
     _run(config, platform, limits, registry, load_local=registry is None or model is not None, image_limits=images)
 
 
@@ -215,6 +219,7 @@ def engine(
     max_body_mb: MaxBodyMb = 32,
     body_timeout: BodyTimeout = 30,
     drain_timeout: DrainTimeout = 30,
+    write_timeout: WriteTimeout = 60,
     log_format: LogFormatOpt = LogFormat.json,
     log_level: LogLevelOpt = LogLevel.info,
 ) -> None:
@@ -234,14 +239,14 @@ def engine(
         chat_format=chat_format.value,
         mmproj=mmproj,
     )
-    limits = _limits(max_body_mb, body_timeout, drain_timeout)
+    limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout)
     _run(config, None, limits, image_limits=_image_limits(image_allow, image_max_mb))
 
 
-def _limits(max_body_mb: float, body_timeout: float, drain_timeout: float) -> Limits:
+def _limits(max_body_mb: float, body_timeout: float, drain_timeout: float, write_timeout: float) -> Limits:
     from llamaserve.api.lifecycle import Limits
 
-    return Limits(int(max_body_mb * 1024 * 1024), body_timeout, drain_timeout)
+    return Limits(int(max_body_mb * 1024 * 1024), body_timeout, drain_timeout, write_timeout)
 
 
 def _run(
@@ -255,7 +260,7 @@ def _run(
     import uvicorn
 
     from llamaserve.api.app import create_app
-    from llamaserve.api.http_protocol import CoalescingHttpProtocol
+    from llamaserve.api.http_protocol import with_write_timeout
     from llamaserve.api.lifecycle import DrainingServer, Lifecycle
 
     try:
@@ -298,7 +303,7 @@ def _run(
         log_level=level if level <= logging.DEBUG else max(level, logging.WARNING),
         access_log=False,
         timeout_graceful_shutdown=5,
-        http=CoalescingHttpProtocol,
+        http=with_write_timeout(limits.write_timeout),
     )
     DrainingServer(uv, lifecycle).run()
 

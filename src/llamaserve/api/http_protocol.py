@@ -7,24 +7,44 @@ where the reader shares the cores with us, the first wake-up lets it preempt us 
 head waits for the response's next write, or for the end of the event loop's turn, whichever comes first: a
 non-streamed response leaves in one write, and a stream's head still leaves at once. Nothing else is held: a
 stream's events go out as they are sent.
+
+It also cuts off a client that stops reading. Once its socket's buffer is full, the client's TCP window is zero
+and uvicorn waits for it for ever, the response's credit hold and its place in the key's concurrency with it.
+With TCP_USER_TIMEOUT (Linux), the kernel closes a connection whose data has waited unacknowledged, or whose
+window has stayed shut, for `write_timeout` seconds: the response sees its client gone (generation stopped, the
+request settled as cancelled). A peer that vanished is given up on as soon (not after ~15 minutes of
+retransmissions). An idle keep-alive connection is not affected: nothing is waiting to be sent on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+WRITE_TIMEOUT = 60.0  # seconds sent data may wait for the client's acknowledgement before the connection is cut
 
-class CoalescingHttpProtocol(HttpToolsProtocol):
+
+class HttpProtocol(HttpToolsProtocol):
+    write_timeout = WRITE_TIMEOUT  # set per server by `with_write_timeout`
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.write_timeout * 1000))
         self.transport = CoalescingTransport(transport, self.loop)  # what each request's response writes to
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.transport.expect_head()  # type: ignore[attr-defined]
+
+
+def with_write_timeout(seconds: float) -> type[HttpProtocol]:
+    """The protocol class for a server whose clients may stall `seconds` (uvicorn takes a class)."""
+    return type("HttpProtocol", (HttpProtocol,), {"write_timeout": seconds})
 
 
 class CoalescingTransport:
