@@ -57,7 +57,7 @@ def meta_format() -> ChatFormat:
 
 def test_served_prompt_tokens_equal_meta(llama_server: Server, meta_format: ChatFormat) -> None:
     for case in [{"messages": DIALOG}, {"messages": DIALOG, "tools": [SETTINGS]}]:
-        r = httpx.post(f"{llama_server.base_url}/tokenize", json={"model": MODEL, **case})
+        r = llama_server.http().post("/tokenize", json={"model": MODEL, **case})
         assert r.status_code == 200, r.text
         assert r.json()["tokens"] == meta_dialog_tokens(case, meta_format)
 
@@ -134,7 +134,7 @@ def test_tool_history_round_trips(llama_server: Server, meta_format: ChatFormat)
         {"role": "tool", "tool_call_id": "c1", "content": '{"ok": true}'},
     ]
     case = {"messages": messages, "tools": [SETTINGS]}
-    r = httpx.post(f"{llama_server.base_url}/tokenize", json={"model": MODEL, **case})
+    r = llama_server.http().post("/tokenize", json={"model": MODEL, **case})
     assert r.json()["tokens"] == meta_dialog_tokens(case, meta_format)
     r = httpx.post(
         f"{llama_server.base_url}/v1/chat/completions",

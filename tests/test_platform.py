@@ -90,7 +90,7 @@ def wait_settled(server: Server, key: str, timeout: float = 10) -> dict[str, Any
 
 
 def prompt_tokens(server: Server) -> int:
-    r = httpx.post(f"{server.base_url}/tokenize", json={"model": MODEL, "messages": MESSAGES})
+    r = httpx.post(f"{server.base_url}/tokenize", json={"model": MODEL, "messages": MESSAGES}, headers=server.auth)
     return int(r.json()["count"])
 
 
