@@ -160,6 +160,28 @@ def test_tokens_dimension(run: Run) -> None:
     run(body)
 
 
+def test_check_decides_as_acquire_would_and_takes_nothing(run: Run) -> None:
+    plan = Plan("test", requests_per_minute=3, tokens_per_minute=1000)
+
+    async def body(new: NewLimiter) -> None:
+        limiter = new()
+        for _ in range(5):  # checks take nothing: the three requests and the 1000 tokens are all still there
+            checked = await limiter.check("k", plan, 1000)
+            assert checked.allowed and checked.requests and checked.requests.remaining == 3
+        assert (await limiter.acquire("k", plan, 1000)).allowed
+        short = await limiter.check("k", plan, 500)  # the tokens are spent: refused, as acquire would refuse it
+        assert not short.allowed and short.retry_after == pytest.approx(30, abs=0.5)
+        assert short.headers()["x-ratelimit-remaining-requests"] == "2"
+        for _ in range(2):
+            assert (await limiter.acquire("k", plan, 0)).allowed
+        spent = await limiter.check("k", plan, 0)  # the requests are spent: refused, with the wait for one
+        assert not spent.allowed and spent.retry_after == pytest.approx(20, abs=0.5)
+        assert spent.headers()["Retry-After"] == "20"
+        assert not (await limiter.acquire("k", plan, 0)).allowed
+
+    run(body)
+
+
 def test_refill(run: Run) -> None:
     plan = Plan("fast", requests_per_minute=600, tokens_per_minute=None)  # 10 requests a second
 

@@ -13,6 +13,8 @@ import asyncio
 import base64
 import importlib.util
 import io
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -78,7 +80,10 @@ def ask(*parts: dict[str, Any]) -> list[dict[str, Any]]:
 class _ImageHost(BaseHTTPRequestHandler):
     """/noise-<seed>.png, and Meta's test images at /dog.jpg and /pasta.jpeg."""
 
+    fetches = 0
+
     def do_GET(self) -> None:  # noqa: N802
+        type(self).fetches += 1
         name = self.path.lstrip("/")
         if name.startswith("noise-"):
             body, kind = noise_png(int(name.removeprefix("noise-").removesuffix(".png"))), "image/png"
@@ -275,6 +280,36 @@ def test_image_tokens_are_billed_as_prompt_tokens(vision: Server) -> None:
 
 
 # --- refusals ----------------------------------------------------------------------------------------------------
+def test_a_key_over_its_rate_limit_gets_429_before_its_images_are_fetched(vision: Server, host: str) -> None:
+    """Image tokens are known only once the images are fetched and tokenized, so the request is admitted after
+    that; a key whose limits cannot take it now is refused first, and nothing is fetched for it."""
+    key = cli_key(vision, "limited", plan="free")  # 5 requests a minute
+    with httpx.Client(base_url=vision.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
+        for _ in range(5):
+            r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ask(text("Hi")), "max_tokens": 1})
+            assert r.status_code == 200, r.text
+        fetched = _ImageHost.fetches
+        asked = {"model": MODEL, "messages": ask(image(f"{host}/noise-7.png"), text("What is it?")), "max_tokens": 1}
+        r = http.post("/v1/chat/completions", json=asked)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+        assert int(r.headers["Retry-After"]) >= 1 and r.headers["x-ratelimit-remaining-requests"] == "0"
+        assert _ImageHost.fetches == fetched  # nothing fetched for it
+    with vision.http() as http:  # a key within its limits: the same request is served, the image fetched
+        assert http.post("/v1/chat/completions", json=asked).status_code == 200
+    assert _ImageHost.fetches == fetched + 1
+
+
+def cli_key(server: Server, account: str, plan: str) -> str:
+    """A key of a new account on `plan`, made with the CLI on the server's store (as an operator would)."""
+    cli = [sys.executable, "-m", "llamaserve.cli"]
+    where = ["--data-dir", str(server.data_dir)]
+    made = subprocess.run([*cli, "accounts", "create", account, "--plan", plan, "--credits", "10", *where], timeout=120)
+    assert made.returncode == 0
+    keyed = subprocess.run([*cli, "keys", "create", account, *where], capture_output=True, text=True, timeout=120)
+    assert keyed.returncode == 0, keyed.stderr
+    return keyed.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(
     ("url", "code"),
     [

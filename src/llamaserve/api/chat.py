@@ -31,9 +31,10 @@ from llamaserve.api.common import (
 )
 from llamaserve.api.inference import inference_route
 from llamaserve.api.logprobs import LegacyLogprobs, chat_logprobs
-from llamaserve.api.platform import CallerDep, admit, check_model_allowed
+from llamaserve.api.platform import CallerDep, admit, check_model_allowed, check_rate_limit
 from llamaserve.api.proxy import find_upstream, proxy
 from llamaserve.backends.local import ChatPrompt, LocalModel
+from llamaserve.billing.store import Caller
 from llamaserve.chat.grammar import Grammar, SchemaError, json_object_grammar, json_schema_grammar
 from llamaserve.chat.images import Image, ImageError, load_image
 from llamaserve.chat.llama3 import Llama3FormatError
@@ -127,9 +128,13 @@ def check_images(body: ChatCompletionRequest, model: LocalModel) -> None:
         )
 
 
-async def load_images(request: Request, body: ChatCompletionRequest, model: LocalModel) -> Images:
-    """Fetch (under the deployment's limits and address rules) and decode every image part."""
+async def load_images(request: Request, body: ChatCompletionRequest, model: LocalModel, caller: Caller) -> Images:
+    """Fetch (under the deployment's limits and address rules) and decode every image part. The request is
+    admitted only once its prompt, images included, is tokenized: a key over its rate limits gets its 429 first,
+    before anything is fetched for it."""
     check_images(body, model)
+    if _image_parts(body.messages):
+        await check_rate_limit(request, caller, 1)
     images: Images = {}
     for i, j, part in _image_parts(body.messages):
         where = f"messages[{i}].content[{j}]"
@@ -230,7 +235,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     check_sampling(body, model)  # cheap refusals before any image is fetched
     size = text_bytes(m.text() for m in body.messages)  # the rendered prompt holds at least these bytes
     check_prompt_bytes(model, size, "messages")
-    images = await load_images(request, body, model)
+    images = await load_images(request, body, model, caller)
     if images:  # mtmd tokenizes (and resizes) the images too
         plan = await asyncio.to_thread(plan_chat, body, model, images)
     else:

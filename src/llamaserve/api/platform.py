@@ -319,14 +319,7 @@ async def admit(
     plan = platform.plan(caller.plan)
     decision = await platform.limiter.acquire(caller.key_prefix, plan, prompt_tokens + completion_tokens)
     if not decision.allowed:
-        if decision.retry_after is None:
-            message = (
-                f"Request too large: {prompt_tokens + completion_tokens} tokens (prompt + max_tokens × n) exceed "
-                f"the {plan.tokens_per_minute} tokens per minute of plan {plan.name!r}; lower max_tokens"
-            )
-        else:
-            message = f"Rate limit reached for plan {plan.name!r}; retry in {decision.retry_after:.1f}s"
-        raise APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded", headers=decision.headers())
+        raise _rate_limited(plan, prompt_tokens + completion_tokens, decision)
     admission = Admission(
         platform, caller, request_id, model_id, prompt_tokens, completion_tokens, 0, decision, price or platform.price
     )
@@ -334,3 +327,26 @@ async def admit(
     if hold:
         await admission.hold()
     return admission
+
+
+async def check_rate_limit(request: Request, caller: Caller, tokens: int) -> None:
+    """429 now if the key's rate limits could not take a request of `tokens`, taking nothing from them: so that
+    a key over its limits gets no work done (images fetched) before admit() refuses it."""
+    if not accounts_enabled(request):
+        return
+    platform = platform_of(request)
+    plan = platform.plan(caller.plan)
+    decision = await platform.limiter.check(caller.key_prefix, plan, tokens)
+    if not decision.allowed:
+        raise _rate_limited(plan, tokens, decision)
+
+
+def _rate_limited(plan: Plan, tokens: int, decision: Decision) -> APIError:
+    if decision.retry_after is None:
+        message = (
+            f"Request too large: {tokens} tokens (prompt + max_tokens × n) exceed the {plan.tokens_per_minute} "
+            f"tokens per minute of plan {plan.name!r}; lower max_tokens"
+        )
+    else:
+        message = f"Rate limit reached for plan {plan.name!r}; retry in {decision.retry_after:.1f}s"
+    return APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded", headers=decision.headers())

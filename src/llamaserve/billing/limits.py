@@ -94,6 +94,10 @@ class RateLimiter(Protocol):
         """Atomically take 1 request and `tokens` tokens if both are available; otherwise take nothing."""
         ...
 
+    async def check(self, key: str, plan: Plan, tokens: int) -> Decision:
+        """The decision `acquire` would make now, taking nothing (for work done before a request is admitted)."""
+        ...
+
     async def refund(self, key: str, plan: Plan, tokens: int) -> None:
         """Give back reserved tokens that were not used; never above capacity."""
         ...
@@ -172,11 +176,17 @@ class MemoryLimiter:
         self._swept_at = clock()
 
     async def acquire(self, key: str, plan: Plan, tokens: int) -> Decision:
+        return self._decide(key, plan, tokens, take=True)
+
+    async def check(self, key: str, plan: Plan, tokens: int) -> Decision:
+        return self._decide(key, plan, tokens, take=False)
+
+    def _decide(self, key: str, plan: Plan, tokens: int, take: bool) -> Decision:
         if _is_unlimited(plan, tokens):
             return UNLIMITED
         levels = self._levels(key, plan)
         retry_after = _retry_after(plan, tokens, levels.requests, levels.tokens)
-        if retry_after == 0.0:
+        if retry_after == 0.0 and take:
             if plan.requests_per_minute is not None:
                 levels.requests = max(0.0, levels.requests - 1)
             if plan.tokens_per_minute is not None:
@@ -212,9 +222,9 @@ class MemoryLimiter:
             del self._keys[key]
 
 
-# KEYS: the requests bucket, the tokens bucket. ARGV: op ("acquire" | "refund"), requests limit, tokens limit (-1:
-# unlimited), tokens. A bucket is a hash {level, ts}; a missing one is full. The clock is Redis's TIME, so replicas
-# with skewed clocks agree. Numbers go back as strings: Redis would truncate Lua numbers to integers.
+# KEYS: the requests bucket, the tokens bucket. ARGV: op ("acquire" | "check" | "refund"), requests limit, tokens
+# limit (-1: unlimited), tokens. A bucket is a hash {level, ts}; a missing one is full. The clock is Redis's TIME, so
+# replicas with skewed clocks agree. Numbers go back as strings: Redis would truncate Lua numbers to integers.
 _SCRIPT = """
 local EPS = 1e-9
 local t = redis.call('TIME')
@@ -252,7 +262,7 @@ local r, tk = level(KEYS[1], rlimit), level(KEYS[2], tlimit)
 local wr, wt = wait(r, 1, rlimit), wait(tk, tokens, tlimit)
 local retry = math.max(wr, wt)
 if wr < 0 or wt < 0 then retry = -1 end
-if retry == 0 then
+if retry == 0 and op == 'acquire' then
   r, tk = math.max(0, r - 1), math.max(0, tk - tokens)
   store(KEYS[1], rlimit, r)
   store(KEYS[2], tlimit, tk)
@@ -303,9 +313,15 @@ class RedisLimiter:
             raise LimiterUnavailable(f"Redis is out of reach ({e})") from e
 
     async def acquire(self, key: str, plan: Plan, tokens: int) -> Decision:
+        return await self._decide("acquire", key, plan, tokens)
+
+    async def check(self, key: str, plan: Plan, tokens: int) -> Decision:
+        return await self._decide("check", key, plan, tokens)
+
+    async def _decide(self, op: str, key: str, plan: Plan, tokens: int) -> Decision:
         if _is_unlimited(plan, tokens):
             return UNLIMITED
-        retry, requests_level, tokens_level = (float(x) for x in await self._run("acquire", key, plan, tokens))
+        retry, requests_level, tokens_level = (float(x) for x in await self._run(op, key, plan, tokens))
         return _decision(plan, None if retry < 0 else retry, requests_level, tokens_level)
 
     async def refund(self, key: str, plan: Plan, tokens: int) -> None:
