@@ -219,7 +219,7 @@ def engine(
     max_body_mb: MaxBodyMb = 32,
     body_timeout: BodyTimeout = 30,
     drain_timeout: DrainTimeout = 30,
-    write_timeout: WriteTimeout = 60,
+    write_timeout: WriteTimeout = 120,  # above serve's 60: a gateway whose client stalls cuts that client first
     log_format: LogFormatOpt = LogFormat.json,
     log_level: LogLevelOpt = LogLevel.info,
 ) -> None:
