@@ -455,6 +455,38 @@ def test_a_client_that_reads_nothing_is_cut_off_after_the_write_timeout() -> Non
             stalled.close()
 
 
+@pytest.mark.slow
+def test_a_stalled_client_of_the_gateway_is_cut_off_and_its_engine_stays_healthy(tmp_path: Path) -> None:
+    """The gateway stops reading the engine's stream while its client reads nothing; the gateway's write timeout
+    (here 2 s, the engine's 120 s) cuts the client first: the engine's generation is stopped, the request settled
+    as cancelled, and the engine is not blamed."""
+    with start_server("--parallel", "2", command="engine") as engine:
+        path = registry(tmp_path / "llamaserve.toml", [{"id": GATEWAY_MODEL, "upstreams": [engine.v1]}])
+        with start_server("--config", str(path), "--write-timeout", "2") as gw:
+            body = {"model": GATEWAY_MODEL, "messages": MESSAGES, "max_tokens": 1000, "ignore_eos": True}
+            body |= {"stream": True, "logprobs": True, "top_logprobs": 20}
+            stalled = raw_request(gw, json.dumps(body).encode(), rcvbuf=4096)
+            try:
+                deadline = time.monotonic() + 30
+                while not balance(gw)["open_holds"]:
+                    assert time.monotonic() < deadline, "the request was never admitted"
+                    time.sleep(0.05)
+                settled(gw, timeout=60)
+                [record] = usage(gw)
+                assert record["status"] == "cancelled" and record["completion_tokens"] < 1000, record
+                assert engine.wait_idle(timeout=30)["running"] == 0  # the engine stopped generating for it
+                assert healthy(gw, engine.v1)
+                r = httpx.post(
+                    f"{gw.v1}/chat/completions",
+                    json={"model": GATEWAY_MODEL, "messages": MESSAGES, "max_tokens": 2},
+                    headers=gw.auth,
+                    timeout=60,
+                )
+                assert r.status_code == 200, r.text
+            finally:
+                stalled.close()
+
+
 def test_a_body_trickled_a_byte_at_a_time_is_408_within_the_body_timeout(slow_limits: Server) -> None:
     """Each byte arrives in time, the whole body does not: the limit is on the body, not on each read."""
     body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 2}).encode()
