@@ -25,7 +25,7 @@ class Limits:
     max_body_bytes: int = 32 * 1024 * 1024  # a request body larger than this gets 413
     body_timeout: float = 30.0  # seconds a client may take to send its whole body (slow senders get 408)
     drain_timeout: float = 30.0  # seconds requests in flight may run after SIGTERM
-    write_timeout: float = 60.0  # seconds a client may leave a full send buffer unread (then it is cut off)
+    write_timeout: float = 60.0  # seconds sent data may wait for a client reading nothing (then it is cut off)
 
 
 @dataclass
