@@ -108,6 +108,31 @@ def test_models_list_aliases_and_capabilities(gateway: Server) -> None:
     )
 
 
+def test_segmind_form_names_the_model_in_the_path(gateway: Server, engines: list[Server]) -> None:
+    """POST /v1/<alias> with the chat body and no `model`, as Segmind's docs call it: the same answer as the
+    OpenAI form, through the gateway and straight from an engine."""
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}]}
+    body |= {"max_tokens": 8, "temperature": 0}
+    by_path = httpx.post(f"{gateway.v1}/{ALIAS}", json=body, headers=gateway.auth, timeout=120)
+    assert by_path.status_code == 200, by_path.text
+    openai_form = post(gateway, "/chat/completions", model=GATEWAY_MODEL, **body).json()
+    assert by_path.json()["choices"][0]["message"] == openai_form["choices"][0]["message"]
+    for count in ("prompt_tokens", "completion_tokens"):
+        assert by_path.json()["usage"][count] == openai_form["usage"][count]
+    direct = httpx.post(f"{engines[0].v1}/{MODEL}", json=body, timeout=120)
+    assert direct.json()["choices"][0]["message"] == openai_form["choices"][0]["message"]
+
+    for path, extra, status, kind in [
+        ("no-such-model", {}, 404, "not_found_error"),  # no such model: no such path
+        (ALIAS, {"model": "another"}, 400, "invalid_request_error"),
+        (ALIAS, {"max_tokens": 0}, 400, "invalid_request_error"),
+    ]:
+        r = httpx.post(f"{gateway.v1}/{path}", json={**body, **extra}, headers=gateway.auth, timeout=60)
+        assert r.status_code == status and r.json()["error"]["type"] == kind, r.text
+    assert httpx.post(f"{gateway.v1}/{ALIAS}", json=body, timeout=60).status_code == 401
+    assert httpx.get(f"{gateway.v1}/{ALIAS}", headers=gateway.auth).status_code == 405  # the path exists: POST
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -107,6 +107,12 @@ def chat(world: World) -> None:
     no_trace_of_b(world, r)
 
 
+def chat_by_path(world: World) -> None:
+    r = world.key_send("POST", f"/v1/{MODEL}", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+    assert r.status_code == 200  # billed to A
+    no_trace_of_b(world, r)
+
+
 def completions(world: World) -> None:
     r = world.key_send("POST", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1})
     assert r.status_code == 200
@@ -244,6 +250,7 @@ def logout(world: World) -> None:
 SWEEP: dict[tuple[str, str], Callable[[World], None]] = {
     ("POST", "/v1/chat/completions"): chat,
     ("POST", "/v1/completions"): completions,
+    ("POST", "/v1/{model}"): chat_by_path,
     ("GET", "/v1/models"): key_get("/v1/models"),
     ("GET", "/v1/models/{model_id}"): key_get(f"/v1/models/{MODEL}"),
     ("POST", "/tokenize"): key_post("/tokenize", {"prompt": "bob"}),

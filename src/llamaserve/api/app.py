@@ -157,6 +157,7 @@ def create_app(
         app.include_router(account.router)
         app.include_router(admin.router)
         dashboard.install(app, platform_config)  # the web UI at /, and the APIs it calls
+    app.include_router(chat.by_path_router)  # POST /v1/{model}: last, so every other /v1 route comes first
     openapi.install(app, accounts=platform_config is not None)  # /openapi.json, true to what the routes do
 
     @app.get("/health")

@@ -10,6 +10,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.datastructures import State
+from starlette.routing import Match
+from starlette.types import Scope
 
 from llamaserve.api.common import (
     SSE_DONE,
@@ -49,6 +53,7 @@ from llamaserve.protocol.chat import (
     ChatMessage,
     ImagePart,
     NamedToolChoice,
+    PathChatRequest,
     TextPart,
 )
 from llamaserve.protocol.errors import invalid
@@ -264,6 +269,36 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
 
 
 route = inference_route("/v1/chat/completions", ChatCompletionRequest, chat_completions)
+
+
+class ServedModelRoute(APIRoute):
+    """A route whose path parameter `model` matches only the names of models served here, so that any other path
+    under /v1 stays a 404, for every method, as before this route existed."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE and not _served(scope["app"].state, child["path_params"]["model"]):
+            return Match.NONE, {}
+        return match, child
+
+
+def _served(state: State, name: str) -> bool:
+    upstream = state.upstream_models.values()
+    return name in state.local_names or any(name == m.spec.id or name in m.spec.aliases for m in upstream)
+
+
+# Included after every other router: its one path segment must not shadow theirs.
+by_path_router = APIRouter(route_class=ServedModelRoute)
+
+
+@by_path_router.post("/v1/{model}", response_model=ChatCompletion, summary="Chat completion, model in the path")
+async def chat_completions_by_path(model: str, body: PathChatRequest, request: Request, caller: CallerDep) -> Any:
+    """Segmind's form of the same endpoint: `POST /v1/llama-v3p1-405b-instruct` with the chat body, `model` left
+    out (or naming the same model). A name no model has is no such path: 404."""
+    if body.model is not None and body.model != model:
+        raise invalid(f"the body's model {body.model!r} differs from the path's {model!r}", "model")
+    body.model = model
+    return await chat_completions(body, request, caller)
 
 
 def _choice(model: LocalModel, plan: ChatPlan, body: ChatCompletionRequest, i: int, r: ChoiceResult) -> dict:

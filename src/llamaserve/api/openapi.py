@@ -53,6 +53,7 @@ INFERENCE = (402, 404, 429, 502, 503, 504)
 # The errors particular to a route, beyond 400 (input), 401/403 (credentials) and 500 (any).
 ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/v1/chat/completions"): INFERENCE,
+    ("POST", "/v1/{model}"): INFERENCE,
     ("POST", "/v1/completions"): INFERENCE,
     ("GET", "/v1/models/{model_id}"): (404,),
     ("POST", "/tokenize"): (404,),

@@ -103,6 +103,13 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
 
 
+class PathChatRequest(ChatCompletionRequest):
+    """Segmind's form (`POST /v1/llama-v3p1-405b-instruct`): the path names the model, so the body needs none; a
+    `model` in the body must name the same."""
+
+    model: Text | None = None  # type: ignore[assignment]
+
+
 class TopLogprob(BaseModel):
     token: str
     logprob: float
