@@ -19,6 +19,7 @@ retransmissions). An idle keep-alive connection is not affected: nothing is wait
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Any
 
@@ -34,7 +35,8 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.write_timeout * 1000))
+            with contextlib.suppress(OSError):  # not TCP (a Unix socket): nothing to bound
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.write_timeout * 1000))
         self.transport = CoalescingTransport(transport, self.loop)  # what each request's response writes to
 
     def on_message_begin(self) -> None:
