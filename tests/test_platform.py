@@ -365,6 +365,25 @@ def test_two_replicas_share_credits_and_limits() -> None:
             assert len(records) == 5 and b_one["balance_micro"] == 10_000_000 - sum(r["cost_micro"] for r in records)
 
 
+def test_two_replicas_share_failed_log_ins() -> None:
+    """The dashboard's 5 failed log-ins per email and address are 5 in all with --redis-url, not 5 on each."""
+    from tests.test_dashboard import Visitor
+
+    with postgres_database() as url:
+        shared = ("--database-url", url, "--redis-url", redis_url())
+        with start_server("--parallel", "1", *shared) as one, start_server("--parallel", "1", *shared) as two:
+            assert Visitor(one).signup("shared@example.com").status_code == 201
+            for replica in (one, two, one, two, one):
+                r = Visitor(replica).login("shared@example.com", "a wrong password")
+                error(r, 401, "invalid_credentials")
+            for replica in (one, two):  # even the right password, on either replica
+                r = Visitor(replica).login("shared@example.com")
+                error(r, 429, "too_many_login_attempts")
+                assert 290 <= int(r.headers["Retry-After"]) <= 300
+            assert Visitor(two).signup("other@example.com").status_code == 201
+            assert Visitor(one).login("other@example.com").status_code == 200  # per email
+
+
 def test_refused_prompt_costs_nothing(platform: Server) -> None:
     key = new_account(platform, "too-long", "100")
     long_prompt = "word " * 5000  # past the 4096-token context

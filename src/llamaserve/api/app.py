@@ -119,6 +119,7 @@ def create_app(
             if platform is not None:
                 await platform.drain()  # settle what the last requests used before the store closes
                 await platform.limiter.close()
+                await app.state.dashboard.limiter.close()
                 await platform.store.close()
 
     app = FastAPI(title="llamaserve", version="0.1.0", lifespan=lifespan)

@@ -16,8 +16,6 @@ import asyncio
 import datetime as dt
 import hmac
 import secrets
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -27,6 +25,7 @@ from fastapi.security import APIKeyCookie, APIKeyHeader
 from pydantic import BaseModel, Field
 
 from llamaserve.api.platform import platform_of
+from llamaserve.billing.limits import LoginLimiter, MemoryLoginLimiter
 from llamaserve.billing.models import Account, WebSession
 from llamaserve.billing.passwords import (
     check_email,
@@ -64,37 +63,10 @@ csrf_header = APIKeyHeader(
 
 
 @dataclass
-class LoginLimiter:
-    """Failed log-ins per (email, client address) in a sliding window, in this process."""
-
-    limit: int = 5
-    window: float = 300.0
-    failures: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
-
-    def retry_after(self, who: tuple[str, str]) -> float | None:
-        """Seconds until `who` may try again, or None if it may now."""
-        times = self.failures.get(who)
-        now = time.monotonic()
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if not times or len(times) < self.limit:
-            return None
-        return times[0] + self.window - now
-
-    def failed(self, who: tuple[str, str]) -> None:
-        if len(self.failures) > 100_000:  # bound the memory an address-spraying attacker can make us use
-            self.failures.clear()
-        self.failures.setdefault(who, deque()).append(time.monotonic())
-
-    def succeeded(self, who: tuple[str, str]) -> None:
-        self.failures.pop(who, None)
-
-
-@dataclass
 class DashboardSettings:
     signup: bool  # anyone may create an account
     starter_credits: int  # micro-credits of each new account
-    limiter: LoginLimiter = field(default_factory=LoginLimiter)
+    limiter: LoginLimiter = field(default_factory=MemoryLoginLimiter)
 
 
 @dataclass(frozen=True)
@@ -271,7 +243,7 @@ async def login(
     limiter = settings_of(request).limiter
     email = normalize_email(body.email)
     who = (email, request.client.host if request.client else "")
-    if (wait := limiter.retry_after(who)) is not None:
+    if (wait := await limiter.retry_after(who)) is not None:
         raise APIError(
             429,
             f"too many failed log-ins; try again in {wait:.0f} s",
@@ -282,9 +254,9 @@ async def login(
     account = await store.account_by_email(email)
     hashed = account.password_hash if account else None
     if account is None or not await asyncio.to_thread(verify_password, body.password, hashed):
-        limiter.failed(who)
+        await limiter.failed(who)
         raise APIError(401, "wrong email or password", type="authentication_error", code="invalid_credentials")
-    limiter.succeeded(who)
+    await limiter.succeeded(who)
     if account.status != "active":
         message = f"account {account.name!r} is {account.status}"
         raise APIError(403, message, type="permission_error", code="account_suspended")

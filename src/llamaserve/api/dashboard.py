@@ -26,7 +26,7 @@ from llamaserve.api.account import parse_time, usage_item, usage_totals
 from llamaserve.api.admin import key_view, unix
 from llamaserve.api.auth import DashboardSettings, SessionDep, require_session
 from llamaserve.api.platform import platform_of
-from llamaserve.billing.limits import PLANS
+from llamaserve.billing.limits import PLANS, make_login_limiter
 from llamaserve.billing.models import ApiKey
 from llamaserve.billing.pricing import format_credits
 from llamaserve.billing.store import StoreError
@@ -286,7 +286,8 @@ async def signup_page(request: Request) -> Response:
 
 def install(app: FastAPI, config: PlatformConfig) -> None:
     """The dashboard on a platform app: log-in API, dashboard API, pages and their static files."""
-    app.state.dashboard = DashboardSettings(signup=config.signup, starter_credits=config.starter_credits)
+    limiter = make_login_limiter(config.redis_url)
+    app.state.dashboard = DashboardSettings(config.signup, config.starter_credits, limiter)
     app.include_router(auth.router)
     app.include_router(router)
     app.include_router(pages)

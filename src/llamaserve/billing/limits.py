@@ -3,19 +3,23 @@
 Each limited dimension is a token bucket holding up to its per-minute limit and refilled continuously at limit/60
 per second: a key may burst a whole minute's allowance, then passes at the steady rate. A request takes one request
 and its tokens from both buckets at once, or nothing. `MemoryLimiter` keeps the buckets in this process;
-`RedisLimiter` keeps them in Redis so that gateway replicas share them.
+`RedisLimiter` keeps them in Redis so that gateway replicas share them. The dashboard's limit on failed log-ins
+is here too, kept the same two ways.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
 
 WINDOW = 60.0  # seconds: the limits are per minute
 # Float slack: a bucket that refilled to 0.9999999999 of a request after 12 s holds one request.
@@ -282,19 +286,33 @@ class LimiterUnavailable(ConnectionError):
     """Redis, which keeps the shared rate limits, is out of reach: nothing can be admitted for now (503, retry)."""
 
 
+def _redis(url: str) -> Redis:
+    from redis.asyncio import Redis  # imported here: Redis is needed only with --redis-url
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    # One retry at once (a pooled connection Redis dropped), not redis-py's ten with backoff: a request waits at
+    # most 2 × REDIS_TIMEOUT for its answer or its 503.
+    return Redis.from_url(
+        url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, retry=Retry(NoBackoff(), 1)
+    )
+
+
+async def _run_script(script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    try:
+        return await script(keys=keys, args=args)
+    except (RedisConnectionError, RedisTimeoutError) as e:  # the client reconnects by itself at the next call
+        raise LimiterUnavailable(f"Redis is out of reach ({e})") from e
+
+
 class RedisLimiter:
     """Token buckets in Redis, shared by gateway replicas; one Lua script decides both buckets atomically."""
 
     def __init__(self, url: str, prefix: str = "llamaserve:ratelimit:") -> None:
-        from redis.asyncio import Redis  # imported here: Redis is needed only with --redis-url
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # One retry at once (a pooled connection Redis dropped), not redis-py's ten with backoff: a request
-        # waits at most 2 × REDIS_TIMEOUT for its answer or its 503.
-        self._redis: Redis = Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, retry=Retry(NoBackoff(), 1)
-        )
+        self._redis = _redis(url)
         self._script = self._redis.register_script(_SCRIPT)  # EVALSHA, loading the script when Redis lacks it
         self._prefix = prefix
 
@@ -303,14 +321,8 @@ class RedisLimiter:
         return [f"{self._prefix}{{{key}}}:requests", f"{self._prefix}{{{key}}}:tokens"]
 
     async def _run(self, op: str, key: str, plan: Plan, tokens: int) -> list[bytes]:
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
         args = [op, _limit_arg(plan.requests_per_minute), _limit_arg(plan.tokens_per_minute), tokens]
-        try:
-            return await self._script(keys=self._keys(key), args=args)
-        except (RedisConnectionError, RedisTimeoutError) as e:  # the client reconnects by itself at the next call
-            raise LimiterUnavailable(f"Redis is out of reach ({e})") from e
+        return await _run_script(self._script, self._keys(key), args)
 
     async def acquire(self, key: str, plan: Plan, tokens: int) -> Decision:
         return await self._decide("acquire", key, plan, tokens)
@@ -335,3 +347,113 @@ class RedisLimiter:
 def make_limiter(redis_url: str | None) -> RateLimiter:
     """The in-process limiter by default; a Redis one (shared across replicas) when given --redis-url."""
     return RedisLimiter(redis_url) if redis_url else MemoryLimiter()
+
+
+# --- dashboard log-ins ------------------------------------------------------------------------------------------
+Who = tuple[str, str]  # (email, client address)
+
+
+class LoginLimiter(Protocol):
+    """Failed log-ins per (email, client address) in a sliding window: once `limit` of them fall within `window`
+    seconds, that pair waits until the oldest is `window` old."""
+
+    async def retry_after(self, who: Who) -> float | None:
+        """Seconds until `who` may try again, or None if it may now."""
+        ...
+
+    async def failed(self, who: Who) -> None: ...
+
+    async def succeeded(self, who: Who) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+LOGIN_FAILURES = 5
+LOGIN_WINDOW = 300.0
+
+
+@dataclass
+class MemoryLoginLimiter:
+    """In this process: the single-process default."""
+
+    limit: int = LOGIN_FAILURES
+    window: float = LOGIN_WINDOW
+    failures: dict[Who, deque[float]] = field(default_factory=dict)
+
+    async def retry_after(self, who: Who) -> float | None:
+        times = self.failures.get(who)
+        now = time.monotonic()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times or len(times) < self.limit:
+            return None
+        return times[0] + self.window - now
+
+    async def failed(self, who: Who) -> None:
+        if len(self.failures) > 100_000:  # bound the memory an address-spraying attacker can make us use
+            self.failures.clear()
+        self.failures.setdefault(who, deque()).append(time.monotonic())
+
+    async def succeeded(self, who: Who) -> None:
+        self.failures.pop(who, None)
+
+    async def close(self) -> None:
+        self.failures.clear()
+
+
+# KEYS: the pair's sorted set of failure times. ARGV: op ("check" | "failed" | "succeeded"), limit, window (s).
+# Redis's TIME is the clock, as for the rate limits; the set expires a window after its last failure.
+_LOGIN_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local op, limit, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if op == 'succeeded' then
+  redis.call('DEL', KEYS[1])
+  return ''
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if op == 'failed' then
+  redis.call('ZADD', KEYS[1], now, string.format('%.6f', now))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+  return ''
+end
+if redis.call('ZCARD', KEYS[1]) < limit then
+  return ''
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+return string.format('%.17g', tonumber(oldest) + window - now)
+"""
+
+
+class RedisLoginLimiter:
+    """In Redis, shared by gateway replicas (else each replica would allow its own `limit` failures). The pair is
+    stored hashed: no email in Redis."""
+
+    def __init__(
+        self, url: str, prefix: str = "llamaserve:login:", limit: int = LOGIN_FAILURES, window: float = LOGIN_WINDOW
+    ) -> None:
+        self._redis = _redis(url)
+        self._script = self._redis.register_script(_LOGIN_SCRIPT)
+        self._prefix, self.limit, self.window = prefix, limit, window
+
+    async def _run(self, op: str, who: Who) -> bytes:
+        key = self._prefix + hashlib.sha256("\0".join(who).encode()).hexdigest()
+        return await _run_script(self._script, [key], [op, self.limit, self.window])
+
+    async def retry_after(self, who: Who) -> float | None:
+        wait = await self._run("check", who)
+        return float(wait) if wait else None
+
+    async def failed(self, who: Who) -> None:
+        await self._run("failed", who)
+
+    async def succeeded(self, who: Who) -> None:
+        await self._run("succeeded", who)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def make_login_limiter(redis_url: str | None) -> LoginLimiter:
+    """In-process by default; in Redis (shared across replicas) when given --redis-url."""
+    return RedisLoginLimiter(redis_url) if redis_url else MemoryLoginLimiter()
