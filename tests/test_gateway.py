@@ -133,6 +133,21 @@ def test_segmind_form_names_the_model_in_the_path(gateway: Server, engines: list
     assert httpx.get(f"{gateway.v1}/{ALIAS}", headers=gateway.auth).status_code == 405  # the path exists: POST
 
 
+def test_tokenize_and_detokenize_are_asked_of_the_upstream(gateway: Server, engines: list[Server]) -> None:
+    """Only the upstream knows its model's tokenizer: the gateway forwards /tokenize and /detokenize (vLLM's, at
+    its root) for an upstream model, under the key's checks."""
+    for body in ({"messages": MESSAGES}, {"prompt": "Name a colour."}):
+        via = httpx.post(f"{gateway.base_url}/tokenize", json={**body, "model": ALIAS}, headers=gateway.auth)
+        direct = httpx.post(f"{engines[0].base_url}/tokenize", json={**body, "model": MODEL})
+        assert via.status_code == 200 and via.json() == direct.json(), via.text
+    tokens = {"tokens": via.json()["tokens"]}
+    back = httpx.post(f"{gateway.base_url}/detokenize", json={**tokens, "model": GATEWAY_MODEL}, headers=gateway.auth)
+    assert back.status_code == 200 and back.json()["prompt"] == "Name a colour.", back.text
+    assert httpx.post(f"{gateway.base_url}/tokenize", json={**body, "model": ALIAS}).status_code == 401
+    bad = httpx.post(f"{gateway.base_url}/detokenize", json={"model": ALIAS, "tokens": [10**9]}, headers=gateway.auth)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens", bad.text  # the upstream's 400
+
+
 @pytest.mark.parametrize(
     "body",
     [

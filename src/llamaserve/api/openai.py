@@ -1,15 +1,21 @@
-"""The OpenAI-compatible model listing, and vLLM-style /tokenize and /detokenize. On `serve` all of them take
-an API key, as every route that makes the model work: tokenizing a long prompt costs CPU like a request."""
+"""The OpenAI-compatible model listing, and vLLM-style /tokenize and /detokenize (for an upstream model, asked of
+its upstream). On `serve` all of them take an API key, as every route that makes a model work: tokenizing a long
+prompt costs CPU like a request."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from llamaserve.api.chat import template_messages
 from llamaserve.api.common import get_model as lookup_model
 from llamaserve.api.common import prompt_work, text_bytes
 from llamaserve.api.platform import CallerDep, check_model_allowed
+from llamaserve.api.proxy import find_upstream
 from llamaserve.backends.local import LocalModel
+from llamaserve.billing.store import Caller
 from llamaserve.chat.llama3 import Llama3FormatError
 from llamaserve.chat.template import TemplateError
 from llamaserve.protocol.errors import invalid
@@ -56,8 +62,24 @@ async def get_model_card(model_id: str, request: Request, caller: CallerDep) -> 
     return _model_card(lookup_model(request, model_id), request.app.state.started)
 
 
+async def _forwarded(request: Request, caller: Caller, body: TokenizeRequest | DetokenizeRequest) -> Any:
+    """The answer of the upstream of the model `body` names, for /tokenize and /detokenize (vLLM serves both at
+    its root, beside /v1), or None when the model is not an upstream one. Only it knows that model's tokenizer."""
+    model = find_upstream(request, body.model) if body.model is not None else None
+    if model is None:
+        return None
+    check_model_allowed(caller, model.spec.id)
+    path = f"../{request.url.path.lstrip('/')}"  # the upstream's base URL ends in /v1
+    payload = body.model_dump(exclude_unset=True)
+    upstream, reply = await model.router.open(path, payload, False, request.state.request_id)
+    upstream.outstanding -= 1
+    return JSONResponse(reply.json())
+
+
 @router.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(body: TokenizeRequest, request: Request, caller: CallerDep) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, request: Request, caller: CallerDep) -> Any:
+    if (forwarded := await _forwarded(request, caller, body)) is not None:
+        return forwarded
     model = lookup_model(request, body.model)
     check_model_allowed(caller, model.id)
     if (body.prompt is None) == (body.messages is None):
@@ -79,7 +101,9 @@ async def tokenize(body: TokenizeRequest, request: Request, caller: CallerDep) -
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
-async def detokenize(body: DetokenizeRequest, request: Request, caller: CallerDep) -> DetokenizeResponse:
+async def detokenize(body: DetokenizeRequest, request: Request, caller: CallerDep) -> Any:
+    if (forwarded := await _forwarded(request, caller, body)) is not None:
+        return forwarded
     model = lookup_model(request, body.model)
     check_model_allowed(caller, model.id)
     if any(not model.llama.is_valid_token(t) for t in body.tokens):
