@@ -232,7 +232,7 @@ def _template_part(part: TextPart | ImagePart, where: tuple[int, int], images: I
 # --- the route ------------------------------------------------------------------------------------------------
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: CallerDep) -> Any:
-    upstream = find_upstream(request, body.model)
+    upstream = find_upstream(request.app.state, body.model)
     if upstream is not None:
         return await proxy(request, body, caller, upstream, "/chat/completions", DEFAULT_CHAT_MAX_TOKENS)
     model = get_model(request, body.model)
@@ -283,8 +283,7 @@ class ServedModelRoute(APIRoute):
 
 
 def _served(state: State, name: str) -> bool:
-    upstream = state.upstream_models.values()
-    return name in state.local_names or any(name == m.spec.id or name in m.spec.aliases for m in upstream)
+    return name in state.local_names or find_upstream(state, name) is not None
 
 
 # Included after every other router: its one path segment must not shadow theirs.

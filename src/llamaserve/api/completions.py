@@ -55,7 +55,7 @@ def _prompts(body: CompletionRequest, model: LocalModel) -> list[list[int]]:
 
 @router.post("/v1/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Any:
-    upstream = find_upstream(request, body.model)
+    upstream = find_upstream(request.app.state, body.model)
     if upstream is not None:
         return await proxy(request, body, caller, upstream, "/completions", DEFAULT_MAX_TOKENS)
     model = get_model(request, body.model)

@@ -65,7 +65,7 @@ async def get_model_card(model_id: str, request: Request, caller: CallerDep) -> 
 async def _forwarded(request: Request, caller: Caller, body: TokenizeRequest | DetokenizeRequest) -> Any:
     """The answer of the upstream of the model `body` names, for /tokenize and /detokenize (vLLM serves both at
     its root, beside /v1), or None when the model is not an upstream one. Only it knows that model's tokenizer."""
-    model = find_upstream(request, body.model) if body.model is not None else None
+    model = find_upstream(request.app.state, body.model) if body.model is not None else None
     if model is None:
         return None
     check_model_allowed(caller, model.spec.id)

@@ -22,6 +22,7 @@ import aiohttp
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.datastructures import State
 
 from llamaserve.api.common import SSE_DONE, sse
 from llamaserve.api.platform import Admission, admit, check_model_allowed
@@ -44,26 +45,24 @@ class UpstreamModel:
     router: Router
 
 
-def find_upstream(request: Request, name: str) -> UpstreamModel | None:
-    models: dict[str, UpstreamModel] = request.app.state.upstream_models
+def find_upstream(state: State, name: str) -> UpstreamModel | None:
+    """The upstream model `name` (id or alias) means in an app's `state`, if any."""
+    models: dict[str, UpstreamModel] = state.upstream_models
     for model in models.values():
         if name == model.spec.id or name in model.spec.aliases:
             return model
     return None
 
 
-def prompt_bound(payload: dict[str, Any]) -> int:
-    """An upper bound of the prompt's tokens: every token covers at least one byte of text; an image counts as
-    IMAGE_TOKEN_BOUND tokens."""
-    text, other = _prompt_size(payload)
-    return text + other + (TEMPLATE_ALLOWANCE if "messages" in payload else 0)
+def prompt_tokens(payload: dict[str, Any]) -> tuple[int, int]:
+    """The prompt's tokens as (an upper bound, what is charged when the upstream reports none).
 
-
-def prompt_estimate(payload: dict[str, Any]) -> int:
-    """The prompt's tokens as charged when the upstream reports none (a broken stream, an engine without
-    `usage`): 4 bytes of text a token, as the completion's are estimated, rather than the bound held."""
+    The bound: every token covers at least one byte of text, and an image counts as IMAGE_TOKEN_BOUND tokens. The
+    charge without `usage` (a broken stream, an engine that omits it) is 4 bytes of text a token, the completion's
+    own rule, rather than the bound that was held."""
     text, other = _prompt_size(payload)
-    return math.ceil(text / 4) + other
+    allowance = TEMPLATE_ALLOWANCE if "messages" in payload else 0
+    return text + other + allowance, math.ceil(text / 4) + other
 
 
 def _prompt_size(payload: dict[str, Any]) -> tuple[int, int]:
@@ -124,7 +123,7 @@ async def proxy(
 ) -> Any:
     check_model_allowed(caller, model.spec.id)
     payload = body.model_dump(exclude_unset=True, by_alias=True)
-    n_prompt, prompt_guess = prompt_bound(payload), prompt_estimate(payload)
+    n_prompt, prompt_guess = prompt_tokens(payload)
     budget = (body.max_tokens or default_max) * body.n
     if "vision" not in model.spec.capabilities:  # refuses at the first image part, before holding or fetching
         await inline_images(payload, model.spec, request.app.state.image_limits)
