@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, Server, free_port, postgres_database, redis_url, start_server
-from tests.test_gateway import GATEWAY_MODEL, metric_samples, registry
+from tests.test_gateway import ENGINE, GATEWAY_MODEL, metric_samples, registry
 
 ADMIN = "faults-admin-key"
 PRICED = ("--admin-key", ADMIN, "--price-input", "1000", "--price-output", "1000")  # 1,000 micro-credits a token
@@ -110,7 +110,7 @@ class Stream:
 # --- an upstream engine killed mid-stream --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_engine_killed_mid_stream_ends_it_with_an_error_charges_what_was_delivered(tmp_path: Path) -> None:
-    with start_server("--parallel", "2", command="engine") as a, start_server("--parallel", "2", command="engine") as b:
+    with start_server(*ENGINE, command="engine") as a, start_server(*ENGINE, command="engine") as b:
         path = registry(tmp_path / "llamaserve.toml", [{"id": GATEWAY_MODEL, "upstreams": [a.v1, b.v1]}])
         with start_server("--config", str(path)) as gw:
             before = settled(gw)["balance_micro"]

@@ -26,6 +26,9 @@ from tests.conftest import MODEL, Server, free_port, send_json, serve_http, star
 
 GATEWAY_MODEL = "smol-gateway"
 ALIAS = "smol-alias"
+# Two engines side by side get one llama.cpp thread each, so their threads never outnumber the 2 cores of a test
+# machine: llama.cpp's threads spin while they wait for each other, and 4 on 2 cores stalled a burst past 60 s.
+ENGINE = ("--parallel", "2", "--threads", "1")
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 WEATHER = {
     "type": "function",
@@ -60,7 +63,7 @@ def registry(path: Path, models: list[dict[str, Any]]) -> Path:
 
 @pytest.fixture(scope="module")
 def engines() -> Iterator[list[Server]]:
-    with start_server("--parallel", "2", command="engine") as a, start_server("--parallel", "2", command="engine") as b:
+    with start_server(*ENGINE, command="engine") as a, start_server(*ENGINE, command="engine") as b:
         yield [a, b]
 
 
@@ -465,8 +468,8 @@ def test_dead_engine_is_taken_out_and_probed_back_in(tmp_path: Path) -> None:
     only; start it again on its port: the probe brings it back and traffic returns to it."""
     port_a = free_port()
     with (
-        start_server("--parallel", "2", command="engine", port=port_a) as a,
-        start_server("--parallel", "2", command="engine") as b,
+        start_server(*ENGINE, command="engine", port=port_a) as a,
+        start_server(*ENGINE, command="engine") as b,
     ):
         path = registry(tmp_path / "llamaserve.toml", [{"id": GATEWAY_MODEL, "upstreams": [a.v1, b.v1]}])
         with start_server("--config", str(path)) as gw:
@@ -480,14 +483,14 @@ def test_dead_engine_is_taken_out_and_probed_back_in(tmp_path: Path) -> None:
                     == 200
                 )
             assert b.engine_stats()["sequences_finished"] - before == 4
-            with start_server("--parallel", "2", command="engine", port=port_a) as revived:
+            with start_server(*ENGINE, command="engine", port=port_a) as revived:
                 time.sleep(3)  # probed back in
                 assert burst(gw, 6) == [200] * 6
                 assert revived.engine_stats()["sequences_finished"] >= 2
 
 
 def test_killed_engine_fails_over(tmp_path: Path) -> None:
-    with start_server("--parallel", "2", command="engine") as a, start_server("--parallel", "2", command="engine") as b:
+    with start_server(*ENGINE, command="engine") as a, start_server(*ENGINE, command="engine") as b:
         path = registry(tmp_path / "llamaserve.toml", [{"id": GATEWAY_MODEL, "upstreams": [a.v1, b.v1]}])
         with start_server("--config", str(path)) as gw:
             assert (
