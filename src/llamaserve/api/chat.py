@@ -138,10 +138,11 @@ async def load_images(request: Request, body: ChatCompletionRequest, model: Loca
     admitted only once its prompt, images included, is tokenized: a key over its rate limits gets its 429 first,
     before anything is fetched for it."""
     check_images(body, model)
-    if _image_parts(body.messages):
+    parts = _image_parts(body.messages)
+    if parts:
         await check_rate_limit(request, caller, 1)
     images: Images = {}
-    for i, j, part in _image_parts(body.messages):
+    for i, j, part in parts:
         where = f"messages[{i}].content[{j}]"
         try:
             images[(i, j)] = await load_image(part.image_url.url, request.app.state.image_limits)
