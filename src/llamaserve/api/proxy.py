@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
@@ -26,6 +25,7 @@ from starlette.datastructures import State
 
 from llamaserve.api.common import SSE_DONE, sse
 from llamaserve.api.platform import Admission, admit, check_model_allowed
+from llamaserve.backends.http1 import ConnectionFailed
 from llamaserve.backends.upstream import Router, Upstream, UpstreamReply
 from llamaserve.billing.store import Caller
 from llamaserve.chat.images import ImageError, ImageLimits, load_image
@@ -233,7 +233,7 @@ class Relay:
                 event = self._rewrite(json.loads(line[6:]))
                 if event is not None:
                     yield event
-        except (aiohttp.ClientError, TimeoutError):
+        except (ConnectionFailed, TimeoutError):
             # Bytes already went to the client: no retry, no new status; end the stream with an error event.
             self.broken = True
             yield sse(
