@@ -683,3 +683,45 @@ def test_ledger_follows_every_balance_change(run: Run) -> None:
         )
 
     run(body)
+
+
+# --- the SQLite writer's deferred transactions ----------------------------------------------------------------
+def _thread_ident(run: Any) -> int:
+    import threading
+
+    return threading.get_ident()
+
+
+def test_a_deferred_transaction_goes_with_the_next_one_or_alone_soon(tmp_path: Path) -> None:
+    """A settlement (deferred) waits for the next hold and reaches the database in the same hop; with no hold to
+    come it goes alone within DEFER_SECONDS; a read that must see it, or closing the store, sends it at once."""
+    from llamaserve.billing.store import DEFER_SECONDS, SqliteWriter
+
+    async def main() -> None:
+        writer = SqliteWriter(str(tmp_path / "w.db"))
+        sent: list[int] = []
+        run_batch = writer._run_batch
+        writer._run_batch = lambda batch: sent.append(len(batch)) or run_batch(batch)  # type: ignore[method-assign]
+
+        deferred = asyncio.ensure_future(writer.transaction(_thread_ident, defer=True))
+        await asyncio.sleep(DEFER_SECONDS / 5)
+        assert not deferred.done() and sent == []  # waiting for company
+        await writer.transaction(_thread_ident)
+        assert deferred.done() and sent == [2]  # one hop for both
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await writer.transaction(_thread_ident, defer=True)
+        assert loop.time() - started < DEFER_SECONDS + 1 and sent == [2, 1]  # alone, once its wait was up
+
+        caught = asyncio.ensure_future(writer.transaction(_thread_ident, defer=True))
+        await asyncio.sleep(0)
+        await writer.caught_up()  # what reads of balances wait for: sent now, not after its wait
+        assert caught.done() and sent == [2, 1, 1]
+
+        last = asyncio.ensure_future(writer.transaction(_thread_ident, defer=True))
+        await asyncio.sleep(0)
+        await writer.close()
+        assert last.done() and last.result() > 0 and sent == [2, 1, 1, 1]
+
+    asyncio.run(main())

@@ -176,6 +176,15 @@ class Store:
             if self.is_sqlite:
                 self._write_lock.release()
 
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads of balances, holds and usage: they see every settlement this process has made,
+        those still waiting for company to the database thread (see `settle`) included."""
+        if self._sqlite is not None:
+            await self._sqlite.caught_up()
+        async with self._sessions() as session:
+            yield session
+
     # --- accounts -------------------------------------------------------------------------------------------
     async def create_account(
         self,
@@ -213,18 +222,18 @@ class Store:
         return account
 
     async def list_accounts(self) -> list[Account]:
-        async with self._sessions() as s:
+        async with self._read() as s:
             return list(await s.scalars(select(Account).order_by(Account.id)))
 
     async def account(self, name: str) -> Account:
-        async with self._sessions() as s:
+        async with self._read() as s:
             account = await s.scalar(select(Account).where(Account.name == name))
         if account is None:
             raise StoreError(f"no account named {name!r}")
         return account
 
     async def account_by_id(self, account_id: int) -> Account:
-        async with self._sessions() as s:
+        async with self._read() as s:
             account = await s.get(Account, account_id)
         if account is None:
             raise StoreError(f"no account with id {account_id}")
@@ -419,15 +428,19 @@ class Store:
 
     async def settle(self, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
         """Release a hold and charge what was used (at most the hold), with the usage record, in one
-        transaction. Settling twice does nothing the second time; returns whether this call settled it."""
-        return await self._transaction(_settle, hold_id, charge, usage, key_id)
+        transaction. Settling twice does nothing the second time; returns whether this call settled it.
 
-    async def _transaction(self, work: Callable[..., T], *args: Any) -> T:
+        On SQLite the settlement waits (up to DEFER_SECONDS) for the next hold and goes to the database thread
+        with it: a request's settlement then runs while the next request waits for its engine, not while that
+        request is being read, checked and sent (the thread's work slows the event loop's: they share the GIL)."""
+        return await self._transaction(_settle, hold_id, charge, usage, key_id, defer=True)
+
+    async def _transaction(self, work: Callable[..., T], *args: Any, defer: bool = False) -> T:
         """Run `work(statements, *args)` in one write transaction. These run on every request: on SQLite the
         whole transaction goes to the database thread in one hop (with any others asked for meanwhile), on sqlite3
         itself; elsewhere it runs on the async connection through SQLAlchemy's sync facade."""
         if self._sqlite is not None:
-            return await self._sqlite.transaction(work, *args)
+            return await self._sqlite.transaction(work, *args, defer=defer)
         async with self.engine.begin() as conn:
             return await conn.run_sync(_asynchronous_commit, work, *args)
 
@@ -460,11 +473,11 @@ class Store:
         query = select(func.count()).select_from(Hold).where(Hold.status == "open")
         if account_id is not None:
             query = query.where(Hold.account_id == account_id)
-        async with self._sessions() as s:
+        async with self._read() as s:
             return int(await s.scalar(query) or 0)
 
     async def ledger_sum(self, account_id: int) -> int:
-        async with self._sessions() as s:
+        async with self._read() as s:
             total = await s.scalar(select(func.sum(LedgerEntry.amount)).where(LedgerEntry.account_id == account_id))
         return int(total or 0)
 
@@ -487,7 +500,7 @@ class Store:
             query = query.where(UsageRecord.created_at < until)
         if model is not None:
             query = query.where(UsageRecord.model == model)
-        async with self._sessions() as s:
+        async with self._read() as s:
             return list(await s.scalars(query.order_by(UsageRecord.id.desc()).limit(limit)))
 
     async def usage_summary(
@@ -518,7 +531,7 @@ class Store:
             .group_by(start, UsageRecord.model, ApiKey.prefix)
             .order_by(start)
         )
-        async with self._sessions() as s:
+        async with self._read() as s:
             rows = (await s.execute(query)).all()
         return [UsageBucket(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6])) for r in rows]
 
@@ -625,12 +638,16 @@ def _asynchronous_commit(conn: Connection, work: Callable[..., T], *args: Any) -
     return work(conn.execute, *args)
 
 
+DEFER_SECONDS = 0.05  # the longest a deferred transaction (a settlement) waits for company to the database thread
+
+
 class SqliteWriter:
     """SQLite's per-request transactions: one connection, on one thread of its own, driven by sqlite3 directly.
     SQLAlchemy's engine, pool and transaction objects cost more CPU than the statements themselves (about 250 µs
     a transaction here), and every request pays for two. Transactions asked for while others run go to the thread
-    together, in one hop (a hop costs about 70 µs of CPU); each is still a transaction of its own. Commits don't
-    wait for the disk (`synchronous=NORMAL`): the WalFlusher syncs the log soon after."""
+    together, in one hop (a hop costs about 70 µs of CPU); each is still a transaction of its own. A deferred
+    transaction waits up to DEFER_SECONDS for another to go with. Commits don't wait for the disk
+    (`synchronous=NORMAL`): the WalFlusher syncs the log soon after."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -638,18 +655,45 @@ class SqliteWriter:
         self.connection: sqlite3.Connection | None = None  # opened on the thread, at its first transaction
         self.wal_flusher = WalFlusher(path)
         self.waiting: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self.urgent = False  # a transaction that may not wait is among `waiting`
+        self.flush_timer: asyncio.TimerHandle | None = None  # sends deferred transactions that found no company
         self.running: asyncio.Future[list[tuple[bool, Any]]] | None = None  # the batch on the thread now
 
-    async def transaction(self, work: Callable[..., T], *args: Any) -> T:
-        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    async def transaction(self, work: Callable[..., T], *args: Any, defer: bool = False) -> T:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
         self.waiting.append((work, args, done))
+        self.urgent = self.urgent or not defer
         if self.running is None:
-            self._send_batch()
+            if self.urgent:
+                self._send_batch()
+            elif self.flush_timer is None:
+                self.flush_timer = loop.call_later(DEFER_SECONDS, self._flush)
         return await done
+
+    async def caught_up(self) -> None:
+        """Every transaction asked for so far committed (deferred ones sent now)."""
+        pending: list[asyncio.Future[Any]] = [done for *_, done in self.waiting]
+        if self.running is not None:
+            pending.append(self.running)
+        if self.waiting:
+            self.urgent = True
+            if self.running is None:
+                self._send_batch()
+        if pending:
+            await asyncio.wait(pending)
+
+    def _flush(self) -> None:
+        self.flush_timer = None
+        if self.running is None and self.waiting:
+            self._send_batch()
 
     def _send_batch(self) -> None:
         """Hand every waiting transaction to the thread (on the event loop, as is all the queue's handling)."""
-        batch, self.waiting = self.waiting, []
+        batch, self.waiting, self.urgent = self.waiting, [], False
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
         self.running = asyncio.get_running_loop().run_in_executor(
             self.thread, self._run_batch, [(work, args) for work, args, _ in batch]
         )
@@ -668,8 +712,10 @@ class SqliteWriter:
                 done.set_result(outcomes[i][1])
             else:
                 done.set_exception(outcomes[i][1])
-        if self.waiting:
+        if self.urgent:
             self._send_batch()
+        elif self.waiting and self.flush_timer is None:
+            self.flush_timer = asyncio.get_running_loop().call_later(DEFER_SECONDS, self._flush)
 
     def _run_batch(self, batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
@@ -703,6 +749,10 @@ class SqliteWriter:
         return self.connection.execute(statement.text, params)
 
     async def close(self) -> None:
+        while self.waiting or self.running is not None:  # deferred settlements: to the database before it closes
+            self._flush()
+            if self.running is not None:
+                await asyncio.wait([self.running])
         await self.wal_flusher.close()
         if self.connection is not None:
             await asyncio.get_running_loop().run_in_executor(self.thread, self.connection.close)
