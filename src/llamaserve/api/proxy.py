@@ -14,14 +14,16 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.datastructures import State
+from starlette.types import Receive, Scope, Send
 
 from llamaserve.api.common import SSE_DONE, sse
 from llamaserve.api.platform import Admission, admit, check_model_allowed
@@ -188,8 +190,22 @@ def _complete(
     data["model"] = model.spec.id
     usage = data.get("usage") or {}
     prompt, completion = _usage_counts(usage, data, prompt_guess)
-    admission.finish(completion, "ok", prompt_tokens=prompt)
-    return JSONResponse(data, headers=admission.headers)
+    return SettledJSONResponse(data, admission.headers, partial(admission.finish, completion, "ok", prompt))
+
+
+class SettledJSONResponse(JSONResponse):
+    """A JSON response that settles its request once it has been sent (or failed to be): the settlement's work
+    waits until the reply is out."""
+
+    def __init__(self, content: Any, headers: dict[str, str], settle: Callable[[], None]) -> None:
+        super().__init__(content, headers=headers)
+        self.settle = settle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.settle()
 
 
 def _usage_counts(usage: dict[str, Any], data: dict[str, Any], prompt_guess: int) -> tuple[int, int]:
