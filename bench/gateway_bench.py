@@ -73,28 +73,33 @@ async def one(client: httpx.AsyncClient, url: str, model: str, stream: bool) -> 
 Target = tuple[str, str, dict[str, str]]  # chat completions URL, model name there, headers
 
 
-async def run(targets: dict[str, Target], n: int, concurrency: int, stream: bool) -> dict[str, list[float]]:
-    """The same requests to every target, `concurrency` at a time, taking turns (in a rotating order)."""
+async def run(targets: dict[str, Target], n: int, concurrency: int, stream: bool, block: int) -> dict[str, list[float]]:
+    """The same requests to every target, `concurrency` at a time, in blocks of `block` rounds per target, the
+    targets taking turns (in a rotating order). In blocks, what a server does after a reply (settling, logging)
+    meets its own next request, as with a client of its own, and not another target's."""
     lat: dict[str, list[float]] = {name: [] for name in targets}
     clients = {name: httpx.AsyncClient(timeout=60, headers=h) for name, (_, _, h) in targets.items()}
     names = list(targets)
     try:
         for name in names:  # warm-up: connections, first decode
             await one(clients[name], targets[name][0], targets[name][1], stream)
-        for round_, start in enumerate(range(0, n, concurrency)):
-            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+        step = concurrency * block
+        for turn, start in enumerate(range(0, n, step)):
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
                 url, model, _ = targets[name]
-                batch = min(concurrency, n - start)
-                lat[name] += await asyncio.gather(*(one(clients[name], url, model, stream) for _ in range(batch)))
+                for at in range(start, min(start + step, n), concurrency):
+                    batch = min(concurrency, n - at)
+                    lat[name] += await asyncio.gather(*(one(clients[name], url, model, stream) for _ in range(batch)))
     finally:
         for c in clients.values():
             await c.aclose()
     return lat
 
 
-def report(targets: dict[str, Target], requests: int, modes: list[bool], concurrencies: list[int]) -> None:
+def report(targets: dict[str, Target], requests: int, modes: list[bool], concurrencies: list[int], block: int) -> None:
     """One row per mode and concurrency. "adds" is p50 through minus p50 direct; "paired" is the median of the
-    differences between requests of the same round (sent one after the other), which machine drift affects less."""
+    differences between requests at the same place in their targets' blocks (sent a block apart), which machine drift
+    affects less."""
     others = [name for name in targets if name != "direct"]
     print(
         "| mode | clients | direct p50 / p99 ms | "
@@ -104,7 +109,7 @@ def report(targets: dict[str, Target], requests: int, modes: list[bool], concurr
     print("|---" * (3 + 4 * len(others) + 1) + "|")
     for stream in modes:
         for concurrency in concurrencies:
-            lat = asyncio.run(run(targets, requests, concurrency, stream))
+            lat = asyncio.run(run(targets, requests, concurrency, stream, block))
             d = lat["direct"]
             cells = [f"{percentile(d, 0.5):.1f} / {percentile(d, 0.99):.1f}"]
             for name in others:
@@ -127,6 +132,7 @@ def main() -> None:
     p.add_argument("--floor", action="store_true", help="also a bare passthrough (bench/passthrough.py): the floor")
     p.add_argument("--modes", default="non-stream,stream", help="comma-separated: non-stream, stream")
     p.add_argument("--clients", default="1,8", help="comma-separated concurrencies")
+    p.add_argument("--block", type=int, default=10, help="rounds in a row to one target before the next takes over")
     args = p.parse_args()
     modes = [{"non-stream": False, "stream": True}[m] for m in args.modes.split(",")]
     concurrencies = [int(c) for c in args.clients.split(",")]
@@ -150,7 +156,7 @@ def main() -> None:
                 script = str(Path(__file__).parent / "passthrough.py")
                 floor = running.enter_context(started([sys.executable, script, "--upstream", engine]))
                 targets["passthrough"] = (f"{floor}/v1/chat/completions", model, {})
-            report(targets, args.requests, modes, concurrencies)
+            report(targets, args.requests, modes, concurrencies, args.block)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The floor of any gateway: a bare ASGI app on uvicorn that forwards each body to the upstream with aiohttp and
-returns its reply, with no keys, validation, limits or credits. bench/gateway_bench.py --floor sets it beside
-the gateway, so the gateway's own work can be told from the cost of a second HTTP round trip.
+"""The floor of any gateway: a bare ASGI app on uvicorn that forwards each body to the upstream with the gateway's
+own HTTP client (backends/http1.py) and returns its reply, with no keys, validation, limits or credits.
+bench/gateway_bench.py --floor sets it beside the gateway, so the gateway's own work can be told from the cost of
+a second HTTP round trip.
 
     python bench/passthrough.py --port PORT --upstream http://127.0.0.1:8001
 """
@@ -10,8 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import aiohttp
 import uvicorn
+
+from llamaserve.backends.http1 import Http1Client
 
 JSON = [(b"content-type", b"application/json")]
 
@@ -19,7 +21,7 @@ JSON = [(b"content-type", b"application/json")]
 class Passthrough:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
-        self.session: aiohttp.ClientSession | None = None
+        self.client: Http1Client | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -34,22 +36,25 @@ class Passthrough:
         if scope["path"] == "/health":
             await self.reply(send, 200, b'{"status": "ok"}')
             return
-        assert self.session is not None
-        async with self.session.post(scope["path"], data=body, headers={"Content-Type": "application/json"}) as r:
-            await send({"type": "http.response.start", "status": r.status, "headers": JSON})
-            async for data in r.content.iter_any():  # streams pass through chunk by chunk
+        assert self.client is not None
+        reply = await self.client.request("POST", scope["path"], body, {"Content-Type": "application/json"})
+        try:
+            await send({"type": "http.response.start", "status": reply.status, "headers": JSON})
+            async for data in reply.chunks():  # streams pass through chunk by chunk
                 await send({"type": "http.response.body", "body": data, "more_body": True})
+        finally:
+            reply.release()
         await send({"type": "http.response.body", "body": b""})
 
     async def lifespan(self, receive: Any, send: Any) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.session = aiohttp.ClientSession(self.upstream)
+                self.client = Http1Client(self.upstream)
                 await send({"type": "lifespan.startup.complete"})
             else:
-                if self.session is not None:
-                    await self.session.close()
+                if self.client is not None:
+                    await self.client.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
