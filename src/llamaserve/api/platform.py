@@ -9,11 +9,13 @@ whether the request finished, failed, timed out or lost its client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -168,6 +170,7 @@ class Admission:
     first_token_at: float | None = None  # perf_counter of the first token
     completion_tokens: int | None = None  # known once finished
     outcome: str | None = None  # the settled status: ok, cancelled, error, timeout, rejected
+    holding: asyncio.Task[None] | None = None  # the hold being placed beside the upstream call (hold_beside)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -183,6 +186,37 @@ class Admission:
         return self.platform is not None and self.platform.short_of_credits.get(self.caller.account_id, 0) > (
             time.monotonic()
         )
+
+    @contextlib.contextmanager
+    def hold_beside(self) -> Iterator[None]:
+        """Place the hold (in a task of its own) while the body of this `with` waits for the upstream. A hold that
+        fails (402, database out of reach) cancels that wait; the failure is then raised here, and by `held()`.
+        The task's first step comes at the loop's next turn: after the body's first write."""
+        task = asyncio.current_task()
+        assert task is not None
+        holding = self.holding = asyncio.get_running_loop().create_task(self.hold())
+        waiting = True
+
+        def stop_waiting(hold: asyncio.Task[None]) -> None:
+            if waiting and not hold.cancelled() and hold.exception() is not None:
+                task.cancel()
+
+        holding.add_done_callback(stop_waiting)
+        try:
+            yield
+        except asyncio.CancelledError:
+            failure = holding.exception() if holding.done() and not holding.cancelled() else None
+            if failure is None:
+                raise
+            task.uncancel()  # the cancellation was ours: the hold's failure is the answer
+            raise failure from None
+        finally:
+            waiting = False
+
+    async def held(self) -> None:
+        """After `hold_beside`: the hold placed (waiting for it if need be), or its failure raised."""
+        if self.holding is not None:
+            await self.holding
 
     async def hold(self) -> None:
         """Hold the worst-case cost (402 if the balance cannot cover it, the rate limit's tokens given back)."""
@@ -232,6 +266,9 @@ class Admission:
         """Settle in the background (once): charge `completion_tokens` and the prompt (the real count if known
         now, else the one admitted), release the rest of the hold."""
         if self.settled:
+            return
+        if self.holding is not None and not self.holding.done():  # settled once the hold is in (or refused)
+            self.holding.add_done_callback(lambda _: self.finish(completion_tokens, status, prompt_tokens))
             return
         self.settled = True
         if prompt_tokens is not None:

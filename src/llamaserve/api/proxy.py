@@ -10,7 +10,6 @@ broken midway, an engine that omits usage), both counts are estimated at 4 bytes
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -134,31 +133,27 @@ async def proxy(
     if body.stream:
         payload["stream_options"] = {"include_usage": True}
     # Images are fetched only for a request whose credits are held, and an account refused a moment ago waits for
-    # its hold rather than make the upstream start work it will likely not be paid for. Otherwise the upstream
-    # call starts while the credits are held, so the hold (a database write) adds no latency: nothing reaches the
-    # client before the hold is placed, and a refused hold cancels the call. The call goes first (one turn of the
-    # loop: up to its write), so the hold's hop to the database thread doesn't delay the request upstream.
-    hold_first = has_images(payload) or admission.short_of_credits
-    if hold_first:
+    # its hold rather than make the upstream start work it will likely not be paid for. Otherwise the hold (a
+    # database write, on its thread) is placed while the request goes upstream, so it adds no latency: nothing
+    # reaches the client before the hold is placed, and a refused hold stops the call (`hold_beside`).
+    if has_images(payload) or admission.short_of_credits:
         await admission.hold()
         try:
             await inline_images(payload, model.spec, request.app.state.image_limits)
         except BaseException:
             admission.finish(0, "rejected", prompt_tokens=0)
             raise
-    opening = asyncio.ensure_future(model.router.open(path, payload, body.stream, request_id))
-    if not hold_first:
+        upstream, response = await _open(admission, model, path, payload, body.stream)
+    else:
+        with admission.hold_beside():
+            upstream, response = await _open(admission, model, path, payload, body.stream)
         try:
-            await asyncio.sleep(0)
-            await admission.hold()
+            await admission.held()
         except BaseException:
-            await _abandon(opening)
+            upstream.outstanding -= 1
+            response.close()
+            admission.finish(0, "rejected", prompt_tokens=0)  # a hold that lands after all is released uncharged
             raise
-    try:
-        upstream, response = await opening
-    except BaseException:
-        admission.finish(0, "error", prompt_tokens=0)  # nothing was produced: nothing to charge
-        raise
     admission.backend = upstream.spec.name
     if not body.stream:
         return _complete(admission, model, upstream, response, prompt_guess)
@@ -171,15 +166,14 @@ async def proxy(
     )
 
 
-async def _abandon(opening: asyncio.Future[tuple[Upstream, UpstreamReply]]) -> None:
-    """Stop an upstream call whose request was refused meanwhile, and give back what it took."""
-    opening.cancel()
+async def _open(
+    admission: Admission, model: UpstreamModel, path: str, payload: dict[str, Any], stream: bool
+) -> tuple[Upstream, UpstreamReply]:
     try:
-        upstream, reply = await opening
-    except BaseException:  # cancelled or failed: Router.open gave its slot back
-        return
-    upstream.outstanding -= 1
-    reply.close()
+        return await model.router.open(path, payload, stream, admission.request_id)
+    except BaseException:
+        admission.finish(0, "error", prompt_tokens=0)  # nothing was produced: nothing to charge
+        raise
 
 
 def _complete(
