@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -87,10 +87,10 @@ async def json_body(request: Request) -> Any:
     """The body as FastAPI parses it for a JSON body parameter: JSON for an application/json (or +json) content
     type, else the bytes themselves (which then fail validation as not an object)."""
     try:
-        raw = await _read_body(request)
+        raw = await request.body()
         if not raw:
             return _NO_BODY
-        content_type = _header(request.scope, b"content-type")
+        content_type = request.headers.get("content-type")
         if not content_type or not _is_json(content_type):
             return raw
         return json.loads(raw)
@@ -99,27 +99,6 @@ async def json_body(request: Request) -> Any:
         raise RequestValidationError([{**error, "ctx": {"error": e.msg}}], body=e.doc) from e
     except Exception as e:  # undecodable bytes, a client gone mid-body
         raise HTTPException(status_code=400, detail="There was an error parsing the body") from e
-
-
-async def _read_body(request: Request) -> bytes:
-    """The body, read straight from `receive` (Starlette's `Request.body` runs an async generator for it). Read
-    once: nothing reads it again."""
-    message = await request.receive()
-    chunks = []
-    while True:
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        message = await request.receive()
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 def _is_json(content_type: str) -> bool:
