@@ -97,17 +97,17 @@ class Http1Client:
 
     async def _acquire(self, fresh: bool) -> tuple[Connection, bool]:
         """A connection for one request, and whether it served others before (kept alive)."""
-        while self.idle and not fresh:
-            connection = self.idle.pop()
-            if connection.reusable(self.keepalive):
-                return connection, True
-            connection.close()
-        while self.connections >= self.limit:
-            waiter = asyncio.get_running_loop().create_future()
+        while True:
+            while self.idle and not fresh:
+                connection = self.idle.pop()
+                if connection.reusable(self.keepalive):
+                    return connection, True
+                connection.close()
+            if self.connections < self.limit:
+                break
+            waiter = asyncio.get_running_loop().create_future()  # woken when a connection is released or closed
             self.waiting.append(waiter)
             await waiter
-            if self.idle and not fresh:
-                return await self._acquire(fresh)
         self.connections += 1
         try:
             connect = asyncio.get_running_loop().create_connection(lambda: Connection(self), self.host, self.port)
