@@ -1,5 +1,6 @@
 """The floor of any gateway: a bare ASGI app on uvicorn that forwards each body to the upstream with the gateway's
-own HTTP client (backends/http1.py) and returns its reply, with no keys, validation, limits or credits.
+own HTTP client (aiohttp, set up as backends/upstream.py sets it up) and returns its reply, with no keys,
+validation, limits or credits.
 bench/gateway_bench.py --floor sets it beside the gateway, so the gateway's own work can be told from the cost of
 a second HTTP round trip.
 
@@ -13,7 +14,8 @@ from typing import Any
 
 import uvicorn
 
-from llamaserve.backends.http1 import Http1Client
+from llamaserve.backends.upstream import Upstream
+from llamaserve.registry import BackendSpec
 
 JSON = [(b"content-type", b"application/json")]
 
@@ -21,7 +23,7 @@ JSON = [(b"content-type", b"application/json")]
 class Passthrough:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
-        self.client: Http1Client | None = None
+        self.upstream_: Upstream | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -36,25 +38,25 @@ class Passthrough:
         if scope["path"] == "/health":
             await self.reply(send, 200, b'{"status": "ok"}')
             return
-        assert self.client is not None
-        reply = await self.client.request("POST", scope["path"], body, {"Content-Type": "application/json"})
-        try:
+        assert self.upstream_ is not None
+        url = self.upstream + scope["path"]
+        headers = {"Content-Type": "application/json"}
+        async with self.upstream_.session.post(url, data=body, headers=headers) as reply:
             await send({"type": "http.response.start", "status": reply.status, "headers": JSON})
-            async for data in reply.chunks():  # streams pass through chunk by chunk
+            async for data in reply.content.iter_any():  # streams pass through chunk by chunk
                 await send({"type": "http.response.body", "body": data, "more_body": True})
-        finally:
-            reply.release()
         await send({"type": "http.response.body", "body": b""})
 
     async def lifespan(self, receive: Any, send: Any) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.client = Http1Client(self.upstream)
+                spec = BackendSpec("upstream", url=self.upstream, model="any")
+                self.upstream_ = Upstream.create(spec, timeout=60)
                 await send({"type": "lifespan.startup.complete"})
             else:
-                if self.client is not None:
-                    await self.client.close()
+                if self.upstream_ is not None:
+                    await self.upstream_.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

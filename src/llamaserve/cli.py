@@ -25,6 +25,7 @@ from llamaserve.registry import Registry, RegistryError, load_registry
 
 if TYPE_CHECKING:
     from llamaserve.api.lifecycle import Limits
+    from llamaserve.backends.counting import TokenCounter
     from llamaserve.backends.local import LocalModel
 
 app = typer.Typer(help="llamaserve: a self-hosted, OpenAI-compatible Llama API.", no_args_is_help=True)
@@ -86,6 +87,10 @@ ImageAllow = Annotated[
     typer.Option(help="A network image URLs may point into although not public, e.g. 10.1.0.0/16 (repeatable)."),
 ]
 ImageMaxMb = Annotated[float, typer.Option(help="Largest image accepted, in MB.")]
+SslCertfile = Annotated[
+    Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM; chain included), with --ssl-keyfile.")
+]
+SslKeyfile = Annotated[Path | None, typer.Option(help="The private key (PEM) of --ssl-certfile.")]
 LogFormatOpt = Annotated[
     LogFormat, typer.Option(help="Log lines on stderr: json (one object a line) or text. Bodies are never logged.")
 ]
@@ -138,6 +143,8 @@ def serve(
     body_timeout: BodyTimeout = 30,
     drain_timeout: DrainTimeout = 30,
     write_timeout: WriteTimeout = 60,
+    ssl_certfile: SslCertfile = None,
+    ssl_keyfile: SslKeyfile = None,
     cors_origin: Annotated[
         list[str] | None,
         typer.Option(help="A web origin whose pages may call the API from browsers (repeatable; default: none)."),
@@ -190,7 +197,10 @@ def serve(
     )
     images = _image_limits(image_allow, image_max_mb)
     limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout)
-    _run(config, platform, limits, registry, load_local=registry is None or model is not None, image_limits=images)
+    tls = _tls(ssl_certfile, ssl_keyfile)
+    counters = _token_counters(registry, config_file) if registry and config_file else {}
+    load_local = registry is None or model is not None
+    _run(config, platform, limits, registry, load_local, images, tls, counters)
 
 
 def _image_limits(image_allow: list[str] | None, image_max_mb: float) -> ImageLimits:
@@ -220,6 +230,8 @@ def engine(
     body_timeout: BodyTimeout = 30,
     drain_timeout: DrainTimeout = 30,
     write_timeout: WriteTimeout = 120,  # above serve's 60: a gateway whose client stalls cuts that client first
+    ssl_certfile: SslCertfile = None,
+    ssl_keyfile: SslKeyfile = None,
     log_format: LogFormatOpt = LogFormat.json,
     log_level: LogLevelOpt = LogLevel.info,
 ) -> None:
@@ -240,7 +252,37 @@ def engine(
         mmproj=mmproj,
     )
     limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout)
-    _run(config, None, limits, image_limits=_image_limits(image_allow, image_max_mb))
+    images = _image_limits(image_allow, image_max_mb)
+    _run(config, None, limits, image_limits=images, tls=_tls(ssl_certfile, ssl_keyfile))
+
+
+def _tls(certfile: Path | None, keyfile: Path | None) -> tuple[str, str] | None:
+    """(certificate, key) files to serve HTTPS with, both or neither."""
+    if certfile is None and keyfile is None:
+        return None
+    if certfile is None or keyfile is None:
+        raise typer.BadParameter("give both --ssl-certfile and --ssl-keyfile", param_hint="--ssl-certfile")
+    for path, hint in ((certfile, "--ssl-certfile"), (keyfile, "--ssl-keyfile")):
+        if not path.is_file():
+            raise typer.BadParameter(f"no such file: {path}", param_hint=hint)
+    return str(certfile), str(keyfile)
+
+
+def _token_counters(registry: Registry, config_file: Path) -> dict[str, TokenCounter]:
+    """The token counters of the upstream models that name a tokenizer; a GGUF that does not load stops the
+    start, naming the file and the place."""
+    from llamaserve.backends.counting import TokenCounter
+
+    counters = {}
+    for spec in registry.models:
+        if spec.tokenizer is None:
+            continue
+        try:
+            counters[spec.id] = TokenCounter.load(spec.id, spec.tokenizer, spec.chat_format)
+        except (LlamaError, ValueError) as e:
+            console.print(f"[red]error:[/red] {spec.where}.tokenizer: {spec.tokenizer} does not load ({e})")
+            raise typer.Exit(2) from e
+    return counters
 
 
 def _limits(max_body_mb: float, body_timeout: float, drain_timeout: float, write_timeout: float) -> Limits:
@@ -256,6 +298,8 @@ def _run(
     registry: Registry | None = None,
     load_local: bool = True,
     image_limits: ImageLimits | None = None,
+    tls: tuple[str, str] | None = None,
+    counters: dict[str, TokenCounter] | None = None,
 ) -> None:
     import uvicorn
 
@@ -268,7 +312,7 @@ def _run(
     except (ModelNotFound, LlamaError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    url = f"http://{config.host}:{config.port}"
+    url = f"{'https' if tls else 'http'}://{config.host}:{config.port}"
     auth = ""
     if platform is not None:
         _first_start(platform)
@@ -291,7 +335,7 @@ def _run(
     if platform is not None:
         console.print(f"  dashboard: {url}/ (sign-up {'on' if platform.signup else 'off'})")
     lifecycle = Lifecycle(limits)
-    app_ = create_app(local, platform, registry, image_limits, lifecycle)
+    app_ = create_app(local, platform, registry, image_limits, lifecycle, counters)
     # After the drain, streams still open get a few seconds to end before uvicorn cancels them.
     # uvicorn logs through our handler (log_config=None); its own access log is off: ours has more to say.
     level = logging.getLogger().level
@@ -304,6 +348,8 @@ def _run(
         access_log=False,
         timeout_graceful_shutdown=5,
         http=with_write_timeout(limits.write_timeout),
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
     )
     DrainingServer(uv, lifecycle).run()
 

@@ -49,6 +49,7 @@ def usage_item(r: UsageRecord) -> UsageItem:
         cost_micro=r.cost,
         status=r.status,
         latency_ms=r.latency_ms,
+        estimated=r.estimated,
     )
 
 

@@ -21,6 +21,7 @@ from llamaserve.api.lifecycle import Lifecycle, LifecycleMiddleware
 from llamaserve.api.observe import GatewayMetrics, ObserveMiddleware, StateCollector
 from llamaserve.api.platform import Platform
 from llamaserve.api.proxy import UpstreamModel
+from llamaserve.backends.counting import TokenCounter
 from llamaserve.backends.local import LocalModel
 from llamaserve.backends.upstream import Router, Upstream
 from llamaserve.billing.bootstrap import open_store, stale_hold_age
@@ -77,12 +78,12 @@ async def _open_platform(config: PlatformConfig) -> Platform:
     )
 
 
-def _upstream_models(registry: Registry | None) -> dict[str, UpstreamModel]:
+def _upstream_models(registry: Registry | None, counters: dict[str, TokenCounter]) -> dict[str, UpstreamModel]:
     models = {}
     for spec in registry.models if registry else ():
         upstreams = [Upstream.create(b, spec.timeout) for b in spec.backends if b.type == "upstream"]
         if upstreams:
-            models[spec.id] = UpstreamModel(spec, Router(upstreams))
+            models[spec.id] = UpstreamModel(spec, Router(upstreams), counters.get(spec.id) or TokenCounter())
     return models
 
 
@@ -92,9 +93,11 @@ def create_app(
     registry: Registry | None = None,
     image_limits: ImageLimits | None = None,
     lifecycle: Lifecycle | None = None,
+    counters: dict[str, TokenCounter] | None = None,
 ) -> FastAPI:
-    """The API on a local `model` and on the registry's upstream models; with a platform config, behind
-    accounts, keys, credits and limits (`serve`), without one, open to whoever can reach it (`engine`)."""
+    """The API on a local `model` and on the registry's upstream models (`counters`: the token counters of those
+    that name a tokenizer); with a platform config, behind accounts, keys, credits and limits (`serve`), without
+    one, open to whoever can reach it (`engine`)."""
     local_spec = next((m for m in registry.models if m.backends[0].type == "local"), None) if registry else None
 
     @asynccontextmanager
@@ -102,7 +105,7 @@ def create_app(
         platform = await _open_platform(platform_config) if platform_config else None
         app.state.platform = platform
         beating = asyncio.get_running_loop().create_task(platform.keep_alive()) if platform else None
-        app.state.upstream_models = _upstream_models(registry)
+        app.state.upstream_models = _upstream_models(registry, counters or {})
         for upstream_model in app.state.upstream_models.values():
             upstream_model.router.start_health_checks()
         if model is not None:

@@ -235,7 +235,7 @@ def _template_part(part: TextPart | ImagePart, where: tuple[int, int], images: I
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: CallerDep) -> Any:
     upstream = find_upstream(request.app.state, body.model)
     if upstream is not None:
-        return await proxy(request, body, caller, upstream, "/chat/completions", DEFAULT_CHAT_MAX_TOKENS)
+        return await proxy(request, body, caller, upstream, "chat", DEFAULT_CHAT_MAX_TOKENS)
     model = get_model(request, body.model)
     check_model_allowed(caller, model.id)
     check_sampling(body, model)  # cheap refusals before any image is fetched

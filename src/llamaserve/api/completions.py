@@ -57,7 +57,7 @@ def _prompts(body: CompletionRequest, model: LocalModel) -> list[list[int]]:
 async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Any:
     upstream = find_upstream(request.app.state, body.model)
     if upstream is not None:
-        return await proxy(request, body, caller, upstream, "/completions", DEFAULT_MAX_TOKENS)
+        return await proxy(request, body, caller, upstream, "completions", DEFAULT_MAX_TOKENS)
     model = get_model(request, body.model)
     check_model_allowed(caller, model.id)
     check_sampling(body, model)

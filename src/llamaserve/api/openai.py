@@ -69,9 +69,9 @@ async def _forwarded(request: Request, caller: Caller, body: TokenizeRequest | D
     if model is None:
         return None
     check_model_allowed(caller, model.spec.id)
-    path = f"../{request.url.path.lstrip('/')}"  # the upstream's base URL ends in /v1
     payload = body.model_dump(exclude_unset=True)
-    upstream, reply = await model.router.open(path, payload, False, request.state.request_id)
+    endpoint = request.url.path.strip("/")  # tokenize | detokenize, at the upstream's root
+    upstream, reply = await model.router.open(endpoint, payload, False, request.state.request_id)
     upstream.outstanding -= 1
     return JSONResponse(reply.json())
 

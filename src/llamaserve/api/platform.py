@@ -164,6 +164,7 @@ class Admission:
     hold_amount: int = 0
     started: float = field(default_factory=time.monotonic)
     settled: bool = False
+    estimated: bool = False  # the settled token counts are an estimate (an upstream that reported no usage)
     status: str | None = None  # set to force a status (timeout, error) when settling
     # For the access log and the request metrics (read when the response has ended):
     backend: str | None = None  # "local", or the upstream's URL once one answered
@@ -262,15 +263,17 @@ class Admission:
         status = "error" if any(h.failed for h in handles) else "ok" if all(h.done for h in handles) else "cancelled"
         self.finish(completion, status)
 
-    def finish(self, completion_tokens: int, status: str, prompt_tokens: int | None = None) -> None:
+    def finish(
+        self, completion_tokens: int, status: str, prompt_tokens: int | None = None, estimated: bool = False
+    ) -> None:
         """Settle in the background (once): charge `completion_tokens` and the prompt (the real count if known
-        now, else the one admitted), release the rest of the hold."""
+        now, else the one admitted), release the rest of the hold. `estimated`: the counts are an estimate."""
         if self.settled:
             return
         if self.holding is not None and not self.holding.done():  # settled once the hold is in (or refused)
-            self.holding.add_done_callback(lambda _: self.finish(completion_tokens, status, prompt_tokens))
+            self.holding.add_done_callback(lambda _: self.finish(completion_tokens, status, prompt_tokens, estimated))
             return
-        self.settled = True
+        self.settled, self.estimated = True, estimated
         if prompt_tokens is not None:
             self.prompt_tokens = prompt_tokens
         self.completion_tokens, self.outcome = completion_tokens, self.status or status
@@ -303,6 +306,7 @@ class Admission:
             completion_tokens,
             status,
             int((time.monotonic() - self.started) * 1000),
+            self.estimated,
         )
         try:
             await self._store_settlement(charge, usage)

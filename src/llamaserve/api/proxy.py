@@ -2,16 +2,18 @@
 admitted (key, limits, hold), goes to an upstream picked by the model's router; the reply comes back with the
 model's public name, and its usage settles the hold.
 
-The hold is sized before any token is counted: prompt tokens are bounded by the prompt's UTF-8 bytes (no
-tokenizer of the upstream's model here), completion tokens by max_tokens × n. The charge is what the upstream
-reports in `usage` (streams ask for it with `stream_options.include_usage`); where it reports none (a stream
-broken midway, an engine that omits usage), both counts are estimated at 4 bytes of text a token.
+The hold is sized before any token is counted: prompt tokens are bounded by the prompt's UTF-8 bytes, completion
+tokens by max_tokens × n. The charge is what the upstream reports in `usage` (streams ask for it with
+`stream_options.include_usage`); where it reports none (a stream broken midway, an engine that omits usage), the
+tokens are counted with the model's tokenizer if the registry names one, else estimated at 4 bytes of text a
+token, and the usage the client gets says `estimated: true` (backends/counting.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import math
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -26,24 +28,25 @@ from starlette.types import Receive, Scope, Send
 
 from llamaserve.api.common import SSE_DONE, sse
 from llamaserve.api.platform import Admission, admit, check_model_allowed
-from llamaserve.backends.http1 import ConnectionFailed
-from llamaserve.backends.upstream import Router, Upstream, UpstreamReply
+from llamaserve.backends.counting import Count, TokenCounter, prompt_size
+from llamaserve.backends.upstream import Router, Upstream, UpstreamFailure, UpstreamReply, error_detail
 from llamaserve.billing.store import Caller
 from llamaserve.chat.images import ImageError, ImageLimits, load_image
 from llamaserve.protocol.common import SamplingFields
-from llamaserve.protocol.errors import invalid
+from llamaserve.protocol.errors import APIError, invalid
 from llamaserve.registry import ModelSpec
 
-PER_MESSAGE_OVERHEAD = 8  # tokens a chat template adds around each message (role headers, end markers)
+log = logging.getLogger(__name__)
+
 # Tokens a chat template may add on its own: a default system prompt, Llama 3.1's date header, tool instructions.
 TEMPLATE_ALLOWANCE = 512
-IMAGE_TOKEN_BOUND = 6404  # tokens an image may take: Llama 3.2 Vision's 4 tiles × 1601
 
 
 @dataclass
 class UpstreamModel:
     spec: ModelSpec
     router: Router
+    counter: TokenCounter  # counts what the upstream does not report
 
 
 def find_upstream(state: State, name: str) -> UpstreamModel | None:
@@ -55,38 +58,11 @@ def find_upstream(state: State, name: str) -> UpstreamModel | None:
     return None
 
 
-def prompt_tokens(payload: dict[str, Any]) -> tuple[int, int]:
-    """The prompt's tokens as (an upper bound, what is charged when the upstream reports none).
-
-    The bound: every token covers at least one byte of text, and an image counts as IMAGE_TOKEN_BOUND tokens. The
-    charge without `usage` (a broken stream, an engine that omits it) is 4 bytes of text a token, the completion's
-    own rule, rather than the bound that was held."""
-    text, other = _prompt_size(payload)
-    allowance = TEMPLATE_ALLOWANCE if "messages" in payload else 0
-    return text + other + allowance, math.ceil(text / 4) + other
-
-
-def _prompt_size(payload: dict[str, Any]) -> tuple[int, int]:
-    """(bytes of text, tokens of the rest: each message's template overhead, images) of a prompt."""
-    messages = payload.get("messages")
-    if messages is None:
-        return len(json.dumps(payload.get("prompt") or "", ensure_ascii=False).encode()), PER_MESSAGE_OVERHEAD * 2
-    text, other = _json_bytes(payload.get("tools")), 0
-    for message in messages:
-        other += PER_MESSAGE_OVERHEAD
-        content = message.get("content")
-        parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
-        for part in parts:
-            if part.get("type") == "image_url":
-                other += IMAGE_TOKEN_BOUND
-            else:
-                text += len((part.get("text") or "").encode())
-        text += _json_bytes(message.get("tool_calls"))
-    return text, other
-
-
-def _json_bytes(value: Any) -> int:
-    return len(json.dumps(value, ensure_ascii=False).encode()) if value else 0
+def prompt_bound(payload: dict[str, Any]) -> int:
+    """An upper bound of the prompt's tokens, for the hold: every token covers at least one byte of text, and an
+    image counts as IMAGE_TOKEN_BOUND tokens."""
+    text, other = prompt_size(payload)
+    return text + other + (TEMPLATE_ALLOWANCE if "messages" in payload else 0)
 
 
 def has_images(payload: dict[str, Any]) -> bool:
@@ -120,11 +96,12 @@ async def inline_images(payload: dict[str, Any], spec: ModelSpec, limits: ImageL
 
 
 async def proxy(
-    request: Request, body: SamplingFields, caller: Caller, model: UpstreamModel, path: str, default_max: int
+    request: Request, body: SamplingFields, caller: Caller, model: UpstreamModel, endpoint: str, default_max: int
 ) -> Any:
+    """Serve a validated request (`endpoint`: "chat" or "completions") on an upstream model."""
     check_model_allowed(caller, model.spec.id)
     payload = body.model_dump(exclude_unset=True, by_alias=True)
-    n_prompt, prompt_guess = prompt_tokens(payload)
+    n_prompt = prompt_bound(payload)
     budget = (body.max_tokens or default_max) * body.n
     if "vision" not in model.spec.capabilities:  # refuses at the first image part, before holding or fetching
         await inline_images(payload, model.spec, request.app.state.image_limits)
@@ -143,10 +120,10 @@ async def proxy(
         except BaseException:
             admission.finish(0, "rejected", prompt_tokens=0)
             raise
-        upstream, response = await _open(admission, model, path, payload, body.stream)
+        upstream, response = await _open(admission, model, endpoint, payload, body.stream)
     else:
         with admission.hold_beside():
-            upstream, response = await _open(admission, model, path, payload, body.stream)
+            upstream, response = await _open(admission, model, endpoint, payload, body.stream)
         try:
             await admission.held()
         except BaseException:
@@ -155,9 +132,10 @@ async def proxy(
             admission.finish(0, "rejected", prompt_tokens=0)  # a hold that lands after all is released uncharged
             raise
     admission.backend = upstream.spec.name
+    usage = Usage(model.counter, payload)
     if not body.stream:
-        return _complete(admission, model, upstream, response, prompt_guess)
-    relay = Relay(admission, model, upstream, response, body.include_usage, prompt_guess)
+        return await _complete(admission, model, upstream, response, usage)
+    relay = Relay(admission, model, upstream, response, body.include_usage, usage)
     return StreamingResponse(
         relay.events(),
         media_type="text/event-stream",
@@ -167,24 +145,84 @@ async def proxy(
 
 
 async def _open(
-    admission: Admission, model: UpstreamModel, path: str, payload: dict[str, Any], stream: bool
+    admission: Admission, model: UpstreamModel, endpoint: str, payload: dict[str, Any], stream: bool
 ) -> tuple[Upstream, UpstreamReply]:
     try:
-        return await model.router.open(path, payload, stream, admission.request_id)
+        return await model.router.open(endpoint, payload, stream, admission.request_id)
     except BaseException:
         admission.finish(0, "error", prompt_tokens=0)  # nothing was produced: nothing to charge
         raise
 
 
-def _complete(
-    admission: Admission, model: UpstreamModel, upstream: Upstream, response: UpstreamReply, prompt_guess: int
+class Usage:
+    """A request's token counts: the upstream's `usage` where it sent one, else counted (TokenCounter) from the
+    request and the text delivered, and then marked `estimated` unless a tokenizer counted them."""
+
+    def __init__(self, counter: TokenCounter, payload: dict[str, Any]) -> None:
+        self.counter, self.payload = counter, payload
+        self.reported: dict[str, Any] = {}
+        self.texts: dict[int, list[str]] = {}  # each choice's delivered text: content, tool-call names and arguments
+
+    def add(self, choice: dict[str, Any], message: dict[str, Any]) -> None:
+        """Note the text of a choice (non-streamed) or of a stream's delta."""
+        texts = self.texts.setdefault(int(choice.get("index") or 0), [])
+        texts.append(message.get("content") or choice.get("text") or "")
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") or {}
+            texts.append((function.get("name") or "") + (function.get("arguments") or ""))
+
+    @property
+    def known(self) -> bool:
+        return isinstance(self.reported.get("completion_tokens"), int)
+
+    async def counts(self) -> dict[str, Any]:
+        """The usage object for the client and the settlement (`estimated: true` when estimated)."""
+        if self.known:
+            prompt, completion = int(self.reported.get("prompt_tokens") or 0), int(self.reported["completion_tokens"])
+            return {**self.reported, "prompt_tokens": prompt, "total_tokens": prompt + completion}
+        texts = ["".join(t) for t in self.texts.values()]
+        if self.counter.renderer is not None:  # rendering and tokenizing: off the event loop
+            prompt, completion = await asyncio.to_thread(self._count, texts)
+        else:
+            prompt, completion = self._count(texts)
+        usage = {"prompt_tokens": prompt.tokens, "completion_tokens": completion.tokens}
+        usage["total_tokens"] = prompt.tokens + completion.tokens
+        if prompt.estimated or completion.estimated:
+            usage["estimated"] = True
+        return usage
+
+    def _count(self, texts: list[str]) -> tuple[Count, Count]:
+        return self.counter.prompt(self.payload), self.counter.completion(texts)
+
+
+def _settle(admission: Admission, usage: dict[str, Any], status: str) -> None:
+    admission.finish(
+        usage["completion_tokens"], status, prompt_tokens=usage["prompt_tokens"], estimated="estimated" in usage
+    )
+
+
+async def _complete(
+    admission: Admission, model: UpstreamModel, upstream: Upstream, response: UpstreamReply, usage: Usage
 ) -> Any:
     upstream.outstanding -= 1
-    data = response.json()
+    try:
+        data = response.json()
+        choices = data["choices"]
+        for choice in choices:
+            usage.add(choice, choice.get("message") or {})
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        admission.finish(0, "error", prompt_tokens=0)  # nothing usable was delivered: nothing to charge
+        upstream.failed()
+        raise APIError(
+            502,
+            "the model's upstream engine sent a reply that is not a completion",
+            type="bad_gateway",
+            code="bad_gateway",
+        ) from e
     data["model"] = model.spec.id
-    usage = data.get("usage") or {}
-    prompt, completion = _usage_counts(usage, data, prompt_guess)
-    return SettledJSONResponse(data, admission.headers, partial(admission.finish, completion, "ok", prompt))
+    usage.reported = data.get("usage") or {}
+    data["usage"] = counts = await usage.counts()
+    return SettledJSONResponse(data, admission.headers, partial(_settle, admission, counts, "ok"))
 
 
 class SettledJSONResponse(JSONResponse):
@@ -202,17 +240,21 @@ class SettledJSONResponse(JSONResponse):
             self.settle()
 
 
-def _usage_counts(usage: dict[str, Any], data: dict[str, Any], prompt_guess: int) -> tuple[int, int]:
-    """(prompt, completion) tokens from the upstream's usage; without it, both are estimated from their text
-    (4 bytes a token, rounded up)."""
-    if "completion_tokens" in usage:
-        return int(usage.get("prompt_tokens") or 0), int(usage["completion_tokens"])
-    text = "".join((c.get("message") or {}).get("content") or c.get("text") or "" for c in data.get("choices") or [])
-    return prompt_guess, math.ceil(len(text.encode()) / 4)
+class MalformedStream(Exception):
+    """The upstream's stream is not OpenAI's SSE (a line that is not JSON, an error event, an early end)."""
+
+
+def _error_event(message: str) -> str:
+    return sse({"error": {"message": message, "type": "bad_gateway", "param": None, "code": "bad_gateway"}})
 
 
 class Relay:
-    """Streams an upstream's SSE to the client under our model name; keeps its usage for the settlement."""
+    """Streams an upstream's SSE to the client under our model name; keeps its usage for the settlement.
+
+    Real engines differ: some send no usage chunk even when asked (the gateway then counts and, if the client
+    asked, sends one itself), some end without `[DONE]` after the last choice finished (taken as done), some send
+    keep-alive comments or `data:` without a space. A line that is not JSON, an error event or an end before any
+    choice finished ends the client's stream with an error event; what was delivered is charged."""
 
     def __init__(
         self,
@@ -221,55 +263,71 @@ class Relay:
         upstream: Upstream,
         response: UpstreamReply,
         wants_usage: bool,
-        prompt_guess: int,
+        usage: Usage,
     ) -> None:
         self.admission, self.model, self.upstream, self.response = admission, model, upstream, response
-        self.wants_usage, self.prompt_guess = wants_usage, prompt_guess
-        self.usage: dict[str, Any] = {}
-        self.text_bytes = 0
-        self.done = False
+        self.wants_usage, self.usage = wants_usage, usage
+        self.finished = False  # a choice has a finish_reason
+        self.done = False  # the stream ended as it should
         self.broken = False  # the upstream broke the stream (not the client leaving)
         self.closed = False
+        self._settling: asyncio.Task[None] | None = None
+        self.head: dict[str, Any] = {"object": "chat.completion.chunk"}  # the last chunk's id, object, created
 
     async def events(self) -> AsyncIterator[str]:
         try:
-            async for line in self.response.lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    self.done = True
-                    yield SSE_DONE
-                    continue
-                event = self._rewrite(json.loads(line[6:]))
-                if event is not None:
-                    yield event
-        except (ConnectionFailed, TimeoutError):
+            async for event in self._relayed():
+                yield event
+            if self.wants_usage and not self.usage.known:  # the engine sent none: ours, before [DONE]
+                yield sse({**self._head(), "choices": [], "usage": await self.usage.counts()})
+            self.done = True
+            yield SSE_DONE
+        except (UpstreamFailure, TimeoutError, MalformedStream) as e:
             # Bytes already went to the client: no retry, no new status; end the stream with an error event.
             self.broken = True
-            yield sse(
-                {
-                    "error": {
-                        "message": "the upstream engine broke the stream",
-                        "type": "bad_gateway",
-                        "param": None,
-                        "code": "bad_gateway",
-                    }
-                }
-            )
             self.upstream.failed()
+            what = "did not answer in time" if isinstance(e, TimeoutError) else str(e)
+            yield _error_event(f"the model's upstream engine broke the stream: {what}")
         finally:
             await self.close()
+
+    async def _relayed(self) -> AsyncIterator[str]:
+        """The upstream's events, rewritten, up to its [DONE] (or its end once a choice finished)."""
+        async for line in self.response.lines():
+            if not line.startswith("data:"):
+                continue  # comments (keep-alives), event names, blank lines between events
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise MalformedStream(f"a line that is not JSON ({data[:80]!r})") from None
+            if not isinstance(chunk, dict) or "error" in chunk:
+                message, _ = error_detail(data, "an error event")
+                raise MalformedStream(message)
+            event = self._rewrite(chunk)
+            if event is not None:
+                yield event
+        if not self.finished:
+            raise MalformedStream("it ended before the completion finished")
+
+    def _head(self) -> dict[str, Any]:
+        return {**self.head, "model": self.model.spec.id}
 
     def _rewrite(self, chunk: dict[str, Any]) -> str | None:
         if "model" in chunk:
             chunk["model"] = self.model.spec.id
+        self.head = {k: chunk[k] for k in ("id", "object", "created") if k in chunk} or self.head
         if chunk.get("usage"):
-            self.usage = chunk["usage"]
+            self.usage.reported = chunk["usage"]
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
-            text = delta.get("content") or choice.get("text") or ""
-            self.text_bytes += len(text.encode())
-            if self.admission.first_token_at is None and (text or delta.get("tool_calls")):
+            self.usage.add(choice, delta)
+            self.finished = self.finished or bool(choice.get("finish_reason"))
+            if self.admission.first_token_at is None and (
+                delta.get("content") or choice.get("text") or delta.get("tool_calls")
+            ):
                 self.admission.first_token_at = time.perf_counter()  # the first token, as the gateway sees it
         if not self.wants_usage:
             if not chunk.get("choices") and chunk.get("usage"):
@@ -278,14 +336,20 @@ class Relay:
         return sse(chunk)
 
     async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.upstream.outstanding -= 1
-        self.response.close()
-        if "completion_tokens" in self.usage:
-            prompt, completion = int(self.usage.get("prompt_tokens") or 0), int(self.usage["completion_tokens"])
-        else:
-            prompt, completion = self.prompt_guess, math.ceil(self.text_bytes / 4)
+        """Settle once (the stream ended, broke, or its client left): also when cancelled meanwhile."""
+        if not self.closed:
+            self.closed = True
+            self.upstream.outstanding -= 1
+            self.response.close()
+            self._settling = asyncio.ensure_future(self._settle())
+        if self._settling is not None:
+            await asyncio.shield(self._settling)
+
+    async def _settle(self) -> None:
+        try:
+            counts = await self.usage.counts()
+        except Exception:  # a count must never leave the hold open: charge the prompt's estimate instead
+            log.exception("counting the tokens of request %s", self.admission.request_id)
+            counts = {"prompt_tokens": TokenCounter().prompt(self.usage.payload).tokens, "completion_tokens": 0}
         status = "ok" if self.done else "error" if self.broken else "cancelled"
-        self.admission.finish(completion, status, prompt_tokens=prompt)
+        _settle(self.admission, counts, status)

@@ -115,6 +115,8 @@ class UsageRecord(Base):
     cost: Mapped[int] = mapped_column(BigInteger, nullable=False)
     status: Mapped[str] = mapped_column(String(16), nullable=False)  # ok | cancelled | error | timeout
     latency_ms: Mapped[int] = mapped_column(Integer, nullable=False)
+    # The counts are an estimate (an upstream that reported no usage, no tokenizer to count with).
+    estimated: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
     created_at: Mapped[dt.datetime] = _now()
 
     __table_args__ = (Index("ix_usage_account_created", "account_id", "created_at"),)

@@ -84,6 +84,7 @@ class Usage:
     completion_tokens: int
     status: str  # ok | cancelled | error | timeout
     latency_ms: int
+    estimated: bool = False  # the token counts are an estimate (an upstream that reported none)
 
 
 @dataclass(frozen=True)
@@ -555,8 +556,8 @@ _HOLD_EXISTS = text("SELECT id FROM holds WHERE id = :hold_id")
 _CREDIT = text("UPDATE accounts SET balance = balance + :delta WHERE id = :account_id")
 _RECORD_USAGE = text(
     "INSERT INTO usage (request_id, account_id, key_id, model, prompt_tokens, completion_tokens, cost, status, "
-    "latency_ms, created_at) VALUES (:request_id, :account_id, :key_id, :model, :prompt_tokens, "
-    ":completion_tokens, :cost, :status, :latency_ms, :now)"
+    "latency_ms, estimated, created_at) VALUES (:request_id, :account_id, :key_id, :model, :prompt_tokens, "
+    ":completion_tokens, :cost, :status, :latency_ms, :estimated, :now)"
 )
 
 
@@ -613,6 +614,7 @@ def _settle(run: Statements, hold_id: int, charge: int, usage: Usage | None, key
             "cost": charge,
             "status": usage.status,
             "latency_ms": usage.latency_ms,
+            "estimated": usage.estimated,
             "now": now,
         }
         run(_RECORD_USAGE, recorded)

@@ -43,12 +43,13 @@ class LlamaError(RuntimeError):
 
 
 class LlamaModel:
-    """One GGUF model with one llama_context."""
+    """One GGUF model with one llama_context; with no ContextConfig, its vocabulary only (no weights, no context:
+    tokenizing and templates)."""
 
     def __init__(
         self,
         path: str,
-        config: ContextConfig,
+        config: ContextConfig | None,
         on_progress: Callable[[float], None] | None = None,
     ) -> None:
         _init_backend()
@@ -57,6 +58,7 @@ class LlamaModel:
         model_params = C.llama_model_default_params()
         model_params.n_gpu_layers = 0
         model_params.use_extra_bufts = False
+        model_params.vocab_only = config is None
         if on_progress is not None:
             # Keep a reference: ctypes callbacks are freed with their Python object.
             self._progress_cb = C.llama_progress_callback(lambda p, _: on_progress(p) or True)
@@ -67,7 +69,12 @@ class LlamaModel:
         self.vocab = C.llama_model_get_vocab(self.model)
         self.n_vocab: int = C.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self.model)
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        self.ctx = None
+        if config is not None:
+            self._create_context(config)
 
+    def _create_context(self, config: ContextConfig) -> None:
         ctx_params = C.llama_context_default_params()
         ctx_params.n_ctx = config.n_ctx_seq * config.n_seq_max
         ctx_params.n_batch = config.n_batch
@@ -91,7 +98,6 @@ class LlamaModel:
             raise LlamaError("could not create a llama.cpp context (too little memory for --ctx?)")
         self.n_ctx_seq: int = C.llama_n_ctx_seq(self.ctx)
         self.memory = C.llama_get_memory(self.ctx)
-        self._pieces: dict[tuple[int, bool], bytes] = {}
 
     # --- metadata -------------------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:

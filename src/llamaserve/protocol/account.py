@@ -26,6 +26,10 @@ class UsageItem(BaseModel):
     cost_micro: int
     status: str = Field(description="ok, cancelled, error, timeout or rejected")
     latency_ms: int
+    estimated: bool = Field(
+        description="true when the token counts are an estimate: an upstream that reported no usage, counted at "
+        "4 bytes of text a token (no tokenizer configured for the model)"
+    )
 
 
 class UsageTotals(BaseModel):
