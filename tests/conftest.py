@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ class Server:
     log_path: Path  # the process's stdout and stderr (a file: a pipe nobody reads fills and blocks the server)
     api_key: str = ""  # the default account's key, made at first start
     final_log: str | None = None  # the whole log, kept when the server stops (its directory goes)
+    verify: ssl.SSLContext | bool = True  # for HTTPS: its CA
 
     def log_text(self) -> str:
         if self.final_log is not None:
@@ -88,10 +90,10 @@ class Server:
 
     def http(self, api_key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {api_key or self.api_key}"}
-        return httpx.Client(base_url=self.base_url, timeout=120, headers=headers)
+        return httpx.Client(base_url=self.base_url, timeout=120, headers=headers, verify=self.verify)
 
     def engine_stats(self) -> dict[str, int]:
-        return httpx.get(f"{self.base_url}/health").json()["engine"]
+        return httpx.get(f"{self.base_url}/health", verify=self.verify).json()["engine"]
 
     def wait_idle(self, timeout: float = 30) -> dict[str, int]:
         """Engine stats once nothing runs or waits (aborted sequences leave at the engine's next step)."""
@@ -107,10 +109,11 @@ class Server:
 
 @contextmanager
 def start_server(
-    *args: str, data_dir: Path | None = None, command: str = "serve", port: int | None = None
+    *args: str, data_dir: Path | None = None, command: str = "serve", port: int | None = None, ca: str | None = None
 ) -> Iterator[Server]:
     """A server on a free port with its own data directory (a fresh SQLite store unless given one, or unless
-    args name a --database-url); `server.api_key` is the key it created at first start."""
+    args name a --database-url); `server.api_key` is the key it created at first start. With --ssl-certfile in
+    args it serves HTTPS on https://localhost:PORT, checked against the CA file `ca`."""
     port = port or free_port()
     threads = os.environ.get("LLAMASERVE_TEST_THREADS", str(min(2, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="llamaserve-test-") as tmp:
@@ -130,7 +133,10 @@ def start_server(
         log_path = Path(tmp) / "server.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        server = Server(f"http://127.0.0.1:{port}", process, data, log_path)
+        tls = "--ssl-certfile" in args
+        base = f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
+        verify = ssl.create_default_context(cafile=ca) if ca else True
+        server = Server(base, process, data, log_path, verify=verify)
         try:
             with _running(server):
                 key_file = data / "default.key"
@@ -149,7 +155,7 @@ def _running(server: Server) -> Iterator[None]:
             if process.poll() is not None:
                 raise RuntimeError(f"llamaserve exited with {process.returncode}:\n{server.log_text()}")
             try:
-                if httpx.get(f"{server.base_url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{server.base_url}/health", timeout=1, verify=server.verify).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

@@ -134,7 +134,7 @@ def create_app(
     app.state.platform = None
     app.state.upstream_models = {}
     app.state.started = int(time.time())
-    errors.install(app)
+    errors.install(app, unknown_path=chat.unknown_model_by_path)
     app.state.lifecycle = lifecycle or Lifecycle()
     app.add_middleware(InferenceMiddleware, routes=[chat.route, completions.route])  # innermost
     app.add_middleware(LifecycleMiddleware, lifecycle=app.state.lifecycle)

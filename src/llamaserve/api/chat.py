@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.datastructures import State
+from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
@@ -33,9 +36,9 @@ from llamaserve.api.common import (
     text_bytes,
     usage,
 )
-from llamaserve.api.inference import inference_route
+from llamaserve.api.inference import inference_route, json_body
 from llamaserve.api.logprobs import LegacyLogprobs, chat_logprobs
-from llamaserve.api.platform import CallerDep, admit, check_model_allowed, check_rate_limit
+from llamaserve.api.platform import CallerDep, admit, check_model_allowed, check_rate_limit, require_caller
 from llamaserve.api.proxy import find_upstream, proxy
 from llamaserve.backends.local import ChatPrompt, LocalModel
 from llamaserve.billing.store import Caller
@@ -299,6 +302,25 @@ async def chat_completions_by_path(model: str, body: PathChatRequest, request: R
         raise invalid(f"the body's model {body.model!r} differs from the path's {model!r}", "model")
     body.model = model
     return await chat_completions(body, request, caller)
+
+
+async def unknown_model_by_path(request: Request) -> None:
+    """Segmind's form with a name no model has: a chat body (`messages`) posted to `/v1/<name>` is answered, once
+    its key is checked, with 404 model_not_found listing the served models. Any other unknown path stays the
+    route's 404."""
+    if request.method != "POST" or not _ONE_SEGMENT.fullmatch(request.url.path):
+        return
+    try:
+        body = await json_body(request)
+    except (RequestValidationError, HTTPException):  # not JSON: no chat body
+        return
+    if not isinstance(body, dict) or "messages" not in body:
+        return
+    await require_caller(request)
+    get_model(request, request.url.path.removeprefix("/v1/"))  # raises: no model has that name (else a route had it)
+
+
+_ONE_SEGMENT = re.compile(r"/v1/[^/]+")
 
 
 def _choice(model: LocalModel, plan: ChatPlan, body: ChatCompletionRequest, i: int, r: ChoiceResult) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -101,7 +101,22 @@ async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
     return ErrorJSONResponse(exc.body.model_dump(), status_code=exc.status, headers=exc.headers)
 
 
-async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+UnknownPath = Callable[[Request], Awaitable[None]]
+
+
+def _on_http_error(unknown_path: UnknownPath | None) -> Callable[[Request, HTTPException], Awaitable[JSONResponse]]:
+    async def handle(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404 and unknown_path is not None:
+            try:
+                await unknown_path(request)  # may say more about a path that no route has
+            except APIError as e:
+                return await _on_api_error(request, e)
+        return await _http_error(request, exc)
+
+    return handle
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     message = f"{request.method} {request.url.path}: {exc.detail}"
     detail = ErrorDetail(message=message, type=kind, code=_HTTP_CODES.get(exc.status_code))
@@ -144,10 +159,12 @@ async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, detail, {"Retry-After": "2"})
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, unknown_path: UnknownPath | None = None) -> None:
+    """The handlers; `unknown_path` may raise an APIError that says more than "not found" about a path no route
+    has (a chat body posted to a model name nothing serves)."""
     app.add_exception_handler(RequestValidationError, _on_validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(APIError, _on_api_error)  # type: ignore[arg-type]
-    app.add_exception_handler(HTTPException, _on_http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _on_http_error(unknown_path))  # type: ignore[arg-type]
     # Database outages: handled here rather than by the catch-all, which Starlette re-raises (a traceback each).
     for kind in (DBAPIError, PoolTimeout, ConnectionError, TimeoutError):
         app.add_exception_handler(kind, _on_database_error)

@@ -55,7 +55,8 @@ class TokenCounter:
     def completion(self, texts: list[str]) -> Count:
         """The tokens of each choice's delivered text (content, or tool-call names and arguments)."""
         if self.renderer is not None:
-            return Count(sum(len(self.renderer.tokenize_text(t, add_special=False)) for t in texts if t), False)
+            tokenize = self.renderer.llama.tokenize  # delivered text is text: no special tokens parsed in it
+            return Count(sum(len(tokenize(t, add_special=False, parse_special=False)) for t in texts if t), False)
         return Count(sum(math.ceil(len(t.encode()) / BYTES_PER_TOKEN) for t in texts), True)
 
     def _exact_prompt(self, payload: dict[str, Any]) -> int | None:

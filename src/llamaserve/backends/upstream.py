@@ -18,6 +18,7 @@ import json
 import logging
 import ssl
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -68,6 +69,14 @@ def describe(error: BaseException) -> str:
     if isinstance(error, aiohttp.ClientPayloadError):
         return f"sent a broken reply ({error})"
     return f"failed ({type(error).__name__}: {error})" if str(error) else f"failed ({type(error).__name__})"
+
+
+def as_uuid(request_id: str) -> str:
+    """A request id (`req_<32 hex>`) as the UUID other engines accept in X-Request-Id (api/request_id.py)."""
+    try:
+        return str(uuid.UUID(request_id.removeprefix("req_")))
+    except ValueError:
+        return str(uuid.uuid4())
 
 
 def is_timeout(error: BaseException) -> bool:
@@ -144,7 +153,7 @@ class Upstream:
         """Send the request; returns the reply once its status is 2xx (its body unread when streaming).
         Raises UpstreamError (retryable when the upstream certainly produced nothing)."""
         started = time.monotonic()
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        headers = {"Content-Type": "application/json", "X-Request-Id": as_uuid(request_id)}
         try:
             url = URL(self.spec.endpoint(endpoint))
             response = await self.session.post(url, data=json.dumps(body).encode(), headers=headers)
