@@ -96,3 +96,59 @@ def test_a_local_model_with_a_projector_takes_images(tmp_path: Path) -> None:
     )
     [model] = load_registry(path).models
     assert model.capabilities == {"tools", "vision"} and model.backends[0].mmproj == "mmproj.gguf"
+
+
+UPSTREAM = '[[models]]\nid = "a"\n[[models.backends]]\ntype = "upstream"\nurl = "https://x/v1"\nmodel = "m"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[server]\nport = 1\n[[models]]\nid = "a"\n', "r.toml: unknown key 'server'"),
+        ('[[models]]\nid = "a"\npricee = 1\n', "models[0]: unknown key 'pricee'"),
+        (UPSTREAM + 'ca_flie = "ca.pem"\n', "models[0].backends[0]: unknown key 'ca_flie'"),
+        (UPSTREAM + 'ca_file = "nowhere.pem"\n', "models[0].backends[0].ca_file: no such file"),
+        (UPSTREAM.replace("https", "http") + 'ca_file = "r.toml"\n', "https:// upstreams only"),
+        (UPSTREAM.replace("https", "http") + "verify = false\n", "https:// upstreams only"),
+        (UPSTREAM + 'ca_file = "r.toml"\nverify = false\n', "choose one"),
+        (UPSTREAM + 'verify = "no"\n', "verify: must be true or false"),
+        (UPSTREAM + "health_interval = -1\n", "health_interval: must be 0"),
+        (UPSTREAM + "weight = 1.5\n", "weight: must be a whole number"),
+        (UPSTREAM.replace('id = "a"\n', 'id = "a"\nchat_format = "llama3"\n'), "chat_format: goes with a tokenizer"),
+        (UPSTREAM.replace('id = "a"\n', 'id = "a"\ntokenizer = "none.gguf"\n'), "models[0].tokenizer: no such file"),
+        (
+            UPSTREAM.replace('id = "a"\n', 'id = "a"\ntokenizer = "r.toml"\nchat_format = "chatml"\n'),
+            "chat_format: must be one of llama3, template",
+        ),
+    ],
+)
+def test_unknown_keys_and_bad_upstream_options_say_where(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    with pytest.raises(RegistryError, match=re.escape(message)):
+        load_registry(path)
+
+
+def test_upstream_options(tmp_path: Path) -> None:
+    """Paths relative to the registry's folder; endpoints relative to url; defaults as documented."""
+    (tmp_path / "ca.pem").write_text("")
+    (tmp_path / "vocab.gguf").write_text("")
+    path = tmp_path / "r.toml"
+    path.write_text(
+        UPSTREAM.replace('id = "a"\n', 'id = "a"\ntokenizer = "vocab.gguf"\nchat_format = "llama3"\n')
+        + 'ca_file = "ca.pem"\nchat_path = "/llama-v3p1-405b-instruct"\nsend_model = false\nhealth_path = ""\n'
+        + '[[models.backends]]\ntype = "upstream"\nurl = "https://y/v1"\nmodel = "m"\nverify = false\n'
+    )
+    [model] = load_registry(path).models
+    assert model.tokenizer == str(tmp_path / "vocab.gguf") and model.chat_format == "llama3"
+    first, second = model.backends
+    assert first.ca_file == str(tmp_path / "ca.pem") and first.verify and not first.send_model
+    assert (
+        first.endpoint("chat") == "https://x/v1/llama-v3p1-405b-instruct"
+        and first.endpoint("health") == "https://x/v1/"
+    )
+    assert first.health_path == "" and first.health_interval == 2.0
+    assert second.endpoint("chat") == "https://y/v1/chat/completions" and second.endpoint("completions") == (
+        "https://y/v1/completions"
+    )
+    assert second.endpoint("tokenize") == "https://y/tokenize" and not second.verify and second.send_model

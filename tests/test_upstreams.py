@@ -499,3 +499,79 @@ def test_a_bad_registry_stops_the_start_saying_where(
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode == 2 and message in output and "models[0]" in output, output
+
+
+# --- endpoint paths and probes ---------------------------------------------------------------------------------
+class _Recording(BaseHTTPRequestHandler):
+    """Answers every POST with a fixed completion and records what it was sent; GET /<name>/... answers at once
+    except under /slow-once/ (its first probe outlasts the probe timeout) and /always-slow/."""
+
+    seen: list[tuple[str, str, dict[str, Any]]] = []
+    slow_once_done = False
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        type(self).seen.append(("POST", self.path, body))
+        choice = {"index": 0, "message": {"role": "assistant", "content": "Red."}, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+        send_json(self, 200, {"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage})
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).seen.append(("GET", self.path, {}))
+        first_slow = self.path.startswith("/slow-once/") and not type(self).slow_once_done
+        if first_slow or self.path.startswith("/always-slow/"):
+            type(self).slow_once_done = True
+            time.sleep(2.5)  # past the probe's 2 s
+        try:
+            send_json(self, 200, {"object": "list", "data": []})
+        except OSError:  # the prober gave up and closed
+            pass
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_endpoint_paths_model_field_and_probes(tmp_path: Path) -> None:
+    """Segmind's path form upstream (its model in the path, none in the body), probes off, a probe path of one's
+    own, and a busy upstream whose probe times out once stays in while one that never answers in time goes out."""
+    with serve_http(_Recording) as url:
+        models = [
+            {
+                "id": "segmind",
+                "backends": [
+                    {
+                        "url": f"{url}/segmind/v1",
+                        "model": "llama-v3p1-405b-instruct",
+                        "chat_path": "llama-v3p1-405b-instruct",
+                        "send_model": False,
+                        "health_path": "",
+                    }
+                ],
+            },
+            {
+                "id": "pinged",
+                "backends": [{"url": f"{url}/pinged/v1", "model": "m", "health_path": "ping", "health_interval": 0.2}],
+            },
+            {"id": "slow-once", "backends": [{"url": f"{url}/slow-once/v1", "model": "m", "health_interval": 0.1}]},
+            {"id": "always-slow", "backends": [{"url": f"{url}/always-slow/v1", "model": "m", "health_interval": 0.1}]},
+        ]
+        with start_server("--config", str(write_registry(tmp_path / "llamaserve.toml", models))) as gateway:
+            r = post(gateway, "/chat/completions", model="segmind", messages=MESSAGES, max_tokens=5, top_k=3)
+            assert r.status_code == 200 and r.json()["model"] == "segmind", r.text
+            [(_, path, body)] = [s for s in _Recording.seen if s[0] == "POST" and s[1].startswith("/segmind/")]
+            assert path == "/segmind/v1/llama-v3p1-405b-instruct" and "model" not in body
+            assert body["messages"] == MESSAGES and body["max_tokens"] == 5 and body["top_k"] == 3
+            time.sleep(7)  # past three timed-out probes of always-slow (2 s each)
+
+            def healthy(model: str) -> float:
+                samples = metric_samples(httpx.get(f"{gateway.base_url}/metrics").text)
+                [value] = [
+                    s.value for s in samples if s.name == "llamaserve_upstream_healthy" and s.labels["model"] == model
+                ]
+                return value
+
+            assert healthy("slow-once") == 1 and healthy("always-slow") == 0 and healthy("segmind") == 1
+            gets = [s[1] for s in _Recording.seen if s[0] == "GET"]
+            assert not any(p.startswith("/segmind/") for p in gets)  # probes off
+            assert "/pinged/v1/ping" in gets and not any(p.startswith("/pinged/v1/models") for p in gets)
+            assert post(gateway, "/chat/completions", model="always-slow", messages=MESSAGES).status_code == 200

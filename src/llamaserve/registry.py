@@ -182,8 +182,11 @@ def _typed(table: dict[str, Any], key: str, kind: type, default: Any, where: str
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise RegistryError(f"{where}.{key}: must be a {kind.__name__}")
+        raise RegistryError(f"{where}.{key}: must be {_KINDS[kind]}")
     return value
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
 
 def _model(m: dict[str, Any], where: str, base: Path) -> ModelSpec:
