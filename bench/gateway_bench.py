@@ -9,7 +9,18 @@ own cost, without the engine's noise (nor its competition for the cores).
     .venv/bin/python bench/gateway_bench.py --engine stub --floor --requests 1000
 
 `--floor` adds bench/passthrough.py beside the gateway: a bare forwarder (no keys, validation or credits), the
-least a second HTTP round trip costs on this machine.
+least a second HTTP round trip costs on this machine. `--floor-clients aiohttp,httpx` runs one forwarder per HTTP
+client ("passthrough-aiohttp", "passthrough-httpx"): what the choice of client costs, apart from the gateway.
+
+LiteLLM's proxy as a peer (bench/litellm_proxy.py): the same upstream behind LiteLLM (master key only, no database,
+offline), as target "litellm". It needs a virtualenv of its own:
+
+    python3 -m venv /tmp/venv-litellm && /tmp/venv-litellm/bin/pip install 'litellm[proxy]'
+    .venv/bin/python bench/gateway_bench.py --engine stub --floor --floor-clients aiohttp,httpx \\
+        --litellm-venv /tmp/venv-litellm --clients 1 --requests 1000
+
+(or `--litellm PATH`, PATH its `litellm` script or that venv's Python). Its output goes to a log whose path is
+printed with its version; it takes tens of seconds to start.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +40,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from litellm_proxy import LiteLLM, proxy  # noqa: E402
 from serve_bench import free_port, stop, wait_healthy  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -43,6 +56,7 @@ def process(*args: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def started(command: list[str]) -> Iterator[str]:
+    """COMMAND `--port PORT` until the block ends; yields its base URL once its /health answers 200."""
     port = free_port()
     proc = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -130,12 +144,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="llama.cpp threads of the engine")
     p.add_argument("--engine", choices=("real", "stub"), default="real", help="llamaserve engine, or an instant stub")
     p.add_argument("--floor", action="store_true", help="also a bare passthrough (bench/passthrough.py): the floor")
+    p.add_argument(
+        "--floor-clients", help="comma-separated HTTP clients of the passthroughs (aiohttp, httpx); implies --floor"
+    )
+    litellm_args = p.add_mutually_exclusive_group()
+    litellm_args.add_argument("--litellm", help="also LiteLLM's proxy: its `litellm` script, or a Python with it")
+    litellm_args.add_argument("--litellm-venv", help="also LiteLLM's proxy, from this virtualenv (bin/litellm)")
     p.add_argument("--modes", default="non-stream,stream", help="comma-separated: non-stream, stream")
     p.add_argument("--clients", default="1,8", help="comma-separated concurrencies")
     p.add_argument("--block", type=int, default=10, help="rounds in a row to one target before the next takes over")
     args = p.parse_args()
     modes = [{"non-stream": False, "stream": True}[m] for m in args.modes.split(",")]
     concurrencies = [int(c) for c in args.clients.split(",")]
+    floor_clients = (args.floor_clients or "aiohttp").split(",") if args.floor or args.floor_clients else []
+    if unknown := set(floor_clients) - {"aiohttp", "httpx"}:
+        p.error(f"--floor-clients: unknown {', '.join(sorted(unknown))}")
+    litellm = LiteLLM.from_path(args.litellm) if args.litellm else None
+    if args.litellm_venv:
+        litellm = LiteLLM.from_venv(args.litellm_venv)
     if args.engine == "stub":
         upstream, model = started([sys.executable, str(Path(__file__).parent / "stub_upstream.py")]), "stub"
     else:
@@ -152,10 +178,19 @@ def main() -> None:
                 "direct": (f"{engine}/v1/chat/completions", model, {}),
                 "gateway": (f"{gateway}/v1/chat/completions", "smol", {"Authorization": f"Bearer {key}"}),
             }
-            if args.floor:
-                script = str(Path(__file__).parent / "passthrough.py")
-                floor = running.enter_context(started([sys.executable, script, "--upstream", engine]))
-                targets["passthrough"] = (f"{floor}/v1/chat/completions", model, {})
+            script = str(Path(__file__).parent / "passthrough.py")
+            for client in floor_clients:
+                floor = running.enter_context(
+                    started([sys.executable, script, "--upstream", engine, "--client", client])
+                )
+                targets[f"passthrough-{client}"] = (f"{floor}/v1/chat/completions", model, {})
+            if litellm is not None:
+                fd, name = tempfile.mkstemp(prefix="gateway_bench_litellm_", suffix=".log")  # kept for reading
+                os.close(fd)
+                log = Path(name)
+                print(f"litellm {litellm.version()} ({' '.join(litellm.command)}), its log: {log}", flush=True)
+                peer, master_key = running.enter_context(proxy(litellm, engine, model, "smol", log))
+                targets["litellm"] = (f"{peer}/v1/chat/completions", "smol", {"Authorization": f"Bearer {master_key}"})
             report(targets, args.requests, modes, concurrencies, args.block)
 
 

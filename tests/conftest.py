@@ -109,11 +109,17 @@ class Server:
 
 @contextmanager
 def start_server(
-    *args: str, data_dir: Path | None = None, command: str = "serve", port: int | None = None, ca: str | None = None
+    *args: str,
+    data_dir: Path | None = None,
+    command: str = "serve",
+    port: int | None = None,
+    ca: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     """A server on a free port with its own data directory (a fresh SQLite store unless given one, or unless
     args name a --database-url); `server.api_key` is the key it created at first start. With --ssl-certfile in
-    args it serves HTTPS on https://localhost:PORT, checked against the CA file `ca`."""
+    args it serves HTTPS on https://localhost:PORT, checked against the CA file `ca`. `env`: variables added to
+    its environment."""
     port = port or free_port()
     threads = os.environ.get("LLAMASERVE_TEST_THREADS", str(min(2, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="llamaserve-test-") as tmp:
@@ -132,7 +138,7 @@ def start_server(
         ]
         log_path = Path(tmp) / "server.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         tls = "--ssl-certfile" in args
         base = f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
         verify = ssl.create_default_context(cafile=ca) if ca else True

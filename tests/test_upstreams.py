@@ -575,3 +575,45 @@ def test_endpoint_paths_model_field_and_probes(tmp_path: Path) -> None:
             assert not any(p.startswith("/segmind/") for p in gets)  # probes off
             assert "/pinged/v1/ping" in gets and not any(p.startswith("/pinged/v1/models") for p in gets)
             assert post(gateway, "/chat/completions", model="always-slow", messages=MESSAGES).status_code == 200
+
+
+class _ForwardProxy(BaseHTTPRequestHandler):
+    """A plain HTTP forward proxy (absolute-URI requests) that records what it carried."""
+
+    carried: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        type(self).carried.append(self.path)
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "proxy-connection", "connection")}
+        reply = httpx.post(self.path, content=body, headers=headers, timeout=60, trust_env=False)
+        self.send_response(reply.status_code)
+        self.send_header("Content-Type", reply.headers.get("content-type", "application/json"))
+        self.send_header("Content-Length", str(len(reply.content)))
+        self.end_headers()
+        self.wfile.write(reply.content)
+
+    do_GET = do_POST
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_http_proxy_and_no_proxy_are_honoured(tmp_path: Path) -> None:
+    """HTTP_PROXY carries the hop to an upstream, except to the hosts NO_PROXY names."""
+    with serve_http(_Recording) as upstream, serve_http(_ForwardProxy) as proxy:
+        port = upstream.rsplit(":", 1)[1]
+        models = [
+            {"id": "proxied", "backends": [{"url": f"{upstream}/proxied/v1", "model": "m", "health_path": ""}]},
+            {
+                "id": "direct",
+                "backends": [{"url": f"http://localhost:{port}/direct/v1", "model": "m", "health_path": ""}],
+            },
+        ]
+        env = {"HTTP_PROXY": proxy, "NO_PROXY": "localhost"}
+        with start_server("--config", str(write_registry(tmp_path / "r.toml", models)), env=env) as gateway:
+            for model in ("proxied", "direct"):
+                r = post(gateway, "/chat/completions", model=model, messages=MESSAGES)
+                assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Red.", r.text
+    assert _ForwardProxy.carried == [f"{upstream}/proxied/v1/chat/completions"]
+    assert any(s[1] == "/direct/v1/chat/completions" for s in _Recording.seen)

@@ -194,6 +194,13 @@ class Usage:
     def _count(self, texts: list[str]) -> tuple[Count, Count]:
         return self.counter.prompt(self.payload), self.counter.completion(texts)
 
+    def estimate(self) -> dict[str, Any]:
+        """The counts at once, estimated (for a settlement that cannot wait for a count)."""
+        bytes_only = TokenCounter()
+        prompt = bytes_only.prompt(self.payload).tokens
+        completion = bytes_only.completion(["".join(t) for t in self.texts.values()]).tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "estimated": True}
+
 
 def _settle(admission: Admission, usage: dict[str, Any], status: str) -> None:
     admission.finish(
@@ -221,7 +228,11 @@ async def _complete(
         ) from e
     data["model"] = model.spec.id
     usage.reported = data.get("usage") or {}
-    data["usage"] = counts = await usage.counts()
+    try:
+        data["usage"] = counts = await usage.counts()
+    except BaseException:  # cancelled while counting: settle now, by estimate
+        _settle(admission, usage.estimate(), "cancelled")
+        raise
     return SettledJSONResponse(data, admission.headers, partial(_settle, admission, counts, "ok"))
 
 
@@ -348,8 +359,8 @@ class Relay:
     async def _settle(self) -> None:
         try:
             counts = await self.usage.counts()
-        except Exception:  # a count must never leave the hold open: charge the prompt's estimate instead
+        except Exception:  # a count must never leave the hold open: charge the estimate instead
             log.exception("counting the tokens of request %s", self.admission.request_id)
-            counts = {"prompt_tokens": TokenCounter().prompt(self.usage.payload).tokens, "completion_tokens": 0}
+            counts = self.usage.estimate()
         status = "ok" if self.done else "error" if self.broken else "cancelled"
         _settle(self.admission, counts, status)
