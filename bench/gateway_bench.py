@@ -8,9 +8,11 @@ own cost, without the engine's noise (nor its competition for the cores).
     .venv/bin/python bench/gateway_bench.py --requests 200
     .venv/bin/python bench/gateway_bench.py --engine stub --floor --requests 1000
 
-`--floor` adds bench/passthrough.py beside the gateway: a bare forwarder (no keys, validation or credits), the
-least a second HTTP round trip costs on this machine. `--floor-clients aiohttp,httpx` runs one forwarder per HTTP
-client ("passthrough-aiohttp", "passthrough-httpx"): what the choice of client costs, apart from the gateway.
+`--before DIR` adds a gateway run from another checkout (`git worktree add DIR REV`), so a change's cost is
+measured against the code before it in the same run. `--floor` adds bench/passthrough.py beside the gateway: a bare
+forwarder (no keys, validation or credits), the least a second HTTP round trip costs on this machine.
+`--floor-clients aiohttp,httpx` runs one forwarder per HTTP client ("passthrough-aiohttp", "passthrough-httpx"):
+what the choice of client costs, apart from the gateway.
 
 LiteLLM's proxy as a peer (bench/litellm_proxy.py): the same upstream behind LiteLLM (master key only, no database,
 offline), as target "litellm". It needs a virtualenv of its own:
@@ -48,17 +50,19 @@ BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "tempe
 
 
 @contextlib.contextmanager
-def process(*args: str) -> Iterator[str]:
-    """`llamaserve ARGS` on a free port."""
-    with started([sys.executable, "-m", "llamaserve.cli", *args]) as base:
+def process(*args: str, source: str | None = None) -> Iterator[str]:
+    """`llamaserve ARGS` on a free port; from another checkout's `src/` when `source` names one."""
+    env = {**os.environ, "PYTHONPATH": str(Path(source) / "src")} if source else None
+    with started([sys.executable, "-m", "llamaserve.cli", *args], env) as base:
         yield base
 
 
 @contextlib.contextmanager
-def started(command: list[str]) -> Iterator[str]:
+def started(command: list[str], env: dict[str, str] | None = None) -> Iterator[str]:
     """COMMAND `--port PORT` until the block ends; yields its base URL once its /health answers 200."""
     port = free_port()
-    proc = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = subprocess.DEVNULL
+    proc = subprocess.Popen([*command, "--port", str(port)], stdout=out, stderr=out, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc, timeout=120)
@@ -150,6 +154,10 @@ def main() -> None:
     litellm_args = p.add_mutually_exclusive_group()
     litellm_args.add_argument("--litellm", help="also LiteLLM's proxy: its `litellm` script, or a Python with it")
     litellm_args.add_argument("--litellm-venv", help="also LiteLLM's proxy, from this virtualenv (bin/litellm)")
+    p.add_argument(
+        "--before",
+        help="also a gateway run from this checkout (e.g. a `git worktree` of an older commit): before/after",
+    )
     p.add_argument("--modes", default="non-stream,stream", help="comma-separated: non-stream, stream")
     p.add_argument("--clients", default="1,8", help="comma-separated concurrencies")
     p.add_argument("--block", type=int, default=10, help="rounds in a row to one target before the next takes over")
@@ -178,6 +186,13 @@ def main() -> None:
                 "direct": (f"{engine}/v1/chat/completions", model, {}),
                 "gateway": (f"{gateway}/v1/chat/completions", "smol", {"Authorization": f"Bearer {key}"}),
             }
+            if args.before:
+                data = running.enter_context(tempfile.TemporaryDirectory())
+                before = running.enter_context(
+                    process("serve", "--config", str(config), "--data-dir", data, source=args.before)
+                )
+                auth = {"Authorization": f"Bearer {(Path(data) / 'default.key').read_text().strip()}"}
+                targets["gateway-before"] = (f"{before}/v1/chat/completions", "smol", auth)
             script = str(Path(__file__).parent / "passthrough.py")
             for client in floor_clients:
                 floor = running.enter_context(
