@@ -20,22 +20,10 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, Server, free_port, send_json, serve_http, start_server
-from tests.test_gateway import metric_samples
+from tests.test_gateway import WEATHER, metric_samples
 
 ENGINE = ("--parallel", "2", "--threads", "1")  # beside other processes on a 2-core machine
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 20}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
 
 
 def _toml(value: Any) -> str:
@@ -376,21 +364,18 @@ class _Misbehaving(BaseHTTPRequestHandler):
                 self.wfile.write(event)
                 self.wfile.flush()
         elif name == "html-503":
-            page = b"<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>"
-            self.send_response(503)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
+            self.send_text(503, "text/html", b"<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>")
         elif name == "detail-429":
             send_json(self, 429, {"detail": "Rate limit reached for this organisation, slow down"})
         elif name == "not-json":
-            page = b"Hello from a proxy"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
+            self.send_text(200, "text/plain", b"Hello from a proxy")
+
+    def send_text(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def do_GET(self) -> None:  # noqa: N802
         send_json(self, 200, {"object": "list", "data": []})
