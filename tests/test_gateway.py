@@ -404,7 +404,9 @@ def test_an_upstream_without_usage_is_charged_by_estimate(faulty_gateway: Server
         assert time.monotonic() < deadline, "the request was never settled"
         time.sleep(0.05)
     [record] = records
-    assert record["prompt_tokens"] == math.ceil(len(MESSAGES[0]["content"].encode()) / 4) + 8
+    assert record["prompt_tokens"] == math.ceil(len(MESSAGES[0]["content"].encode()) / 4) + 8 and record["estimated"]
+    usage = r.json()["usage"]  # the client is told, too
+    assert usage["estimated"] is True and usage["completion_tokens"] == record["completion_tokens"]
     assert record["completion_tokens"] == math.ceil(len(b"Crimson red.") / 4)
     assert record["cost_micro"] == (record["prompt_tokens"] + record["completion_tokens"]) * 1000
 
