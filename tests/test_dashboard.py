@@ -353,6 +353,8 @@ def test_admin_session_drives_the_admin_api(server: Server) -> None:
     assert chat(server, key).json()["error"]["code"] == "account_suspended"
     error(user.get("/v1/dashboard/keys"), 401, "not_logged_in")  # a suspended account's sessions end
     error(Visitor(server).login("managed@example.com"), 403, "account_suspended")
+    # A wrong password is answered alike: the answer must not confirm a suspended account's password.
+    error(Visitor(server).login("managed@example.com", "not-the-password"), 403, "account_suspended")
     admin.patch("/admin/accounts/managed@example.com", {"status": "active"})
     assert Visitor(server).login("managed@example.com").status_code == 200
 

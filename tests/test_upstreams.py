@@ -602,3 +602,22 @@ def test_http_proxy_and_no_proxy_are_honoured(tmp_path: Path) -> None:
                 assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Red.", r.text
     assert _ForwardProxy.carried == [f"{upstream}/proxied/v1/chat/completions"]
     assert any(s[1] == "/direct/v1/chat/completions" for s in _Recording.seen)
+
+
+def test_the_upstream_is_sent_the_limit_the_hold_was_sized_for(tmp_path: Path) -> None:
+    """One completion limit goes upstream, the one the hold was sized for: the default written in when none is
+    given, max_completion_tokens as max_tokens (it wins over max_tokens, as on a local model)."""
+    with serve_http(_Recording) as url:
+        backend = {"url": f"{url}/limited/v1", "model": "m", "health_path": ""}
+        models = [{"id": "limited", "price_input": 1000, "price_output": 1000, "backends": [backend]}]
+        with start_server("--config", str(write_registry(tmp_path / "r.toml", models))) as gateway:
+            for limits, sent in [({}, 512), ({"max_completion_tokens": 7}, 7), ({"max_tokens": 9}, 9)] + [
+                ({"max_tokens": 9, "max_completion_tokens": 7}, 7)
+            ]:
+                r = post(gateway, "/chat/completions", model="limited", messages=MESSAGES, **limits)
+                assert r.status_code == 200, r.text
+                body = [s[2] for s in _Recording.seen if s[1].startswith("/limited/")][-1]
+                assert body["max_tokens"] == sent and "max_completion_tokens" not in body, (limits, body)
+            # 100,000 tokens at 1,000 credits a million is 100 credits: more than the 10 the account has.
+            r = post(gateway, "/chat/completions", model="limited", messages=MESSAGES, max_completion_tokens=100_000)
+            assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_credits", r.text

@@ -155,6 +155,10 @@ def serve(
     """Serve the OpenAI-compatible API, with accounts, keys, credits and rate limits: on one local model, or on
     the models of a registry file (local and upstream engines)."""
     configure_logging(log_format.value, log_level.value)
+    if admin_key is not None and not admin_key.strip():
+        raise typer.BadParameter(
+            "an empty admin key would let anyone in: give a secret, or leave it out", param_hint="--admin-key"
+        )
     platform = PlatformConfig(
         data_dir=data_dir or default_data_dir(),
         database_url=database_url,

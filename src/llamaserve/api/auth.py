@@ -252,14 +252,15 @@ async def login(
             headers={"Retry-After": str(max(1, round(wait)))},
         )
     account = await store.account_by_email(email)
+    if account is not None and account.status != "active":
+        # Whatever the password: answering a right one otherwise than a wrong one would confirm it.
+        message = f"account {account.name!r} is {account.status}"
+        raise APIError(403, message, type="permission_error", code="account_suspended")
     hashed = account.password_hash if account else None
     if account is None or not await asyncio.to_thread(verify_password, body.password, hashed):
         await limiter.failed(who)
         raise APIError(401, "wrong email or password", type="authentication_error", code="invalid_credentials")
     await limiter.succeeded(who)
-    if account.status != "active":
-        message = f"account {account.name!r} is {account.status}"
-        raise APIError(403, message, type="permission_error", code="account_suspended")
     if hashed and needs_rehash(hashed):
         await store.update_account(account.name, password_hash=await asyncio.to_thread(hash_password, body.password))
     return await _log_in(request, response, account)

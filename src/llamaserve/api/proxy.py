@@ -102,7 +102,11 @@ async def proxy(
     check_model_allowed(caller, model.spec.id)
     payload = body.model_dump(exclude_unset=True, by_alias=True)
     n_prompt = prompt_bound(payload)
-    budget = (body.max_tokens or default_max) * body.n
+    # The upstream obeys the limit it is sent: one limit, the one the hold and the token budget are sized for
+    # (a default left out, or max_completion_tokens forwarded beside a hold sized for 512, went unbilled).
+    payload.pop("max_completion_tokens", None)
+    payload["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max
+    budget = payload["max_tokens"] * body.n
     if "vision" not in model.spec.capabilities:  # refuses at the first image part, before holding or fetching
         await inline_images(payload, model.spec, request.app.state.image_limits)
     request_id = request.state.request_id

@@ -47,7 +47,7 @@ class UpstreamFailure(Exception):
 
 def tls_context(spec: BackendSpec) -> ssl.SSLContext | bool:
     """aiohttp's `ssl` argument for a backend: a context for its CA file, False when verification is off."""
-    if not spec.url.startswith("https://") or spec.verify and spec.ca_file is None:
+    if not spec.url.startswith("https://") or (spec.verify and spec.ca_file is None):
         return True  # plain HTTP, or the system's CAs (aiohttp's default context)
     if not spec.verify:
         return False
@@ -124,6 +124,7 @@ class Upstream:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(5.0, timeout), sock_read=timeout),
             headers=headers,
             proxy=proxy,
+            cookie_jar=aiohttp.DummyCookieJar(),  # one gateway, many users: no upstream cookie goes back
             raise_for_status=False,
         )
         return cls(spec, session, proxy_headers=proxy_headers or None)

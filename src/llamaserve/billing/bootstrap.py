@@ -16,10 +16,14 @@ KEY_FILE = "default.key"
 
 async def open_store(url: str, data_dir: Path) -> Store:
     """The store at `url`, migrated to the current schema."""
-    if url.startswith("sqlite"):
-        data_dir.mkdir(parents=True, exist_ok=True)
+    if url.startswith("sqlite") and not data_dir.exists():
+        # Only its owner may read it: the database holds emails and password hashes, and the default key is there.
+        data_dir.mkdir(mode=0o700, parents=True)
     store = Store(url)
     await store.migrate()
+    if url.startswith("sqlite"):
+        for path in data_dir.glob("*.db*"):  # the database, its WAL and shared-memory files
+            path.chmod(0o600)
     return store
 
 

@@ -11,7 +11,9 @@ from llamaserve.engine import SamplingParams
 from llamaserve.protocol.validation import Text
 
 MAX_STOP_SEQUENCES = 4
-TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+# ASCII digits only (str.isdigit() also takes '²', which int() refuses), and few of them: a 5,000-digit key is past
+# int()'s limit, and no vocabulary has 10^10 tokens.
+TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
 
 
 class StrictModel(BaseModel):
@@ -26,7 +28,8 @@ class StreamOptions(StrictModel):
 
 class SamplingFields(StrictModel):
     model: Text
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    # Strict: "2" and true are not token counts (lax parsing read them as 2 and 1).
+    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
     # The validators below give the messages; json_schema_extra tells the spec the same rules (keywords next to
     # anyOf constrain only the branch they can apply to: maxItems arrays, propertyNames objects).
     stop: Annotated[
@@ -35,7 +38,7 @@ class SamplingFields(StrictModel):
     ] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=128)] = 1
+    n: Annotated[int, Field(ge=1, le=128, strict=True)] = 1
     seed: int | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0

@@ -1,0 +1,57 @@
+"""Hostile input from a key holder (anyone who signs up has one), item by item: each is refused by a named limit
+with a clear 4xx before it costs anything, never a 500, never a way around the bill."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import MODEL
+
+
+def test_an_empty_admin_key_is_refused_at_start(tmp_path: Path) -> None:
+    """An empty --admin-key used to turn the admin API on for an empty Bearer token. (An empty LLAMASERVE_ADMIN_KEY
+    is no key: the admin API stays off.)"""
+    command = [sys.executable, "-m", "llamaserve.cli", "serve", "--data-dir", str(tmp_path)]
+    for key in ("", "  "):
+        done = subprocess.run([*command, "--admin-key", key], capture_output=True, text=True, timeout=60)
+        output = " ".join((done.stdout + done.stderr).split())
+        assert done.returncode == 2 and "empty admin key" in output, output
+
+
+def test_a_logit_bias_key_of_5000_digits_is_a_400(http: httpx.Client) -> None:
+    """int() refuses strings past 4,300 digits: such a key was a 500 (and a reset connection)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    r = http.post("/v1/chat/completions", json={**body, "logit_bias": {"9" * 5000: 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("logit_bias"), r.text
+    assert http.post("/v1/chat/completions", json=body).status_code == 200  # the connection still serves
+
+
+def test_the_data_directory_is_its_owners_alone(tmp_path: Path) -> None:
+    """The store holds emails and password hashes: a fresh data directory is 0700, the database files 0600."""
+    import asyncio
+
+    from llamaserve.billing.bootstrap import open_store
+
+    data = tmp_path / "fresh"
+
+    async def open_and_close() -> None:
+        store = await open_store(f"sqlite+aiosqlite:///{data / 'llamaserve.db'}", data)
+        await store.list_accounts()
+        await store.close()
+
+    asyncio.run(open_and_close())
+    assert data.stat().st_mode & 0o777 == 0o700
+    files = list(data.glob("llamaserve.db*"))
+    assert files and all(f.stat().st_mode & 0o777 == 0o600 for f in files), [oct(f.stat().st_mode) for f in files]
+
+
+def test_token_counts_are_integers(http: httpx.Client) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    for field in ("max_tokens", "max_completion_tokens", "n"):
+        for value in ("2", True, 2.5):
+            r = http.post("/v1/chat/completions", json={**body, field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, value, r.text)
