@@ -114,6 +114,7 @@ def tls_gateway(tls_engine: Server, tls: dict[str, str], tmp_path_factory: pytes
         [
             {"id": "secure", "backends": [{**upstream, "ca_file": tls["ca"]}]},
             {"id": "untrusted", "backends": [upstream]},  # the system's CAs do not know ours
+            {"id": "insecure", "backends": [{**upstream, "verify": False}]},
             {
                 "id": "wrong-host",
                 "backends": [{**upstream, "url": f"https://127.0.0.1:{port}/v1", "ca_file": tls["ca"]}],
@@ -169,6 +170,13 @@ def test_a_certificate_not_trusted_is_a_502_naming_it(tls_gateway: Server, model
     assert httpx.get(f"{tls_gateway.base_url}/health").status_code == 200
     after = httpx.get(f"{tls_gateway.v1}/account/balance", headers=tls_gateway.auth).json()
     assert after["balance_micro"] == before and after["open_holds"] == 0
+
+
+def test_verify_false_is_explicit_and_logged(tls_gateway: Server) -> None:
+    r = post(tls_gateway, "/chat/completions", model="insecure", messages=MESSAGES, max_tokens=2)
+    assert r.status_code == 200, r.text
+    warnings = [line for line in tls_gateway.log_lines() if line.get("level") == "warning"]
+    assert any("not verified" in line.get("message", "") for line in warnings), warnings
 
 
 def test_a_plain_client_cannot_talk_to_the_tls_engine(tls_engine: Server) -> None:
