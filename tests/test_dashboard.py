@@ -190,6 +190,28 @@ def test_login_attempts_are_rate_limited(server: Server) -> None:
     assert Visitor(server).login("neighbour@example.com").status_code == 200  # per email: others are unaffected
 
 
+def test_x_forwarded_for_does_not_reset_the_login_limiter(server: Server) -> None:
+    """Forwarded headers are believed only from the proxies --forwarded-allow-ips names (none here): a client that
+    sends a new X-Forwarded-For with each guess is still one client (uvicorn believed it from 127.0.0.1)."""
+    Visitor(server).signup("forged@example.com")
+
+    def guess(i: int, password: str = "guess-guess") -> httpx.Response:
+        v = Visitor(server)
+        v.get("/auth/session")
+        forged = {"X-Forwarded-For": f"203.0.113.{i}", "X-Forwarded-Proto": "https"}
+        return v.post("/auth/login", {"email": "forged@example.com", "password": password}, headers=forged)
+
+    for i in range(5):
+        error(guess(i), 401, "invalid_credentials")
+    error(guess(99, PASSWORD), 429, "too_many_login_attempts")
+
+
+def test_no_swagger_page_loads_scripts_from_a_cdn(server: Server) -> None:
+    assert httpx.get(f"{server.base_url}/docs").status_code == 404
+    assert httpx.get(f"{server.base_url}/redoc").status_code == 404
+    assert httpx.get(f"{server.base_url}/openapi.json").status_code == 200
+
+
 # --- CSRF ----------------------------------------------------------------------------------------------------
 def test_csrf_token_is_required_on_every_state_change(server: Server) -> None:
     v = Visitor(server)

@@ -91,6 +91,13 @@ SslCertfile = Annotated[
     Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM; chain included), with --ssl-keyfile.")
 ]
 SslKeyfile = Annotated[Path | None, typer.Option(help="The private key (PEM) of --ssl-certfile.")]
+ForwardedAllowIps = Annotated[
+    str | None,
+    typer.Option(
+        help="Proxies (comma-separated addresses or networks) whose X-Forwarded-For/-Proto are believed; "
+        "default: none, the peer's address is the client's"
+    ),
+]
 LogFormatOpt = Annotated[
     LogFormat, typer.Option(help="Log lines on stderr: json (one object a line) or text. Bodies are never logged.")
 ]
@@ -145,6 +152,7 @@ def serve(
     write_timeout: WriteTimeout = 60,
     ssl_certfile: SslCertfile = None,
     ssl_keyfile: SslKeyfile = None,
+    forwarded_allow_ips: ForwardedAllowIps = None,
     cors_origin: Annotated[
         list[str] | None,
         typer.Option(help="A web origin whose pages may call the API from browsers (repeatable; default: none)."),
@@ -204,7 +212,7 @@ def serve(
     tls = _tls(ssl_certfile, ssl_keyfile)
     counters = _token_counters(registry, config_file) if registry and config_file else {}
     load_local = registry is None or model is not None
-    _run(config, platform, limits, registry, load_local, images, tls, counters)
+    _run(config, platform, limits, registry, load_local, images, tls, counters, forwarded_allow_ips)
 
 
 def _image_limits(image_allow: list[str] | None, image_max_mb: float) -> ImageLimits:
@@ -304,6 +312,7 @@ def _run(
     image_limits: ImageLimits | None = None,
     tls: tuple[str, str] | None = None,
     counters: dict[str, TokenCounter] | None = None,
+    forwarded_allow_ips: str | None = None,
 ) -> None:
     import uvicorn
 
@@ -354,6 +363,10 @@ def _run(
         http=with_write_timeout(limits.write_timeout),
         ssl_certfile=tls[0] if tls else None,
         ssl_keyfile=tls[1] if tls else None,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: then any local client could pose as any
+        # address (and shake off the log-in limiter). Only the proxies named are believed.
+        proxy_headers=forwarded_allow_ips is not None,
+        forwarded_allow_ips=forwarded_allow_ips or "",
     )
     DrainingServer(uv, lifecycle).run()
 

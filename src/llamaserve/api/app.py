@@ -125,7 +125,9 @@ def create_app(
                 await app.state.dashboard.limiter.close()
                 await platform.store.close()
 
-    app = FastAPI(title="llamaserve", version="0.1.0", lifespan=lifespan)
+    # No Swagger UI or ReDoc pages: FastAPI's load their scripts from a CDN, on the dashboard's origin and offline
+    # as well; the OpenAPI document itself is at /openapi.json.
+    app = FastAPI(title="llamaserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.model = model
     app.state.local_names = {model.id, *(local_spec.aliases if local_spec else ())} if model else set()
     app.state.local_price = local_spec.price if local_spec else None
