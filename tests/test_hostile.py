@@ -55,3 +55,14 @@ def test_token_counts_are_integers(http: httpx.Client) -> None:
         for value in ("2", True, 2.5):
             r = http.post("/v1/chat/completions", json={**body, field: value})
             assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, value, r.text)
+
+
+def test_an_admin_grant_cannot_drive_a_balance_below_zero() -> None:
+    from tests.conftest import start_server
+
+    with start_server("--admin-key", "admin-secret") as server:
+        admin = {"Authorization": "Bearer admin-secret"}
+        url = f"{server.base_url}/admin/accounts/default/credits"
+        r = httpx.post(url, json={"amount": "-1000000000"}, headers=admin)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "amount", r.text
+        assert httpx.post(url, json={"amount": "-10"}, headers=admin).json()["balance_micro"] == 0  # 10 starter

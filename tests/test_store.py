@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from llamaserve.billing.migrations import alembic_config
 from llamaserve.billing.models import Account, Base, Gateway, Hold, LedgerEntry, UsageRecord
-from llamaserve.billing.store import AuthError, Caller, Store, StoreError, Usage
+from llamaserve.billing.store import AuthError, BalanceError, Caller, Store, StoreError, Usage
 from tests.conftest import postgres_database
 
 KEY_FORMAT = re.compile(r"ls-([a-z0-9]{10})_([A-Za-z0-9]{32})")
@@ -648,15 +648,16 @@ def test_negative_grant_removes_credits(run: Run) -> None:
     run(body)
 
 
-def test_a_grant_below_zero_leaves_a_debt_that_blocks_holds(run: Run) -> None:
+def test_a_grant_below_zero_is_refused(run: Run) -> None:
+    """Taking credits away stops at zero: a typo must not leave an account a debt of a billion credits."""
+
     async def body(store: Store) -> None:
         account = await new_account(store, credits=100)
-        assert await store.grant("acme", -130) == -30
-        assert await balance(store, account.id) == -30
+        with pytest.raises(BalanceError, match="below zero"):
+            await store.grant("acme", -130)
+        assert await balance(store, account.id) == 100
+        assert await store.grant("acme", -100) == 0
         assert await store.hold(account.id, 1, "r1") is None
-        assert await store.grant("acme", 31) == 1
-        assert await store.hold(account.id, 1, "r2") is not None
-        assert await balance(store, account.id) == 0
 
     run(body)
 

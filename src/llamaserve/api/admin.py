@@ -19,7 +19,7 @@ from llamaserve.billing.limits import PLANS
 from llamaserve.billing.models import Account, ApiKey
 from llamaserve.billing.passwords import check_email, check_password, hash_password, normalize_email
 from llamaserve.billing.pricing import format_credits, parse_credits
-from llamaserve.billing.store import StoreError
+from llamaserve.billing.store import BalanceError, StoreError
 from llamaserve.protocol.account import (
     AccountList,
     AccountView,
@@ -203,6 +203,8 @@ async def grant_credits(name: StoredText, body: CreditGrant, request: Request) -
         balance = await platform_of(request).store.grant(name, _credits(body.amount, "amount"), body.note)
     except StoreError as e:
         raise _not_found(e) from e
+    except BalanceError as e:
+        raise invalid(str(e), "amount") from e
     return CreditsGranted(account=name, balance=format_credits(balance), balance_micro=balance)
 
 

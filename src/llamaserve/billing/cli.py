@@ -15,7 +15,7 @@ from llamaserve.billing.bootstrap import open_store
 from llamaserve.billing.limits import PLANS
 from llamaserve.billing.passwords import check_email, check_password, hash_password, normalize_email
 from llamaserve.billing.pricing import format_credits, parse_credits
-from llamaserve.billing.store import Store, StoreError
+from llamaserve.billing.store import BalanceError, Store, StoreError
 from llamaserve.config import PlatformConfig, default_data_dir
 
 T = TypeVar("T")
@@ -42,7 +42,7 @@ def _run(data_dir: Path | None, database_url: str | None, action: Callable[[Stor
 
     try:
         return asyncio.run(run())
-    except StoreError as e:
+    except (StoreError, BalanceError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from e
 

@@ -51,6 +51,10 @@ T = TypeVar("T")
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)  # last_used_at is a hint; don't write on every request
 
 
+class BalanceError(ValueError):
+    """A change the balance cannot take (it would go below zero)."""
+
+
 class StoreError(ValueError):
     """A store operation that cannot be done (unknown account or key, duplicate name)."""
 
@@ -418,7 +422,14 @@ class Store:
         return (await self.account(account_name)).balance
 
     async def _grant(self, s: AsyncSession, account_id: int, amount: int, note: str) -> None:
-        await s.execute(update(Account).where(Account.id == account_id).values(balance=Account.balance + amount))
+        """Raises BalanceError for a grant that would take the balance below zero."""
+        changed = await s.execute(
+            update(Account)
+            .where(Account.id == account_id, Account.balance + amount >= 0)
+            .values(balance=Account.balance + amount)
+        )
+        if changed.rowcount == 0:
+            raise BalanceError(f"taking {-amount / 1e6:g} credits would leave the balance below zero")
         s.add(LedgerEntry(account_id=account_id, kind="grant", amount=amount, note=note[:200]))
 
     async def hold(self, account_id: int, amount: int, request_id: str) -> int | None:
