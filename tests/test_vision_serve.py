@@ -13,9 +13,11 @@ import asyncio
 import base64
 import importlib.util
 import io
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -51,6 +53,19 @@ def noise_png(seed: int, size: int = 32) -> bytes:
     out = io.BytesIO()
     PILImage.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG with a header and no pixels: what it claims is all Pillow reads before decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 def data_uri(data: bytes, kind: str = "png") -> str:
@@ -316,6 +331,7 @@ def cli_key(server: Server, account: str, plan: str) -> str:
         ("data:image/png;base64,%%%", "image_bad_data_uri"),
         ("http://10.0.0.1/x.png", "image_blocked_address"),
         ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "image_not_an_image"),
+        (data_uri(png_header(20000, 20000)), "image_too_large"),  # 57 bytes claiming 400 million pixels
     ],
 )
 def test_bad_images_name_their_part(vision: Server, url: str, code: str) -> None:

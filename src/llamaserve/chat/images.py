@@ -178,7 +178,7 @@ def _decode(raw: bytes, limits: ImageLimits) -> Image:
             # Pillow warns about huge images when opening them; here that is a refusal, not a warning.
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             img = PILImage.open(io.BytesIO(raw))
-    except PILImage.DecompressionBombWarning as e:
+    except (PILImage.DecompressionBombWarning, PILImage.DecompressionBombError) as e:
         raise ImageError(f"the image has too many pixels ({e})", "image_too_large") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageError(f"the image cannot be decoded ({e})", "image_not_an_image") from e
