@@ -336,6 +336,21 @@ def test_playground_key_is_billed_to_the_account_and_dies_with_the_session(serve
     assert chat(server, third["key"]).status_code == 200  # another session's key lives on
 
 
+def test_concurrent_playground_keys_all_die_with_the_session(server: Server) -> None:
+    """8 at once in one session: each revokes the one before it, and the log-out the last (5 of 8 outlived it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    v = Visitor(server)
+    v.signup("race@example.com")
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: v.post("/v1/dashboard/playground/key"), range(8)))
+    keys = [r.json()["key"] for r in replies if r.status_code == 201]
+    assert len(keys) == 8, [r.text for r in replies]
+    assert sum(chat(server, key).status_code == 200 for key in keys) == 1  # one live key per session
+    v.post("/auth/logout")
+    assert [chat(server, key).status_code for key in keys] == [401] * 8
+
+
 # --- usage ---------------------------------------------------------------------------------------------------
 def test_usage_summary_adds_up_to_the_records(server: Server) -> None:
     v = Visitor(server)

@@ -408,8 +408,15 @@ class Store:
         session, account = found
         full, key = await self.create_key(account.name, "playground", expires_at=_aware(session.expires_at))
         async with self._write() as s:
-            if session.playground_key_id is not None:
-                await s.execute(update(ApiKey).where(ApiKey.id == session.playground_key_id).values(revoked=True))
+            # The session's key as of now, under a lock: concurrent calls each revoke the one before them (a
+            # previous key read before this transaction let 5 of 8 concurrent ones outlive the log-out).
+            current = select(WebSession.playground_key_id).where(WebSession.id == session.id).with_for_update()
+            previous = (await s.execute(current)).first()
+            if previous is None:  # logged out meanwhile: the new key goes with the session
+                await s.execute(update(ApiKey).where(ApiKey.id == key.id).values(revoked=True))
+                raise StoreError("no such session")
+            if previous[0] is not None:
+                await s.execute(update(ApiKey).where(ApiKey.id == previous[0]).values(revoked=True))
             await s.execute(update(WebSession).where(WebSession.id == session.id).values(playground_key_id=key.id))
         return full, key
 
