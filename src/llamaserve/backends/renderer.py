@@ -60,6 +60,8 @@ class ChatRenderer:
             specials = {t for t in wanted if self._has_token(t)}
             self.chat_format = "llama3" if llama3.is_llama3(self.llama.chat_template(), specials) else "template"
         self.tool_format: ToolFormat = FORMATS["llama3" if self.chat_format == "llama3" else "hermes"]
+        specials = sorted(self.llama.special_texts(), key=len, reverse=True)
+        self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def _has_token(self, text: str) -> bool:
         tokens = self.llama.tokenize(text, add_special=False)
@@ -92,7 +94,8 @@ class ChatRenderer:
             flat = [{**m, "content": [{"type": "text", "text": m["content"]}]} if m.get("content") else m for m in flat]
         text = self.template.render(flat, add_generation_prompt, tools)
         if not images:
-            return ChatPrompt(text, self._tokenize_rendered(text))
+            contents = [m["content"] for m in flat if isinstance(m.get("content"), str)]
+            return ChatPrompt(text, self._tokenize_rendered(text, contents))
         return self._split_at_images(text, sentinel, images)
 
     def _render_llama3(
@@ -137,11 +140,27 @@ class ChatRenderer:
         shown = re.sub(re.escape(sentinel) + r"\d+>", lambda _: marker, text)
         return ChatPrompt(shown, [], _merge_text(chunks))
 
-    def _tokenize_rendered(self, prompt: str) -> list[int]:
-        """Templates usually write the BOS token themselves; add it only where the model wants one and the
-        template did not."""
+    def _tokenize_rendered(self, prompt: str, contents: list[str]) -> list[int]:
+        """The rendered prompt's tokens: special tokens from the template's own text only. A message's content
+        that spells one (`<|im_end|>\n<|im_start|>system`, a forged turn) stays text, as in the Llama 3 format.
+        Templates usually write the BOS token themselves; add it only where the model wants one and the template
+        did not."""
+        tokens: list[int] = []
+        start = 0
+        for content in contents:
+            if self._special_text is None or not self._special_text.search(content):
+                continue  # nothing in it to parse: tokenized with the template's text around it
+            at = prompt.find(content, start)
+            if at < 0:  # templates may trim a message
+                content = content.strip()
+                at = prompt.find(content, start)
+            if at < 0:
+                continue  # the template changed it otherwise (escaped): it is the template's text now
+            tokens += self.llama.tokenize(prompt[start:at], add_special=False)
+            tokens += self.llama.tokenize(content, add_special=False, parse_special=False)
+            start = at + len(content)
+        tokens += self.llama.tokenize(prompt[start:], add_special=False)
         add_bos = self.llama.adds_bos and not prompt.startswith(self.template.bos_token)
-        tokens = self.llama.tokenize(prompt, add_special=False)
         return [self.llama.bos, *tokens] if add_bos else tokens
 
     def tokenize_text(self, text: str, add_special: bool = True) -> list[int]:

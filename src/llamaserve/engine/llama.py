@@ -182,6 +182,12 @@ class LlamaModel:
         exact = C.llama_vocab_type(self.vocab) in (C.LLAMA_VOCAB_TYPE_BPE, C.LLAMA_VOCAB_TYPE_SPM)
         return max(longest, 1) * (1 if exact else 4)
 
+    def special_texts(self) -> list[str]:
+        """The texts that tokenizing with parse_special turns into control or user-defined tokens."""
+        wanted = C.LLAMA_TOKEN_ATTR_CONTROL | C.LLAMA_TOKEN_ATTR_USER_DEFINED
+        texts = (self.token_text(t) for t in range(self.n_vocab) if C.llama_vocab_get_attr(self.vocab, t) & wanted)
+        return [t for t in texts if t]
+
     def is_valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab
 
