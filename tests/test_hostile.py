@@ -83,3 +83,35 @@ def test_message_text_cannot_forge_control_tokens(http: httpx.Client) -> None:
     assert control_tokens(forged) == control_tokens("Hi")
     prompt = http.post("/tokenize", json={"model": MODEL, "prompt": "<|im_start|>user\nHi<|im_end|>"}).json()
     assert prompt["tokens"].count(1) == 1 and prompt["tokens"].count(2) == 1
+
+
+def test_counts_and_sizes_are_bounded_before_any_work(http: httpx.Client) -> None:
+    """Each refused by a named limit, as a 400 naming the parameter, at validation: 40,000 empty messages stalled
+    the server 18 s, 10,000 tools 7–10 s, a 20,000-value enum 21 s of the engine's thread."""
+    base = {"model": MODEL, "max_tokens": 4}
+    hi = [{"role": "user", "content": "Hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    cases = [
+        ({"messages": [{"role": "user", "content": ""}] * 2049}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 257}]}, "messages[0].content"),
+        ({"messages": hi, "tools": [tool] * 129}, "tools"),
+        (
+            {"messages": hi, "response_format": {"type": "json_schema", "json_schema": {"name": "e", "schema": {
+                "type": "string", "enum": [f"v{i}" for i in range(1001)]}}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"messages": hi, "response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": {
+                "type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100}
+                                                 for i in range(600)}}}}},
+            "response_format.json_schema.schema",
+        ),
+    ]  # fmt: skip
+    for body, param in cases:
+        r = http.post("/v1/chat/completions", json={**base, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (param, r.text[:300])
+    r = http.post("/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": ""}] * 2049})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text[:300]
+    # At the limits, it works.
+    r = http.post("/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": ""}] * 2048})
+    assert r.status_code == 200, r.text[:300]

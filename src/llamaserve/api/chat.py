@@ -21,6 +21,7 @@ from starlette.types import Scope
 from llamaserve.api.common import (
     SSE_DONE,
     ChoiceResult,
+    chat_work,
     check_prompt_bytes,
     check_sampling,
     collect,
@@ -248,7 +249,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     if images:  # mtmd tokenizes (and resizes) the images too
         plan = await asyncio.to_thread(plan_chat, body, model, images)
     else:
-        plan = await prompt_work(size, plan_chat, body, model)
+        plan = await prompt_work(chat_work(size, body.messages), plan_chat, body, model)
     # The hold is sized from the tokenized prompt, image tokens included.
     n_prompt = plan.prompt.n_tokens
     budget = completion_budget(model, [n_prompt], plan.params, body.n)

@@ -72,6 +72,14 @@ def check_prompt_bytes(model: LocalModel, size: int, param: str) -> None:
         )
 
 
+MESSAGE_WORK_BYTES = 256  # what rendering one message costs, as bytes of text: many small messages add up
+
+
+def chat_work(text_size: int, messages: list[Any]) -> int:
+    """A chat prompt's rendering work, in bytes of text (prompt_work's measure)."""
+    return text_size + MESSAGE_WORK_BYTES * len(messages)
+
+
 async def prompt_work(size: int, work: Callable[..., T], *args: Any) -> T:
     """`work(*args)` (rendering, tokenizing) for a prompt of `size` bytes: inline when small, else in a thread
     (llama_tokenize releases the GIL; a template renders in bytecode, which gives the loop its turns)."""

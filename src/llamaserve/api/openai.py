@@ -10,8 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from llamaserve.api.chat import template_messages
+from llamaserve.api.common import chat_work, prompt_work, text_bytes
 from llamaserve.api.common import get_model as lookup_model
-from llamaserve.api.common import prompt_work, text_bytes
 from llamaserve.api.platform import CallerDep, check_model_allowed
 from llamaserve.api.proxy import find_upstream
 from llamaserve.backends.local import LocalModel
@@ -89,7 +89,8 @@ async def tokenize(body: TokenizeRequest, request: Request, caller: CallerDep) -
         try:
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
             messages = template_messages(body.messages)
-            prompt = await prompt_work(size, model.render_chat, messages, body.add_generation_prompt, tools)
+            work = chat_work(size, body.messages)
+            prompt = await prompt_work(work, model.render_chat, messages, body.add_generation_prompt, tools)
         except (TemplateError, Llama3FormatError) as e:
             raise invalid(str(e), "messages") from e
         tokens = prompt.tokens

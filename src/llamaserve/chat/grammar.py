@@ -278,9 +278,15 @@ class Grammar:
         if must:
             parts.append(f' "," {ws} '.join(must))
             parts += [f'( "," {ws} {k} )?' for k in may]
-        elif may:  # any of them may come first
-            chains = [k + "".join(f' ( "," {ws} {later} )?' for later in may[i + 1 :]) for i, k in enumerate(may)]
-            parts.append("( " + " | ".join(chains) + " )?")
+        elif may:  # any of them may come first; each is followed by any of those after it (a rule per suffix:
+            # written out in full, the chains grew with the square of the count and 46 properties broke llama.cpp)
+            rest = ""
+            chains = []
+            for i in range(len(may) - 1, -1, -1):
+                chains.append(f"{may[i]} {rest}".strip())
+                if i:
+                    rest = self._add(f"{name}-after-{i}", f'( "," {ws} {may[i]} )? {rest}'.strip())
+            parts.append("( " + " | ".join(reversed(chains)) + " )?")
         body = " ".join(parts)
         return self._add(name, f'"{{" {ws} {body} "}}" {ws}', [set(must)], where)
 

@@ -27,6 +27,13 @@ class ImagePart(StrictModel):
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
+# Counts a request may hold: each item costs rendering and tokenizing whatever its size (40,000 empty messages
+# stalled the server for 18 s). OpenAI allows 128 tools; the others leave room for any real conversation.
+MAX_MESSAGES = 2048
+MAX_PARTS = 256  # content parts of one message
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128  # tool calls of one message
+
 
 class FunctionCall(StrictModel):
     name: Text
@@ -41,9 +48,9 @@ class ToolCall(StrictModel):
 
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: Text | list[ContentPart] | None = None
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
     name: Text | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
     tool_call_id: Text | None = None
 
     def text(self) -> str:
@@ -92,11 +99,11 @@ class NamedToolChoice(StrictModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from llamaserve.protocol.chat import ChatMessage, Tool
+from llamaserve.protocol.chat import MAX_MESSAGES, MAX_TOOLS, ChatMessage, Tool
 from llamaserve.protocol.common import StrictModel
 from llamaserve.protocol.validation import Text
 
@@ -14,8 +14,10 @@ from llamaserve.protocol.validation import Text
 class TokenizeRequest(StrictModel):
     model: Text | None = None
     prompt: Text | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
-    tools: list[Tool] | None = None  # rendered into the prompt as a chat completion with these tools would be
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = (
+        None  # rendered into the prompt as a chat completion with these tools would be
+    )
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None
 

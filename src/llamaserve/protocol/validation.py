@@ -53,6 +53,10 @@ def valid_unicode_tree(value: Any) -> Any:
 # the grammar parser cannot take (it refuses a minimum over 2000 repetitions; a minimum above the maximum makes it
 # allocate without end), must stop here, as a 400 naming it, before it can stall or kill the engine.
 MAX_SCHEMA_DEPTH = 64  # nested objects and arrays; real schemas are a fraction of this
+# Bounds on a schema's size, in the spirit of OpenAI's for structured outputs: a grammar's compilation grows with
+# them (a 20,000-value enum took 21 s of the engine's thread).
+MAX_SCHEMA_BYTES = 64 * 1024  # as JSON
+MAX_ENUM_VALUES = 1000  # enum values in one schema, all enums together
 COUNTS = ("minItems", "maxItems", "minLength", "maxLength")
 DATA_KEYWORDS = {"enum", "const", "default", "examples"}  # their values are JSON data, not schemas
 _META = Draft202012Validator(Draft202012Validator.META_SCHEMA)
@@ -172,7 +176,15 @@ def _schema_problem(text: str) -> str | None:
 def valid_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     valid_unicode_tree(schema)
     _check_depth(schema)
-    problem = _schema_problem(json.dumps(schema, sort_keys=True))
+    text = json.dumps(schema, sort_keys=True)
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"the schema is {len(text)} bytes as JSON; at most {MAX_SCHEMA_BYTES} are accepted")
+    enums = sum(
+        len(node["enum"]) for node in _walk(schema) if isinstance(node, dict) and isinstance(node.get("enum"), list)
+    )
+    if enums > MAX_ENUM_VALUES:
+        raise ValueError(f"the schema has {enums} enum values; at most {MAX_ENUM_VALUES} are accepted")
+    problem = _schema_problem(text)
     if problem is not None:
         raise ValueError(problem)
     return schema
