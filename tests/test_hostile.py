@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import MODEL
+from tests.conftest import MODEL, Server, start_server
 
 
 def test_an_empty_admin_key_is_refused_at_start(tmp_path: Path) -> None:
@@ -57,15 +59,34 @@ def test_token_counts_are_integers(http: httpx.Client) -> None:
             assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, value, r.text)
 
 
-def test_an_admin_grant_cannot_drive_a_balance_below_zero() -> None:
-    from tests.conftest import start_server
-
+@pytest.fixture(scope="module")
+def admin_server() -> Iterator[Server]:
     with start_server("--admin-key", "admin-secret") as server:
-        admin = {"Authorization": "Bearer admin-secret"}
-        url = f"{server.base_url}/admin/accounts/default/credits"
-        r = httpx.post(url, json={"amount": "-1000000000"}, headers=admin)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "amount", r.text
-        assert httpx.post(url, json={"amount": "-10"}, headers=admin).json()["balance_micro"] == 0  # 10 starter
+        yield server
+
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+def test_an_admin_grant_cannot_drive_a_balance_below_zero(admin_server: Server) -> None:
+    url = f"{admin_server.base_url}/admin/accounts/default/credits"
+    r = httpx.post(url, json={"amount": "-1000000000"}, headers=ADMIN)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "amount", r.text
+    assert httpx.post(url, json={"amount": "-10"}, headers=ADMIN).json()["balance_micro"] == 0  # the 10 starter
+
+
+def test_tokenize_counts_against_the_keys_request_rate(admin_server: Server) -> None:
+    """Tokenizing costs CPU: a free key (5 requests a minute) gets 429 on its sixth call, as for chat."""
+    base = admin_server.base_url
+    r = httpx.post(f"{base}/admin/accounts", json={"name": "free-tokenizer", "plan": "free"}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    key = httpx.post(f"{base}/admin/accounts/free-tokenizer/keys", json={}, headers=ADMIN).json()["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": MODEL, "prompt": "Hello"}
+    statuses = [httpx.post(f"{base}/tokenize", json=body, headers=auth).status_code for _ in range(6)]
+    assert statuses == [200] * 5 + [429], statuses
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    assert httpx.post(f"{base}/v1/chat/completions", json=chat, headers=auth).status_code == 429
 
 
 def test_message_text_cannot_forge_control_tokens(http: httpx.Client) -> None:

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from llamaserve.api.chat import template_messages
-from llamaserve.api.common import chat_work, prompt_work, text_bytes
+from llamaserve.api.common import chat_work, check_prompt_bytes, prompt_work, text_bytes
 from llamaserve.api.common import get_model as lookup_model
-from llamaserve.api.platform import CallerDep, check_model_allowed
+from llamaserve.api.platform import CallerDep, check_model_allowed, count_request
 from llamaserve.api.proxy import find_upstream
 from llamaserve.backends.local import LocalModel
 from llamaserve.billing.store import Caller
@@ -78,6 +78,7 @@ async def _forwarded(request: Request, caller: Caller, body: TokenizeRequest | D
 
 @router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, request: Request, caller: CallerDep) -> Any:
+    await count_request(request, caller)  # tokenizing costs CPU: one of the key's requests a minute
     if (forwarded := await _forwarded(request, caller, body)) is not None:
         return forwarded
     model = lookup_model(request, body.model)
@@ -86,6 +87,7 @@ async def tokenize(body: TokenizeRequest, request: Request, caller: CallerDep) -
         raise invalid("give exactly one of prompt or messages", "prompt")
     if body.messages is not None:
         size = text_bytes(m.text() for m in body.messages)
+        check_prompt_bytes(model, size, "messages")
         try:
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
             messages = template_messages(body.messages)
@@ -97,12 +99,14 @@ async def tokenize(body: TokenizeRequest, request: Request, caller: CallerDep) -
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         text = body.prompt or ""
+        check_prompt_bytes(model, text_bytes([text]), "prompt")
         tokens = await prompt_work(text_bytes([text]), model.tokenize_text, text, add_special)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=model.max_model_len)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, request: Request, caller: CallerDep) -> Any:
+    await count_request(request, caller)
     if (forwarded := await _forwarded(request, caller, body)) is not None:
         return forwarded
     model = lookup_model(request, body.model)

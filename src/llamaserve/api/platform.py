@@ -370,6 +370,17 @@ async def admit(
     return admission
 
 
+async def count_request(request: Request, caller: Caller) -> None:
+    """Take one of the key's requests a minute for work that generates nothing (tokenizing): 429 when spent."""
+    if not accounts_enabled(request):
+        return
+    platform = platform_of(request)
+    plan = platform.plan(caller.plan)
+    decision = await platform.limiter.acquire(caller.key_prefix, plan, 0)
+    if not decision.allowed:
+        raise _rate_limited(plan, 0, decision)
+
+
 async def check_rate_limit(request: Request, caller: Caller, tokens: int) -> None:
     """429 now if the key's rate limits could not take a request of `tokens`, taking nothing from them: so that
     a key over its limits gets no work done (images fetched) before admit() refuses it."""
