@@ -345,6 +345,27 @@ def test_bad_images_name_their_part(vision: Server, url: str, code: str) -> None
         assert error["code"] == code and error["param"] == "messages[0].content[2]", error
 
 
+def test_a_requests_images_share_a_count_and_a_pixel_budget(vision: Server) -> None:
+    """Each image may have 40 MP, all of one request's together 64 MP (checked from the header, before
+    decoding), and a request may hold 16 images."""
+    out = io.BytesIO()
+    PILImage.new("RGB", (6000, 6000), "red").save(out, format="PNG")  # 36 MP
+    cases = [
+        (
+            ask(text("Look"), image(data_uri(out.getvalue())), image(data_uri(png_header(6000, 6000)))),
+            "image_too_large",
+        ),
+        (ask(text("Look"), *[image(noise(1))] * 17), "too_many_images"),
+    ]
+    with vision.http() as http:
+        for messages, code in cases:
+            r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            where = "messages[0].content[2]" if code == "image_too_large" else "messages[0].content[17]"
+            assert error["code"] == code and error["param"] == where, error
+
+
 def test_echo_logprobs_with_images_is_refused(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, ask(image(noise(1)), text("x")), logprobs=True, extra_body={"echo": True})

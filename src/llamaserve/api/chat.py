@@ -28,6 +28,7 @@ from llamaserve.api.common import (
     completion_budget,
     engine_error,
     get_model,
+    image_budget,
     new_id,
     prompt_work,
     refuse_when_full,
@@ -44,7 +45,7 @@ from llamaserve.api.proxy import find_upstream, proxy
 from llamaserve.backends.local import ChatPrompt, LocalModel
 from llamaserve.billing.store import Caller
 from llamaserve.chat.grammar import Grammar, SchemaError, json_object_grammar, json_schema_grammar
-from llamaserve.chat.images import Image, ImageError, load_image
+from llamaserve.chat.images import Image, ImageError
 from llamaserve.chat.llama3 import Llama3FormatError
 from llamaserve.chat.template import TemplateError
 from llamaserve.chat.tools import Llama3Format, ToolFormat, ToolStream, parameters_schema
@@ -146,10 +147,11 @@ async def load_images(request: Request, body: ChatCompletionRequest, model: Loca
     if parts:
         await check_rate_limit(request, caller, 1)
     images: Images = {}
+    budget = image_budget([f"messages[{i}].content[{j}]" for i, j, _ in parts], request.app.state.image_limits)
     for i, j, part in parts:
         where = f"messages[{i}].content[{j}]"
         try:
-            images[(i, j)] = await load_image(part.image_url.url, request.app.state.image_limits)
+            images[(i, j)] = await budget.load(part.image_url.url)
         except ImageError as e:
             raise invalid(f"{where}: {e}", where, code=e.code) from e
     return images

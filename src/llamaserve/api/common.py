@@ -16,6 +16,7 @@ from starlette.background import BackgroundTask
 
 from llamaserve.api.platform import Admission
 from llamaserve.backends.local import LocalModel
+from llamaserve.chat.images import ImageBudget, ImageLimits
 from llamaserve.engine import EngineOverloaded, InvalidPrompt, Output, RequestHandle, SamplingParams
 from llamaserve.engine.logprobs import TokenLogprob
 from llamaserve.engine.mtmd import Chunk
@@ -55,6 +56,15 @@ def check_sampling(body: SamplingFields, model: LocalModel) -> None:
 # 0.6 to 2 MB/s here), beyond it in a worker thread, so that a large prompt cannot stall every other request.
 INLINE_PROMPT_BYTES = 4096
 T = TypeVar("T")
+
+
+def image_budget(places: list[str], limits: ImageLimits) -> ImageBudget:
+    """The budget a request's images (at `places`, in order) are loaded under; 400 at the first one past the
+    count a request may hold, before anything is fetched."""
+    if len(places) > limits.max_images:
+        where = places[limits.max_images]
+        raise invalid(f"{where}: a request may hold at most {limits.max_images} images", where, code="too_many_images")
+    return ImageBudget(limits)
 
 
 def text_bytes(texts: Iterable[str]) -> int:

@@ -26,12 +26,12 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
-from llamaserve.api.common import SSE_DONE, sse
+from llamaserve.api.common import SSE_DONE, image_budget, sse
 from llamaserve.api.platform import Admission, admit, check_model_allowed
 from llamaserve.backends.counting import Count, TokenCounter, prompt_size
 from llamaserve.backends.upstream import Router, Upstream, UpstreamFailure, UpstreamReply, error_detail
 from llamaserve.billing.store import Caller
-from llamaserve.chat.images import ImageError, ImageLimits, load_image
+from llamaserve.chat.images import ImageError, ImageLimits
 from llamaserve.protocol.common import SamplingFields
 from llamaserve.protocol.errors import APIError, invalid
 from llamaserve.registry import ModelSpec
@@ -76,6 +76,13 @@ def has_images(payload: dict[str, Any]) -> bool:
 async def inline_images(payload: dict[str, Any], spec: ModelSpec, limits: ImageLimits) -> None:
     """Fetch and check every image part here and pass it on as a data URI, so the upstream never fetches an
     address the gateway would refuse."""
+    places = [
+        f"messages[{i}].content[{j}]"
+        for i, message in enumerate(payload.get("messages") or [])
+        for j, part in enumerate(message.get("content") if isinstance(message.get("content"), list) else [])
+        if part.get("type") == "image_url"
+    ]
+    budget = image_budget(places, limits) if "vision" in spec.capabilities else None
     for i, message in enumerate(payload.get("messages") or []):
         content = message.get("content")
         for j, part in enumerate(content if isinstance(content, list) else []):
@@ -88,8 +95,9 @@ async def inline_images(payload: dict[str, Any], spec: ModelSpec, limits: ImageL
                     where,
                     code="image_input_not_supported",
                 )
+            assert budget is not None
             try:
-                image = await load_image(part["image_url"]["url"], limits)
+                image = await budget.load(part["image_url"]["url"])
             except ImageError as e:
                 raise invalid(f"{where}: {e}", where, code=e.code) from e
             part["image_url"] = {**part["image_url"], "url": image.data_uri()}
