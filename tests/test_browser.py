@@ -98,6 +98,12 @@ def test_dashboard_end_to_end(server: Server, page: Page) -> None:
     page.wait_for_url(re.compile(r"/login"))
     log_in(page, EMAIL, PASSWORD)
 
+    # A logged-in visitor sent to log in goes on to `next`, on this site only ("/\host" is "//host" to browsers;
+    # the host here is another loopback address, where nothing listens).
+    for target in ("/%5C127.0.0.2:9/", "//127.0.0.2:9/", "http://127.0.0.2:9/"):
+        page.goto(f"/login?next={target}")
+        page.wait_for_url(re.compile(r"^" + re.escape(server.base_url) + r"/$"))
+
     # A key: generated, shown once, copied.
     page.click("[data-nav=keys]")
     page.fill("#key-name", "browser")

@@ -4,9 +4,10 @@ const form = document.getElementById("auth-form");
 const mode = form.dataset.mode;
 
 function next() {
-  // Only paths on this site: never an open redirect.
-  const target = new URLSearchParams(location.search).get("next") || "/";
-  return target.startsWith("/") && !target.startsWith("//") ? target : "/";
+  // Only pages of this site: never an open redirect. Resolved as the browser will resolve it, so that "/\host"
+  // (which browsers read as "//host") goes nowhere else either.
+  const target = new URL(new URLSearchParams(location.search).get("next") || "/", location.origin);
+  return target.origin === location.origin ? target.pathname + target.search + target.hash : "/";
 }
 
 const current = await session();  // also sets the pre-login CSRF cookie and token
