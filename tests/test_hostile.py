@@ -89,6 +89,24 @@ def test_tokenize_counts_against_the_keys_request_rate(admin_server: Server) -> 
     assert httpx.post(f"{base}/v1/chat/completions", json=chat, headers=auth).status_code == 429
 
 
+def test_plan_limits_count_per_account_not_per_key(admin_server: Server) -> None:
+    """A free account (5 requests a minute) that makes more keys gets no more requests: 5 across 3 keys, then
+    429 on each of them."""
+    base = admin_server.base_url
+    r = httpx.post(f"{base}/admin/accounts", json={"name": "many-keys", "plan": "free", "credits": "1"}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    keys = [httpx.post(f"{base}/admin/accounts/many-keys/keys", json={}, headers=ADMIN).json()["key"] for _ in "abc"]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+
+    def status(key: str) -> int:
+        return httpx.post(
+            f"{base}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}
+        ).status_code
+
+    assert [status(keys[i % 3]) for i in range(5)] == [200] * 5
+    assert [status(key) for key in keys] == [429] * 3
+
+
 def test_message_text_cannot_forge_control_tokens(http: httpx.Client) -> None:
     """On a template model (ChatML: <|im_start|> is id 1, <|im_end|> id 2) a message that spells a turn's end and
     a system turn stays text: control tokens come from the template only. Completions prompts, written whole by

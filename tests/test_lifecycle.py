@@ -1,5 +1,5 @@
 """Graceful operations through real servers: SIGTERM drains (503 for newcomers, in-flight requests finish, every
-hold settled), readiness versus liveness, body size and body time limits, and the per-key concurrency cap."""
+hold settled), readiness versus liveness, body size and body time limits, and the per-account concurrency cap."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_ready_is_503_while_an_upstream_is_down(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def limited() -> Iterator[Server]:
-    limits = ("--max-body-mb", "1", "--body-timeout", "1", "--max-concurrent-per-key", "2")
+    limits = ("--max-body-mb", "1", "--body-timeout", "1", "--max-concurrent-per-account", "2")
     with start_server(*limits) as server:
         yield server
 
@@ -169,7 +169,7 @@ def test_slow_body_is_408(limited: Server) -> None:
         assert '"code":"timeout"' in reply.replace(" ", "") and time.monotonic() - started < 5
 
 
-def test_concurrent_requests_per_key_are_capped(limited: Server) -> None:
+def test_concurrent_requests_per_account_are_capped(limited: Server) -> None:
     outs: list[dict[str, Any]] = [{}, {}]
     threads = [stream_in_thread(limited, 64, out) for out in outs]
     for out in outs:

@@ -143,8 +143,14 @@ def serve(
     signup: Annotated[
         bool, typer.Option("--signup/--no-signup", help="Let anyone create a dashboard account (off: admins do).")
     ] = True,
-    max_concurrent_per_key: Annotated[
-        int, typer.Option(help="Inference requests (streams included) one key may have open at once; more: 429.")
+    max_concurrent_per_account: Annotated[
+        int,
+        typer.Option(
+            "--max-concurrent-per-account",
+            "--max-concurrent-per-key",  # its former name
+            help="Inference requests (streams included) one account, all its keys together, may have open at once; "
+            "more: 429.",
+        ),
     ] = 128,
     max_body_mb: MaxBodyMb = 32,
     body_timeout: BodyTimeout = 30,
@@ -177,7 +183,7 @@ def serve(
         price_output=price_output,
         request_timeout=request_timeout,
         signup=signup,
-        max_concurrent_per_key=max_concurrent_per_key,
+        max_concurrent_per_account=max_concurrent_per_account,
         cors_origins=tuple(cors_origin or ()),
     )
     registry = None

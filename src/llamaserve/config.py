@@ -71,7 +71,7 @@ class PlatformConfig:
     price_input: float = 0.10  # credits per million prompt tokens
     price_output: float = 0.20  # credits per million completion tokens
     request_timeout: float = 600.0  # seconds before a non-streaming request gets 504
-    max_concurrent_per_key: int = 128  # inference requests one key may have open at once; more get 429
+    max_concurrent_per_account: int = 128  # inference requests one account may have open at once; more get 429
     cors_origins: tuple[str, ...] = ()  # web origins allowed to call the API from browsers; none by default
     signup: bool = True  # the dashboard lets anyone create an account (with starter_credits); False: admins do
 

@@ -73,7 +73,7 @@ async def _open_platform(config: PlatformConfig) -> Platform:
         price=Price.from_credits(config.price_input, config.price_output),
         request_timeout=config.request_timeout,
         admin_key=config.admin_key,
-        max_concurrent_per_key=config.max_concurrent_per_key,
+        max_concurrent_per_account=config.max_concurrent_per_account,
         stale_after=stale_after,
     )
 

@@ -44,7 +44,7 @@ class Platform:
     price: Price
     request_timeout: float  # seconds a request may run before it gets 504
     admin_key: str | None = None  # guards /admin/...; None: admin API off
-    max_concurrent_per_key: int = 128  # inference requests one key may have open at once (streams included)
+    max_concurrent_per_account: int = 128  # inference requests one account may have open at once (streams too)
     stale_after: dt.timedelta = dt.timedelta(hours=1)  # a hold older than this belongs to no live request
     active: Counter[int] = field(default_factory=Counter)  # open inference requests by key id
     settling: set[asyncio.Task[None]] = field(default_factory=set)  # settlements in flight (awaited at shutdown)
@@ -230,7 +230,7 @@ class Admission:
         if hold_id is None:
             platform.short_of_credits[self.caller.account_id] = time.monotonic() + SHORT_OF_CREDITS_SECONDS
             plan = platform.plan(self.caller.plan)
-            await platform.limiter.refund(self.caller.key_prefix, plan, self.prompt_tokens + self.reserved_tokens)
+            await platform.limiter.refund(self.caller.limit_key, plan, self.prompt_tokens + self.reserved_tokens)
             balance = (await platform.store.account_by_id(self.caller.account_id)).balance
             raise APIError(
                 402,
@@ -242,7 +242,7 @@ class Admission:
                 headers=self.headers,
             )
         self.hold_id = hold_id
-        platform.active[self.caller.key_id] += 1  # until finish()
+        platform.active[self.caller.account_id] += 1  # until finish()
 
     def settle_when_closed(self, handles: list[RequestHandle]) -> None:
         """Settle once every handle has closed (finished, failed, or cancelled by a departed client)."""
@@ -279,9 +279,9 @@ class Admission:
         self.completion_tokens, self.outcome = completion_tokens, self.status or status
         if self.platform is None or not self.hold_id:  # nothing held: nothing to settle
             return
-        self.platform.active[self.caller.key_id] -= 1
-        if not self.platform.active[self.caller.key_id]:
-            del self.platform.active[self.caller.key_id]
+        self.platform.active[self.caller.account_id] -= 1
+        if not self.platform.active[self.caller.account_id]:
+            del self.platform.active[self.caller.account_id]
         task = asyncio.get_running_loop().create_task(self._settle(completion_tokens, self.status or status))
         self.platform.settling.add(task)
         task.add_done_callback(self.platform.settling.discard)
@@ -312,7 +312,7 @@ class Admission:
             await self._store_settlement(charge, usage)
             unused = self.reserved_tokens - completion_tokens
             if unused > 0:
-                await platform.limiter.refund(self.caller.key_prefix, platform.plan(self.caller.plan), unused)
+                await platform.limiter.refund(self.caller.limit_key, platform.plan(self.caller.plan), unused)
         except Exception:  # the hold stays open and the sweep releases it, uncharged; say so loudly
             log.exception("could not settle hold %s of request %s", self.hold_id, self.request_id)
 
@@ -348,17 +348,17 @@ async def admit(
         request.state.admission = admission  # the access log's source of model, backend and tokens
         return admission
     platform = platform_of(request)
-    if platform.active[caller.key_id] >= platform.max_concurrent_per_key:
+    if platform.active[caller.account_id] >= platform.max_concurrent_per_account:
         raise APIError(
             429,
-            f"Too many concurrent requests: this key has {platform.max_concurrent_per_key} open, the most allowed; "
-            "wait for one to finish",
+            f"Too many concurrent requests: this account has {platform.max_concurrent_per_account} open, the most "
+            "allowed; wait for one to finish",
             type="rate_limit_error",
             code="too_many_concurrent_requests",
             headers={"Retry-After": "1"},
         )
     plan = platform.plan(caller.plan)
-    decision = await platform.limiter.acquire(caller.key_prefix, plan, prompt_tokens + completion_tokens)
+    decision = await platform.limiter.acquire(caller.limit_key, plan, prompt_tokens + completion_tokens)
     if not decision.allowed:
         raise _rate_limited(plan, prompt_tokens + completion_tokens, decision)
     admission = Admission(
@@ -376,7 +376,7 @@ async def count_request(request: Request, caller: Caller) -> None:
         return
     platform = platform_of(request)
     plan = platform.plan(caller.plan)
-    decision = await platform.limiter.acquire(caller.key_prefix, plan, 0)
+    decision = await platform.limiter.acquire(caller.limit_key, plan, 0)
     if not decision.allowed:
         raise _rate_limited(plan, 0, decision)
 
@@ -388,7 +388,7 @@ async def check_rate_limit(request: Request, caller: Caller, tokens: int) -> Non
         return
     platform = platform_of(request)
     plan = platform.plan(caller.plan)
-    decision = await platform.limiter.check(caller.key_prefix, plan, tokens)
+    decision = await platform.limiter.check(caller.limit_key, plan, tokens)
     if not decision.allowed:
         raise _rate_limited(plan, tokens, decision)
 

@@ -77,6 +77,12 @@ class Caller:
     plan: str
     allowed_models: tuple[str, ...] | None
 
+    @property
+    def limit_key(self) -> str:
+        """What the plan's rate limits count against: the account, all its keys together (more keys, no more
+        requests)."""
+        return f"account-{self.account_id}"
+
 
 @dataclass(frozen=True)
 class Usage:
