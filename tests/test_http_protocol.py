@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
+import httpx
+import pytest
+
 from llamaserve.api.http_protocol import CoalescingTransport
+from tests.conftest import MODEL, Server, start_server
 
 
 class Counted:
@@ -116,3 +121,40 @@ def test_only_the_head_of_each_response_is_held() -> None:
             assert counted.writes[2:] == [b"HTTP/1.1 204 No Content\r\n\r\n"]
 
     asyncio.run(main())
+
+
+# --- the head of a request, on a real server --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Server]:
+    with start_server("--parallel", "1", "--header-timeout", "1", command="engine") as server:
+        yield server
+
+
+def _answer(server: Server, sent: bytes, wait: float = 10) -> bytes:
+    """What the server answers on a connection that sends `sent` and then nothing, until it closes it."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        s.sendall(sent)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_a_connection_that_sends_no_head_in_time_is_closed(engine: Server) -> None:
+    """Idle connections used to pile up to the process's file limit (then /health got no answer), and half-sent
+    heads stayed open past 65 s."""
+    started = time.monotonic()
+    assert _answer(engine, b"").startswith(b"HTTP/1.1 408")
+    assert _answer(engine, b"GET /health HTTP/1.1\r\nHost: x\r\n").startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - started < 8
+    assert httpx.get(f"{engine.base_url}/health").status_code == 200
+
+
+def test_a_huge_head_is_refused(engine: Server) -> None:
+    """A 64 MB header line was read whole; past 64 KiB the answer is 431 and the connection closes."""
+    assert _answer(engine, b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 70_000).startswith(b"HTTP/1.1 431")
+    # A large body is no large head.
+    body = {"model": MODEL, "prompt": "word " * 60_000}
+    r = httpx.post(f"{engine.base_url}/tokenize", json=body, timeout=60)
+    assert r.status_code in (200, 400) and r.headers["content-type"] == "application/json", r.text[:200]

@@ -82,6 +82,9 @@ DrainTimeout = Annotated[float, typer.Option(help="On SIGTERM, seconds requests 
 WriteTimeout = Annotated[
     float, typer.Option(help="Seconds a client may read nothing of a response held up for it (then it is cut off).")
 ]
+HeaderTimeout = Annotated[
+    float, typer.Option(help="Seconds a connection may take to send a request's head (then 408 and closed).")
+]
 ImageAllow = Annotated[
     list[str] | None,
     typer.Option(help="A network image URLs may point into although not public, e.g. 10.1.0.0/16 (repeatable)."),
@@ -156,6 +159,7 @@ def serve(
     body_timeout: BodyTimeout = 30,
     drain_timeout: DrainTimeout = 30,
     write_timeout: WriteTimeout = 60,
+    header_timeout: HeaderTimeout = 10,
     ssl_certfile: SslCertfile = None,
     ssl_keyfile: SslKeyfile = None,
     forwarded_allow_ips: ForwardedAllowIps = None,
@@ -214,7 +218,7 @@ def serve(
         mmproj=mmproj,
     )
     images = _image_limits(image_allow, image_max_mb)
-    limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout)
+    limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout, header_timeout)
     tls = _tls(ssl_certfile, ssl_keyfile)
     counters = _token_counters(registry, config_file) if registry and config_file else {}
     load_local = registry is None or model is not None
@@ -248,6 +252,7 @@ def engine(
     body_timeout: BodyTimeout = 30,
     drain_timeout: DrainTimeout = 30,
     write_timeout: WriteTimeout = 120,  # above serve's 60: a gateway whose client stalls cuts that client first
+    header_timeout: HeaderTimeout = 10,
     ssl_certfile: SslCertfile = None,
     ssl_keyfile: SslKeyfile = None,
     log_format: LogFormatOpt = LogFormat.json,
@@ -269,7 +274,7 @@ def engine(
         chat_format=chat_format.value,
         mmproj=mmproj,
     )
-    limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout)
+    limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout, header_timeout)
     images = _image_limits(image_allow, image_max_mb)
     _run(config, None, limits, image_limits=images, tls=_tls(ssl_certfile, ssl_keyfile))
 
@@ -303,10 +308,12 @@ def _token_counters(registry: Registry, config_file: Path) -> dict[str, TokenCou
     return counters
 
 
-def _limits(max_body_mb: float, body_timeout: float, drain_timeout: float, write_timeout: float) -> Limits:
+def _limits(
+    max_body_mb: float, body_timeout: float, drain_timeout: float, write_timeout: float, header_timeout: float
+) -> Limits:
     from llamaserve.api.lifecycle import Limits
 
-    return Limits(int(max_body_mb * 1024 * 1024), body_timeout, drain_timeout, write_timeout)
+    return Limits(int(max_body_mb * 1024 * 1024), body_timeout, drain_timeout, write_timeout, header_timeout)
 
 
 def _run(
@@ -323,7 +330,7 @@ def _run(
     import uvicorn
 
     from llamaserve.api.app import create_app
-    from llamaserve.api.http_protocol import with_write_timeout
+    from llamaserve.api.http_protocol import protocol_class
     from llamaserve.api.lifecycle import DrainingServer, Lifecycle
 
     try:
@@ -366,7 +373,7 @@ def _run(
         log_level=level if level <= logging.DEBUG else max(level, logging.WARNING),
         access_log=False,
         timeout_graceful_shutdown=5,
-        http=with_write_timeout(limits.write_timeout),
+        http=protocol_class(limits.write_timeout, limits.header_timeout),
         ssl_certfile=tls[0] if tls else None,
         ssl_keyfile=tls[1] if tls else None,
         # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: then any local client could pose as any

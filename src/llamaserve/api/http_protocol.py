@@ -14,6 +14,11 @@ With TCP_USER_TIMEOUT (Linux), the kernel closes a connection whose data has wai
 window has stayed shut, for `write_timeout` seconds: the response sees its client gone (generation stopped, the
 request settled as cancelled). A peer that vanished is given up on as soon (not after ~15 minutes of
 retransmissions). An idle keep-alive connection is not affected: nothing is waiting to be sent on it.
+
+And it bounds what a request's head may cost, which uvicorn's httptools protocol does not (h11's size option does
+not apply to it): a connection must send a whole head within `header_timeout` seconds of opening (or of its last
+response), or it is closed; a head larger than MAX_HEAD_BYTES is answered 431 and the connection closed. Idle
+keep-alive connections close after uvicorn's `timeout_keep_alive` (5 s).
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 WRITE_TIMEOUT = 60.0  # seconds sent data may wait for the client's acknowledgement before the connection is cut
+HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a request's head
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers (a 64 MB header line was read whole)
 
 
 class HttpProtocol(HttpToolsProtocol):
-    write_timeout = WRITE_TIMEOUT  # set per server by `with_write_timeout`
+    write_timeout = WRITE_TIMEOUT  # set per server by `protocol_class`
+    header_timeout = HEADER_TIMEOUT
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -38,15 +46,57 @@ class HttpProtocol(HttpToolsProtocol):
             with contextlib.suppress(OSError):  # not TCP (a Unix socket): nothing to bound
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.write_timeout * 1000))
         self.transport = CoalescingTransport(transport, self.loop)  # what each request's response writes to
+        self._head_bytes: int | None = 0  # bytes of the head being read; None while a request is being served
+        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout, self._head_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        reading_head = self._head_bytes is not None
+        if reading_head and self._head_timer is None:  # a kept-alive connection's next request begins
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_too_slow)
+        super().data_received(data)
+        if reading_head and self._head_bytes is not None:  # the head is still not complete
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self._refuse(431, b"Request Header Fields Too Large")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.transport.expect_head()  # type: ignore[attr-defined]
 
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        self._cancel_head_timer()
+        super().on_headers_complete()
 
-def with_write_timeout(seconds: float) -> type[HttpProtocol]:
-    """The protocol class for a server whose clients may stall `seconds` (uvicorn takes a class)."""
-    return type("HttpProtocol", (HttpProtocol,), {"write_timeout": seconds})
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.pipeline:  # (a pipelined request's head is already in)
+            self._head_bytes = 0  # the next request's head, whose clock starts with its first byte
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._head_bytes is not None and not self.transport.is_closing():
+            self._refuse(408, b"Request Timeout")
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, status: int, reason: bytes) -> None:
+        head = b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % (status, reason)
+        self.transport.write(head)
+        self.transport.close()
+
+
+def protocol_class(write_timeout: float, header_timeout: float) -> type[HttpProtocol]:
+    """The protocol class for a server whose clients may stall `write_timeout` seconds and take `header_timeout`
+    seconds to send a request's head (uvicorn takes a class)."""
+    return type("HttpProtocol", (HttpProtocol,), {"write_timeout": write_timeout, "header_timeout": header_timeout})
 
 
 class CoalescingTransport:

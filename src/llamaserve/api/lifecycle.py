@@ -26,6 +26,7 @@ class Limits:
     body_timeout: float = 30.0  # seconds a client may take to send its whole body (slow senders get 408)
     drain_timeout: float = 30.0  # seconds requests in flight may run after SIGTERM
     write_timeout: float = 60.0  # seconds sent data may wait for a client reading nothing (then it is cut off)
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's head (then it is closed)
 
 
 @dataclass
