@@ -29,11 +29,18 @@ from starlette.types import Receive, Scope, Send
 from llamaserve.api.common import SSE_DONE, image_budget, sse
 from llamaserve.api.platform import Admission, admit, check_model_allowed
 from llamaserve.backends.counting import Count, TokenCounter, prompt_size
-from llamaserve.backends.upstream import Router, Upstream, UpstreamFailure, UpstreamReply, error_detail
+from llamaserve.backends.upstream import (
+    Router,
+    Upstream,
+    UpstreamFailure,
+    UpstreamReply,
+    error_detail,
+    gateway_error,
+)
 from llamaserve.billing.store import Caller
 from llamaserve.chat.images import ImageError, ImageLimits
 from llamaserve.protocol.common import SamplingFields
-from llamaserve.protocol.errors import APIError, invalid
+from llamaserve.protocol.errors import invalid
 from llamaserve.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -232,12 +239,7 @@ async def _complete(
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         admission.finish(0, "error", prompt_tokens=0)  # nothing usable was delivered: nothing to charge
         upstream.failed()
-        raise APIError(
-            502,
-            "the model's upstream engine sent a reply that is not a completion",
-            type="bad_gateway",
-            code="bad_gateway",
-        ) from e
+        raise gateway_error(502, "sent a reply that is not a completion") from e
     data["model"] = model.spec.id
     usage.reported = data.get("usage") or {}
     try:
@@ -265,10 +267,6 @@ class SettledJSONResponse(JSONResponse):
 
 class MalformedStream(Exception):
     """The upstream's stream is not OpenAI's SSE (a line that is not JSON, an error event, an early end)."""
-
-
-def _error_event(message: str) -> str:
-    return sse({"error": {"message": message, "type": "bad_gateway", "param": None, "code": "bad_gateway"}})
 
 
 class Relay:
@@ -310,7 +308,7 @@ class Relay:
             self.broken = True
             self.upstream.failed()
             what = "did not answer in time" if isinstance(e, TimeoutError) else str(e)
-            yield _error_event(f"the model's upstream engine broke the stream: {what}")
+            yield sse(gateway_error(502, f"broke the stream: {what}").body.model_dump())
         finally:
             await self.close()
 

@@ -82,6 +82,12 @@ def describe(error: BaseException) -> str:
     return f"failed ({type(error).__name__}: {error})" if str(error) else f"failed ({type(error).__name__})"
 
 
+def gateway_error(status: int, what: str, code: str = "bad_gateway") -> APIError:
+    """A 502 or 504 saying what the upstream did ("the model's upstream engine <what>")."""
+    kind = "timeout" if status == 504 else "bad_gateway"
+    return APIError(status, f"the model's upstream engine {what}", type=kind, code=code)
+
+
 def as_uuid(request_id: str) -> str:
     """A request id (`req_<32 hex>`) as the UUID other engines accept in X-Request-Id (api/request_id.py)."""
     try:
@@ -176,9 +182,9 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError) as e:
             if is_timeout(e):
                 self.results["504"] += 1
-                raise UpstreamError(self._error(504, "did not answer in time", "upstream_timeout"), False) from e
+                raise UpstreamError(gateway_error(504, "did not answer in time", "upstream_timeout"), False) from e
             self.results["502"] += 1
-            raise UpstreamError(self._error(502, describe(e), "bad_gateway"), retryable=True) from e
+            raise UpstreamError(gateway_error(502, describe(e), "bad_gateway"), retryable=True) from e
         self.first_byte_seconds += time.monotonic() - started
         self.answered += 1
         self.results[str(response.status)] += 1
@@ -191,15 +197,11 @@ class Upstream:
                 reply.body = await response.read()
             except (aiohttp.ClientError, TimeoutError) as e:
                 if is_timeout(e):
-                    raise UpstreamError(self._error(504, "did not finish in time", "upstream_timeout"), False) from e
-                raise UpstreamError(self._error(502, describe(e), "bad_gateway"), False) from e
+                    raise UpstreamError(gateway_error(504, "did not finish in time", "upstream_timeout"), False) from e
+                raise UpstreamError(gateway_error(502, describe(e), "bad_gateway"), False) from e
             finally:
                 response.release()
         return reply
-
-    def _error(self, status: int, what: str, code: str) -> APIError:
-        kind = "timeout" if status == 504 else "bad_gateway"
-        return APIError(status, f"the model's upstream engine {what}", type=kind, code=code)
 
     async def _from_status(self, response: aiohttp.ClientResponse) -> APIError:
         try:
@@ -210,7 +212,7 @@ class Upstream:
             response.release()
         message, detail = error_detail(text, response.reason or str(response.status))
         if response.status >= 500:
-            return self._error(502, f"failed ({response.status}: {message})", "bad_gateway")
+            return gateway_error(502, f"failed ({response.status}: {message})", "bad_gateway")
         # The upstream's 4xx is the client's fault: pass it on, in our shape.
         return APIError(
             response.status,
