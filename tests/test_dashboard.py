@@ -121,7 +121,7 @@ def server() -> Iterator[Server]:
     """A server whose store has an admin account (made by the CLI) and no --admin-key."""
     with tempfile.TemporaryDirectory(prefix="llamaserve-dashboard-") as tmp:
         create_admin(Path(tmp))
-        with start_server("--parallel", "4", *PRICES, data_dir=Path(tmp)) as s:
+        with start_server("--parallel", "4", *PRICES, "--signups-per-hour", "0", data_dir=Path(tmp)) as s:
             yield s
 
 

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from llamaserve.engine import Engine, LlamaModel, SamplingParams
 from llamaserve.engine.scheduler import RECOMPUTE
 from tests.conftest import MODEL, Server, start_server
 
@@ -256,3 +257,34 @@ def test_repeated_seeded_request_hits_the_cache_and_samples_the_same() -> None:
     usage = again["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 2
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+
+
+def test_a_free_slot_goes_to_the_tenant_running_the_fewest(embedded_llama: LlamaModel) -> None:
+    """Two slots, both busy; then account A queues four requests and account B one. First come, first served
+    would start A's first two when the slots free up; fair admission starts A's first, then B's, then A's
+    second."""
+
+    async def run() -> dict[str, float]:
+        engine = Engine(embedded_llama)
+        engine.start(asyncio.get_running_loop())
+        try:
+            params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+            prompt = embedded_llama.tokenize("Count slowly:", add_special=True)
+            busy = [engine.submit(prompt, params, tenant="busy") for _ in range(2)]
+            while engine.stats.running < 2:
+                await asyncio.sleep(0.01)
+            short = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+            queued = {
+                name: engine.submit(embedded_llama.tokenize(f"{name}: name a colour", add_special=True), short,
+                                    tenant=name[0])
+                for name in ("A1", "A2", "A3", "A4", "B1")
+            }  # fmt: skip
+            for handle in [*busy, *queued.values()]:
+                async for _ in handle.outputs():
+                    pass
+            return {name: handle.first_token_at or 0.0 for name, handle in queued.items()}
+        finally:
+            engine.stop()
+
+    started = asyncio.run(run())
+    assert started["A1"] <= started["B1"] < started["A2"] <= started["A3"], started

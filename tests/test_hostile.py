@@ -6,12 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import MODEL, Server, start_server
+from tests.test_dashboard import PASSWORD, Visitor
 
 
 def test_an_empty_admin_key_is_refused_at_start(tmp_path: Path) -> None:
@@ -105,6 +107,36 @@ def test_plan_limits_count_per_account_not_per_key(admin_server: Server) -> None
 
     assert [status(keys[i % 3]) for i in range(5)] == [200] * 5
     assert [status(key) for key in keys] == [429] * 3
+
+
+def test_sign_ups_per_address_are_throttled(admin_server: Server) -> None:
+    """Eight concurrent sign-ups from one address: five get an account (the default, 5 an hour), three a 429 with
+    Retry-After, and no account for them."""
+    visitors = [Visitor(admin_server) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda iv: iv[1].signup(f"spree{iv[0]}@example.com"), enumerate(visitors)))
+    assert sorted(r.status_code for r in replies) == [201] * 5 + [429] * 3, [r.text for r in replies]
+    for r in replies:
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "too_many_signups" and 3000 < int(r.headers["retry-after"]) <= 3600
+    names = {a["name"] for a in httpx.get(f"{admin_server.base_url}/admin/accounts", headers=ADMIN).json()["data"]}
+    assert len({f"spree{i}@example.com" for i in range(8)} & names) == 5
+
+
+def test_an_account_holds_a_bounded_number_of_keys(admin_server: Server) -> None:
+    """The dashboard makes at most 20 active keys an account (the default); a revoked one frees a place."""
+    v = Visitor(admin_server)
+    account = {"name": "hoarder", "email": "hoarder@example.com", "password": PASSWORD}
+    assert httpx.post(f"{admin_server.base_url}/admin/accounts", headers=ADMIN, json=account).status_code == 201
+    assert v.login("hoarder@example.com").status_code == 200
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: v.post("/v1/dashboard/keys", {"name": f"k{i}"}), range(24)))
+    assert sorted(r.status_code for r in replies) == [201] * 20 + [403] * 4, [r.text for r in replies]
+    refused = next(r for r in replies if r.status_code == 403).json()["error"]
+    assert refused["code"] == "too_many_keys" and "20" in refused["message"]
+    prefix = next(r for r in replies if r.status_code == 201).json()["prefix"]
+    assert v.post(f"/v1/dashboard/keys/{prefix}/revoke").status_code == 200
+    assert v.post("/v1/dashboard/keys", {"name": "again"}).status_code == 201
 
 
 def test_message_text_cannot_forge_control_tokens(http: httpx.Client) -> None:

@@ -16,9 +16,12 @@ from llamaserve.billing.limits import (
     Bucket,
     Decision,
     MemoryLimiter,
+    MemoryWindowLimiter,
     Plan,
     RateLimiter,
     RedisLimiter,
+    RedisWindowLimiter,
+    WindowLimiter,
     format_reset,
     make_limiter,
 )
@@ -371,3 +374,38 @@ def test_plan_change_keeps_buckets(run: Run) -> None:
         assert upgraded.tokens and 5_000 <= upgraded.tokens.remaining <= 5_100  # the tokens taken still count
 
     run(body)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_window_limiter_counts_concurrent_events_once(kind: str, prefix: str) -> None:
+    """Sign-ups per address (acquire: check and record in one step) and failed log-ins (record, clear): eight
+    concurrent sign-ups from one address, through two replicas sharing Redis, let exactly five through."""
+    if kind == "redis":
+        require_redis()
+
+    def new() -> WindowLimiter:
+        return RedisWindowLimiter(REDIS_URL, prefix, 5, 3600.0) if kind == "redis" else MemoryWindowLimiter(5, 3600.0)
+
+    async def main() -> None:
+        a = new()
+        b = new() if kind == "redis" else a  # in memory, replicas share nothing: one process
+        try:
+            waits = await asyncio.gather(*(limiter.acquire("10.0.0.1") for _ in range(4) for limiter in (a, b)))
+            assert sum(w is None for w in waits) == 5, waits
+            assert all(3590 < w <= 3600 for w in waits if w is not None), waits
+            assert await a.retry_after("10.0.0.2") is None  # another address
+            for _ in range(5):
+                await b.record("ann\0" + "10.0.0.2")
+            assert await a.retry_after("ann\0" + "10.0.0.2") is not None
+            await a.clear("ann\0" + "10.0.0.2")
+            assert await b.retry_after("ann\0" + "10.0.0.2") is None
+        finally:
+            await a.close()
+            if b is not a:
+                await b.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if kind == "redis":
+            asyncio.run(delete_keys(prefix))

@@ -146,6 +146,19 @@ def serve(
     signup: Annotated[
         bool, typer.Option("--signup/--no-signup", help="Let anyone create a dashboard account (off: admins do).")
     ] = True,
+    signups_per_hour: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Dashboard sign-ups one client address may make in an hour (in Redis with --redis-url); 0: no limit.",
+        ),
+    ] = 5,
+    max_keys_per_account: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Active API keys an account may create from its dashboard (admins may add more); 0: no limit."
+        ),
+    ] = 20,
     max_concurrent_per_account: Annotated[
         int,
         typer.Option(
@@ -187,6 +200,8 @@ def serve(
         price_output=price_output,
         request_timeout=request_timeout,
         signup=signup,
+        signups_per_hour=signups_per_hour,
+        max_keys_per_account=max_keys_per_account,
         max_concurrent_per_account=max_concurrent_per_account,
         cors_origins=tuple(cors_origin or ()),
     )

@@ -74,6 +74,8 @@ class PlatformConfig:
     max_concurrent_per_account: int = 128  # inference requests one account may have open at once; more get 429
     cors_origins: tuple[str, ...] = ()  # web origins allowed to call the API from browsers; none by default
     signup: bool = True  # the dashboard lets anyone create an account (with starter_credits); False: admins do
+    signups_per_hour: int = 5  # sign-ups one client address may make in an hour; 0: no limit
+    max_keys_per_account: int = 20  # active keys an account may hold (the dashboard refuses more; admins may)
 
     @property
     def url(self) -> str:

@@ -122,7 +122,7 @@ def create_app(
             if platform is not None:
                 await platform.drain()  # settle what the last requests used before the store closes
                 await platform.limiter.close()
-                await app.state.dashboard.limiter.close()
+                await app.state.dashboard.close()
                 await platform.store.close()
 
     # No Swagger UI or ReDoc pages: FastAPI's load their scripts from a CDN, on the dashboard's origin and offline

@@ -25,7 +25,7 @@ from fastapi.security import APIKeyCookie, APIKeyHeader
 from pydantic import BaseModel, Field
 
 from llamaserve.api.platform import platform_of
-from llamaserve.billing.limits import LoginLimiter, MemoryLoginLimiter
+from llamaserve.billing.limits import LOGIN_FAILURES, LOGIN_WINDOW, MemoryWindowLimiter, WindowLimiter
 from llamaserve.billing.models import Account, WebSession
 from llamaserve.billing.passwords import (
     check_email,
@@ -66,7 +66,14 @@ csrf_header = APIKeyHeader(
 class DashboardSettings:
     signup: bool  # anyone may create an account
     starter_credits: int  # micro-credits of each new account
-    limiter: LoginLimiter = field(default_factory=MemoryLoginLimiter)
+    logins: WindowLimiter = field(default_factory=lambda: MemoryWindowLimiter(LOGIN_FAILURES, LOGIN_WINDOW))
+    signups: WindowLimiter | None = None  # sign-ups per client address; None: no limit
+    max_keys: int | None = None  # active keys an account may create from the dashboard; None: no limit
+
+    async def close(self) -> None:
+        await self.logins.close()
+        if self.signups is not None:
+            await self.signups.close()
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,22 @@ def _presession_token(request: Request, response: Response) -> str:
 
 
 # --- API ------------------------------------------------------------------------------------------------------
+def client_address(request: Request) -> str:
+    """The client's address: the peer's, or a configured proxy's X-Forwarded-For (--forwarded-allow-ips)."""
+    return request.client.host if request.client else ""
+
+
+def _too_many(wait: float | None, what: str, code: str) -> None:
+    if wait is not None:
+        raise APIError(
+            429,
+            f"{what}; try again in {wait:.0f} s",
+            type="rate_limit_error",
+            code=code,
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+
+
 class Credentials(StrictModel):
     email: Annotated[StoredText, Field(max_length=254)]
     password: Annotated[Text, Field(max_length=1024)]
@@ -218,6 +241,9 @@ async def signup(
         raise invalid(problem, "email")
     if problem := check_password(body.password):
         raise invalid(problem, "password")
+    if settings.signups is not None:  # counted when tried: a burst of concurrent sign-ups cannot all pass
+        wait = await settings.signups.acquire(client_address(request))
+        _too_many(wait, "too many sign-ups from this address", "too_many_signups")
     hashed = await asyncio.to_thread(hash_password, body.password)
     name = email if len(email) <= 64 else f"{email[:40]}-{secrets.token_hex(6)}"
     try:
@@ -240,17 +266,10 @@ async def login(
     """Log in; 401 for a wrong email or password (which one is not said), 429 after 5 failures in 5 minutes."""
     check_csrf(request, request.cookies.get(PRESESSION_COOKIE))
     store = platform_of(request).store
-    limiter = settings_of(request).limiter
+    limiter = settings_of(request).logins
     email = normalize_email(body.email)
-    who = (email, request.client.host if request.client else "")
-    if (wait := await limiter.retry_after(who)) is not None:
-        raise APIError(
-            429,
-            f"too many failed log-ins; try again in {wait:.0f} s",
-            type="rate_limit_error",
-            code="too_many_login_attempts",
-            headers={"Retry-After": str(max(1, round(wait)))},
-        )
+    who = f"{email}\0{client_address(request)}"
+    _too_many(await limiter.retry_after(who), "too many failed log-ins", "too_many_login_attempts")
     account = await store.account_by_email(email)
     if account is not None and account.status != "active":
         # Whatever the password: answering a right one otherwise than a wrong one would confirm it.
@@ -258,9 +277,9 @@ async def login(
         raise APIError(403, message, type="permission_error", code="account_suspended")
     hashed = account.password_hash if account else None
     if account is None or not await asyncio.to_thread(verify_password, body.password, hashed):
-        await limiter.failed(who)
+        await limiter.record(who)
         raise APIError(401, "wrong email or password", type="authentication_error", code="invalid_credentials")
-    await limiter.succeeded(who)
+    await limiter.clear(who)
     if hashed and needs_rehash(hashed):
         await store.update_account(account.name, password_hash=await asyncio.to_thread(hash_password, body.password))
     return await _log_in(request, response, account)

@@ -131,7 +131,7 @@ def submit(
     handles: list[RequestHandle] = []
     try:
         for prompt in prompts:
-            handles.append(model.engine.submit(prompt, params, n))
+            handles.append(model.engine.submit(prompt, params, n, tenant=admission.caller.limit_key))
     except (InvalidPrompt, EngineOverloaded) as e:
         for h in handles:
             h.close()

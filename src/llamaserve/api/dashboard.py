@@ -26,10 +26,10 @@ from llamaserve.api.account import parse_time, usage_item, usage_totals
 from llamaserve.api.admin import key_view, unix
 from llamaserve.api.auth import DashboardSettings, SessionDep, require_session
 from llamaserve.api.platform import platform_of
-from llamaserve.billing.limits import PLANS, make_login_limiter
+from llamaserve.billing.limits import LOGIN_FAILURES, LOGIN_WINDOW, PLANS, SIGNUP_WINDOW, make_window_limiter
 from llamaserve.billing.models import ApiKey
 from llamaserve.billing.pricing import format_credits
-from llamaserve.billing.store import StoreError
+from llamaserve.billing.store import KeyLimitError, StoreError
 from llamaserve.config import PlatformConfig
 from llamaserve.protocol.account import (
     DashboardAccount,
@@ -134,7 +134,11 @@ async def create_key(body: KeyCreate, request: Request, logged_in: SessionDep) -
         if not _known_model(request, model):
             raise invalid(f"no model named {model!r} is served here", f"allowed_models[{i}]", "model_not_found")
     name = logged_in.account.name
-    full, key = await platform_of(request).store.create_key(name, body.name.strip(), body.allowed_models)
+    store, most = platform_of(request).store, auth.settings_of(request).max_keys
+    try:
+        full, key = await store.create_key(name, body.name.strip(), body.allowed_models, max_active=most)
+    except KeyLimitError as e:
+        raise APIError(403, str(e), type="permission_error", code="too_many_keys") from e
     return NewDashboardKey(**_key(await platform_of(request).store.key(key.prefix), name).model_dump(), key=full)
 
 
@@ -286,8 +290,15 @@ async def signup_page(request: Request) -> Response:
 
 def install(app: FastAPI, config: PlatformConfig) -> None:
     """The dashboard on a platform app: log-in API, dashboard API, pages and their static files."""
-    limiter = make_login_limiter(config.redis_url)
-    app.state.dashboard = DashboardSettings(config.signup, config.starter_credits, limiter)
+    redis = config.redis_url
+    signups = config.signups_per_hour
+    app.state.dashboard = DashboardSettings(
+        config.signup,
+        config.starter_credits,
+        logins=make_window_limiter(redis, "login", LOGIN_FAILURES, LOGIN_WINDOW),
+        signups=make_window_limiter(redis, "signup", signups, SIGNUP_WINDOW) if signups else None,
+        max_keys=config.max_keys_per_account or None,
+    )
     app.include_router(auth.router)
     app.include_router(router)
     app.include_router(pages)

@@ -55,6 +55,10 @@ class BalanceError(ValueError):
     """A change the balance cannot take (it would go below zero)."""
 
 
+class KeyLimitError(ValueError):
+    """The account holds as many active keys as it may."""
+
+
 class StoreError(ValueError):
     """A store operation that cannot be done (unknown account or key, duplicate name)."""
 
@@ -284,9 +288,11 @@ class Store:
         name: str = "",
         allowed_models: list[str] | None = None,
         expires_at: dt.datetime | None = None,
+        max_active: int | None = None,
     ) -> tuple[str, ApiKey]:
         """A new key; returns the full key (the only time it exists in clear) and its row. allowed_models None
-        allows every model; an empty list would allow none, which is refused as a mistake."""
+        allows every model; an empty list would allow none, which is refused as a mistake. With max_active, a
+        KeyLimitError when the account holds that many active keys already (playground keys aside)."""
         if allowed_models is not None and not allowed_models:
             raise StoreError("allowed_models must name at least one model (leave it out to allow all)")
         account = await self.account(account_name)
@@ -302,6 +308,14 @@ class Store:
             expires_at=expires_at,
         )
         async with self._write() as s:
+            if max_active is not None:
+                # The account's row locked first: concurrent creations count one after the other.
+                await s.execute(select(Account.id).where(Account.id == account.id).with_for_update())
+                active = select(func.count()).where(
+                    ApiKey.account_id == account.id, ApiKey.revoked.is_(False), ApiKey.expires_at.is_(None)
+                )
+                if (await s.scalar(active) or 0) >= max_active:
+                    raise KeyLimitError(f"an account may hold {max_active} active keys; revoke one to make another")
             s.add(key)
         return new.full, key
 

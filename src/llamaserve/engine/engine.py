@@ -73,6 +73,7 @@ class RequestHandle:
     prompt_tokens: int  # text tokens plus image tokens: what usage reports
     n: int
     engine: Engine
+    tenant: str = ""  # whose request (an account): free slots go first to the tenant running the fewest
     queue: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
     sequences: list[Sequence] = field(default_factory=list)
     completion_tokens: int = 0
@@ -173,10 +174,16 @@ class Engine:
             self._encoder.shutdown(wait=True, cancel_futures=True)
 
     def submit(
-        self, prompt: Seq[int] | Seq[Chunk], params: SamplingParams, n: int = 1, request_id: str = ""
+        self,
+        prompt: Seq[int] | Seq[Chunk],
+        params: SamplingParams,
+        n: int = 1,
+        request_id: str = "",
+        tenant: str = "",
     ) -> RequestHandle:
         """Queue a request of n choices; iterate `handle.outputs()` for its text. Call on the event loop. The
-        prompt is token ids, or chunks (token lists and images from the projector, in order)."""
+        prompt is token ids, or chunks (token lists and images from the projector, in order). `tenant`: whose
+        request, for a fair share of the slots."""
         p = Prompt.of(prompt)
         if not p.tokens:
             raise InvalidPrompt("the prompt is empty: give at least one token", "empty_prompt")
@@ -194,7 +201,7 @@ class Engine:
             raise EngineOverloaded(
                 f"the engine is at capacity ({self.n_slots} running, {self.max_waiting} queued); retry shortly"
             )
-        handle = RequestHandle(request_id or f"req-{next(self._ids)}", p.n_tokens, n, self)
+        handle = RequestHandle(request_id or f"req-{next(self._ids)}", p.n_tokens, n, self, tenant)
         max_new = min(params.max_tokens, self.max_model_len - p.n_tokens)
         handle.sequences = [Sequence(handle, i, p, params, max_new) for i in range(n)]
         self.outstanding += n
