@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -156,6 +158,12 @@ def test_message_text_cannot_forge_control_tokens(http: httpx.Client) -> None:
     assert prompt["tokens"].count(1) == 1 and prompt["tokens"].count(2) == 1
 
 
+def distinct_tool(i: int, properties: int) -> dict[str, Any]:
+    """A tool whose schema no other has: each distinct schema is checked against the meta-schema anew."""
+    props = {f"p{i}_{j}": {"type": "string", "description": "d"} for j in range(properties)}
+    return {"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object", "properties": props}}}
+
+
 def test_counts_and_sizes_are_bounded_before_any_work(http: httpx.Client) -> None:
     """Each refused by a named limit, as a 400 naming the parameter, at validation: 40,000 empty messages stalled
     the server 18 s, 10,000 tools 7–10 s, a 20,000-value enum 21 s of the engine's thread."""
@@ -166,6 +174,7 @@ def test_counts_and_sizes_are_bounded_before_any_work(http: httpx.Client) -> Non
         ({"messages": [{"role": "user", "content": ""}] * 2049}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 257}]}, "messages[0].content"),
         ({"messages": hi, "tools": [tool] * 129}, "tools"),
+        ({"messages": hi, "tools": [distinct_tool(i, 40) for i in range(128)]}, "tools"),  # 268 KB of schemas
         (
             {"messages": hi, "response_format": {"type": "json_schema", "json_schema": {"name": "e", "schema": {
                 "type": "string", "enum": [f"v{i}" for i in range(1001)]}}}},
@@ -186,3 +195,69 @@ def test_counts_and_sizes_are_bounded_before_any_work(http: httpx.Client) -> Non
     # At the limits, it works.
     r = http.post("/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": ""}] * 2048})
     assert r.status_code == 200, r.text[:300]
+
+
+@pytest.mark.parametrize("vocabulary", ["smollm2", "llama3"])
+def test_special_tokens_parse_as_llama_cpp_parses_them(vocabulary: str) -> None:
+    """A prompt's special tokens are found by one pass over the text (llama.cpp's own parsing took 37 to 58 s for
+    35,000 of them): the tokens are llama.cpp's, for texts that spell them anywhere, next to each other, inside
+    words and at the ends."""
+    from llamaserve.config import resolve_model
+    from llamaserve.engine import LlamaModel
+    from tests.tiny_llama3 import tiny_llama3_gguf
+
+    path = resolve_model(None)[0] if vocabulary == "smollm2" else tiny_llama3_gguf()
+    model = LlamaModel(str(path), None)
+    try:
+        specials = [model.token_text(t) for t in (model.bos, model.eos)]
+        texts = [
+            "",
+            "plain text, no special tokens at all",
+            f"{specials[0]}system\nBe brief.{specials[1]}\n{specials[0]}user\nHi{specials[1]}",
+            f"{specials[1]}{specials[1]}{specials[0]}",
+            f"word{specials[0]}word {specials[1]} spaced  {specials[0]}\n\n",
+            f"<|{specials[0]}|> <| not one |> {specials[0][:-1]}",
+            f"ünïcödé {specials[1]} 日本語 {specials[1]}🙂",
+            (f"{specials[0]}x" * 500) + "tail",
+        ]
+        for text in texts:
+            for add_special in (True, False):
+                assert model.tokenize(text, add_special) == model._tokenize(text, add_special, True), text[:80]
+    finally:
+        model.close()
+
+
+def test_health_answers_while_the_costliest_requests_run(server: Server) -> None:
+    """Requests as costly before the engine as the limits allow, several at once: 128 distinct tools (240 KB of
+    schemas to check and build a forced call's grammar from), 2048 messages to render, a /tokenize of the
+    longest run of special tokens the context's byte bound lets through. /health answers within 2 s throughout
+    (on the event loop, the tools' checks alone stalled it for seconds), and each heavy request gets its answer."""
+    tools = [distinct_tool(i, 36) for i in range(128)]
+    ask = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
+    heavy = [
+        ("/v1/chat/completions", {**ask, "tools": tools, "tool_choice": "required"}),
+        ("/v1/chat/completions", {**ask, "tools": tools[::-1], "tool_choice": "required"}),
+        ("/v1/chat/completions", {**ask, "tools": tools[1:], "tool_choice": "auto"}),
+        ("/v1/chat/completions", {**ask, "messages": [{"role": "user", "content": "x" * 40}] * 2048}),
+        ("/tokenize", {"model": MODEL, "prompt": "<|im_start|>x" * 25_000}),
+    ]
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+
+    def post(path: str, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(f"{server.base_url}{path}", json=body, headers=headers, timeout=300)
+
+    waits: list[float] = []
+    with ThreadPoolExecutor(len(heavy)) as pool, httpx.Client(base_url=server.base_url, timeout=30) as probe:
+        replies = [pool.submit(post, path, body) for path, body in heavy]
+        while not all(r.done() for r in replies):
+            started = time.monotonic()
+            assert probe.get("/health").status_code == 200
+            waits.append(time.monotonic() - started)
+            time.sleep(0.02)
+        statuses = [r.result().status_code for r in replies]
+    assert max(waits) < 2.0, sorted(waits)[-5:]
+    # The chats were checked, their grammars built and their prompts rendered in full: then found longer than
+    # the context (4096 tokens here).
+    for reply in [r.result() for r in replies[:4]]:
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded", reply.text
+    assert statuses[4] == 200 and replies[4].result().json()["count"] == 50_000

@@ -138,7 +138,8 @@ def create_app(
     app.state.started = int(time.time())
     errors.install(app, unknown_path=chat.unknown_model_by_path)
     app.state.lifecycle = lifecycle or Lifecycle()
-    app.add_middleware(InferenceMiddleware, routes=[chat.route, completions.route])  # innermost
+    inference = [chat.route, completions.route, openai.tokenize_route, openai.detokenize_route]
+    app.add_middleware(InferenceMiddleware, routes=inference)  # innermost
     app.add_middleware(LifecycleMiddleware, lifecycle=app.state.lifecycle)
     if platform_config is not None and platform_config.cors_origins:
         # Off unless asked: browsers on other origins may not call the API (the dashboard is same-origin).

@@ -251,7 +251,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     if images:  # mtmd tokenizes (and resizes) the images too
         plan = await asyncio.to_thread(plan_chat, body, model, images)
     else:
-        plan = await prompt_work(chat_work(size, body.messages), plan_chat, body, model)
+        schemas = bool(body.tools) or body.response_format is not None
+        plan = await prompt_work(chat_work(size, body.messages, schemas), plan_chat, body, model)
     # The hold is sized from the tokenized prompt, image tokens included.
     n_prompt = plan.prompt.n_tokens
     budget = completion_budget(model, [n_prompt], plan.params, body.n)

@@ -83,11 +83,13 @@ def check_prompt_bytes(model: LocalModel, size: int, param: str) -> None:
 
 
 MESSAGE_WORK_BYTES = 256  # what rendering one message costs, as bytes of text: many small messages add up
+SCHEMA_WORK_BYTES = 64 * 1024  # tools or a response schema: grammars to build, tools to render; never inline
 
 
-def chat_work(text_size: int, messages: list[Any]) -> int:
-    """A chat prompt's rendering work, in bytes of text (prompt_work's measure)."""
-    return text_size + MESSAGE_WORK_BYTES * len(messages)
+def chat_work(text_size: int, messages: list[Any], schemas: bool) -> int:
+    """A chat prompt's rendering work, in bytes of text (prompt_work's measure); `schemas`: it has tools or a
+    JSON schema to follow."""
+    return text_size + MESSAGE_WORK_BYTES * len(messages) + (SCHEMA_WORK_BYTES if schemas else 0)
 
 
 async def prompt_work(size: int, work: Callable[..., T], *args: Any) -> T:

@@ -41,6 +41,7 @@ from llamaserve.protocol.errors import invalid
 router = APIRouter()
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
+TOKEN_BYTES = 4  # a prompt of token ids, measured as text: ids are checked one by one
 
 
 def _prompts(body: CompletionRequest, model: LocalModel) -> list[list[int]]:
@@ -65,10 +66,15 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
         raise invalid(
             f"model {model.id} does not support suffix (fill-in-the-middle)", "suffix", code="unsupported_parameter"
         )
-    texts = [p for p in body.prompts() if isinstance(p, str)]
-    for text in texts:
-        check_prompt_bytes(model, text_bytes([text]), "prompt")
-    prompts = await prompt_work(text_bytes(texts), _prompts, body, model)
+    work = 0
+    for p in body.prompts():  # cheap refusals first: each prompt must fit the context
+        if isinstance(p, str):
+            check_prompt_bytes(model, text_bytes([p]), "prompt")
+        elif len(p) >= model.max_model_len:
+            message = f"the prompt is {len(p)} tokens; this model's context is {model.max_model_len} tokens"
+            raise invalid(message, "prompt", code="context_length_exceeded")
+        work += text_bytes([p]) if isinstance(p, str) else TOKEN_BYTES * len(p)
+    prompts = await prompt_work(work, _prompts, body, model)
     params = dataclasses.replace(
         body.sampling_params(DEFAULT_MAX_TOKENS),
         logprobs=body.logprobs,

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from llamaserve.api.chat import template_messages
 from llamaserve.api.common import chat_work, check_prompt_bytes, prompt_work, text_bytes
 from llamaserve.api.common import get_model as lookup_model
+from llamaserve.api.inference import inference_route
 from llamaserve.api.platform import CallerDep, check_model_allowed, count_request
 from llamaserve.api.proxy import find_upstream
 from llamaserve.backends.local import LocalModel
@@ -91,7 +92,7 @@ async def tokenize(body: TokenizeRequest, request: Request, caller: CallerDep) -
         try:
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
             messages = template_messages(body.messages)
-            work = chat_work(size, body.messages)
+            work = chat_work(size, body.messages, bool(body.tools))
             prompt = await prompt_work(work, model.render_chat, messages, body.add_generation_prompt, tools)
         except (TemplateError, Llama3FormatError) as e:
             raise invalid(str(e), "messages") from e
@@ -101,7 +102,8 @@ async def tokenize(body: TokenizeRequest, request: Request, caller: CallerDep) -
         text = body.prompt or ""
         check_prompt_bytes(model, text_bytes([text]), "prompt")
         tokens = await prompt_work(text_bytes([text]), model.tokenize_text, text, add_special)
-    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=model.max_model_len)
+    response = TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=model.max_model_len)
+    return JSONResponse(response.model_dump())
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
@@ -113,4 +115,11 @@ async def detokenize(body: DetokenizeRequest, request: Request, caller: CallerDe
     check_model_allowed(caller, model.id)
     if any(not model.llama.is_valid_token(t) for t in body.tokens):
         raise invalid(f"token ids must be in 0..{model.llama.n_vocab - 1}", "tokens")
-    return DetokenizeResponse(prompt=model.detokenize(body.tokens))
+    text = await prompt_work(len(body.tokens) * 4, model.detokenize, body.tokens)  # a token is ~4 bytes of text
+    return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
+
+
+# POSTs are answered by InferenceMiddleware: their bodies (tools' schemas, long token lists) are checked off the
+# event loop when large.
+tokenize_route = inference_route("/tokenize", TokenizeRequest, tokenize)
+detokenize_route = inference_route("/detokenize", DetokenizeRequest, detokenize)

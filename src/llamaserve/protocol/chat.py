@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from llamaserve.protocol.common import LegacyLogprobs, SamplingFields, StrictModel, Usage
-from llamaserve.protocol.validation import JSONSchema, Text
+from llamaserve.protocol.validation import JSONSchema, Text, json_size_at_most
 
 
 class TextPart(StrictModel):
@@ -33,6 +33,9 @@ MAX_MESSAGES = 2048
 MAX_PARTS = 256  # content parts of one message
 MAX_TOOLS = 128
 MAX_TOOL_CALLS = 128  # tool calls of one message
+# All tools together, as JSON: each distinct schema is checked against the meta-schema (~4 ms a KiB), rendered
+# into the prompt and perhaps compiled into a grammar. 128 tools of 2 KiB each fit.
+MAX_TOOLS_BYTES = 256 * 1024
 
 
 class FunctionCall(StrictModel):
@@ -98,12 +101,17 @@ class NamedToolChoice(StrictModel):
     function: FunctionName
 
 
+ToolList = Annotated[
+    list[Tool], Field(max_length=MAX_TOOLS), BeforeValidator(json_size_at_most(MAX_TOOLS_BYTES, "the tools"))
+]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tools: ToolList | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None

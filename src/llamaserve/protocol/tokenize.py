@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from llamaserve.protocol.chat import MAX_MESSAGES, MAX_TOOLS, ChatMessage, Tool
+from llamaserve.protocol.chat import MAX_MESSAGES, ChatMessage, ToolList
 from llamaserve.protocol.common import StrictModel
 from llamaserve.protocol.validation import Text
 
@@ -15,9 +15,7 @@ class TokenizeRequest(StrictModel):
     model: Text | None = None
     prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
-    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = (
-        None  # rendered into the prompt as a chat completion with these tools would be
-    )
+    tools: ToolList | None = None  # rendered into the prompt as a chat completion with these tools would be
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None
 
@@ -28,9 +26,12 @@ class TokenizeResponse(BaseModel):
     max_model_len: int
 
 
+MAX_DETOKENIZE_TOKENS = 1 << 20  # past any context a model here has
+
+
 class DetokenizeRequest(StrictModel):
     model: Text | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_DETOKENIZE_TOKENS)]
 
 
 class DetokenizeResponse(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any
 
 from jsonschema import Draft202012Validator
@@ -188,6 +188,21 @@ def valid_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     if problem is not None:
         raise ValueError(problem)
     return schema
+
+
+def json_size_at_most(limit: int, what: str) -> Callable[[Any], Any]:
+    """A before-validator: a JSON value (as parsed) of at most `limit` bytes, before any of it is validated."""
+
+    def check(value: Any) -> Any:
+        try:
+            size = len(json.dumps(value, ensure_ascii=False).encode())
+        except (TypeError, ValueError):  # not JSON data: the field's own validation says what is wrong
+            return value
+        if size > limit:
+            raise ValueError(f"{what} are {size} bytes as JSON; at most {limit} are accepted")
+        return value
+
+    return check
 
 
 def no_nul(text: str) -> str:
