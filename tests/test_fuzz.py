@@ -262,6 +262,77 @@ def test_hostile_chat_bodies_get_4xx_in_shape_and_cost_nothing(server: Server) -
     assert seen.get(400, 0) > 15 and seen.get(200, 0) > 5, seen  # both refusals and generations were tried
 
 
+# --- sizes: counts and lengths around each limit and far past it ------------------------------------------------
+def distinct_tools(count: int, properties: int) -> list[dict[str, Any]]:
+    return [
+        {"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object", "properties": {
+            f"p{i}_{j}": {"type": "string"} for j in range(properties)}}}}
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+
+
+AROUND = [0, 1, 2, 45, 46, 127, 128, 129, 999, 1000, 1001, 2047, 2048, 2049, 5000, 40_000]
+SIZED: dict[str, Any] = {
+    "messages": lambda n: {"messages": [{"role": "user", "content": ""}] * max(n, 1)},
+    "parts": lambda n: {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * max(n, 1)}]},
+    "tools": lambda n: {"tools": distinct_tools(min(n, 300), 2)},
+    "tool calls": lambda n: {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in range(n)
+                ],
+            },
+        ]
+    },  # fmt: skip
+    "enum values": lambda n: schema_format({"enum": [f"v{i}" for i in range(n)]}),
+    "optional properties": lambda n: schema_format(
+        {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(min(n, 5000))}}
+    ),
+    "special tokens": lambda n: {"messages": [{"role": "user", "content": "<|im_start|>x" * n}]},
+    "stop strings": lambda n: {"stop": ["x"] * n},
+    "logit_bias": lambda n: {"logit_bias": {str(i): 1 for i in range(n)}},
+}
+
+
+@st.composite
+def sized_requests(draw: st.DrawFn) -> tuple[str, str]:
+    """A chat body with one count (messages, parts, tools, enum values, ...) near its limit or far past it, or a
+    completions prompt or /tokenize call of a long special-token run."""
+    n = draw(st.sampled_from(AROUND))
+    what = draw(st.sampled_from([*sorted(SIZED), "completions prompt", "tokenize prompt"]))
+    if what == "completions prompt":
+        return "/v1/completions", json.dumps({"model": MODEL, "prompt": "<|im_start|>x" * n, "max_tokens": 1})
+    if what == "tokenize prompt":
+        return "/tokenize", json.dumps({"model": MODEL, "prompt": "<|im_start|>x" * n})
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **SIZED[what](n)}
+    return "/v1/chat/completions", json.dumps(body)
+
+
+def test_bodies_sized_around_every_limit_are_answered_in_shape(server: Server) -> None:
+    """Counts and lengths at, just past and far past each limit: answered (a 200, or a 4xx naming the limit) well
+    within the timeout, never a 5xx, refusals cost nothing, and /health answers after each."""
+    ledger = Ledger(server)
+
+    @settings(SETTINGS, max_examples=40)
+    @given(request=sized_requests())
+    def run(request: tuple[str, str]) -> None:
+        path, text = request
+        r = post(server, path, text)
+        error_shape(r)
+        ledger.after(r)
+        with httpx.Client(timeout=5) as client:
+            assert client.get(f"{server.base_url}/health").status_code == 200
+
+    run()
+
+
 MALFORMED = [
     pytest.param(b'{"model": "x", "messages": [', "application/json", id="truncated-json"),
     pytest.param(b"", "application/json", id="empty"),

@@ -261,3 +261,22 @@ def test_health_answers_while_the_costliest_requests_run(server: Server) -> None
     for reply in [r.result() for r in replies[:4]]:
         assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded", reply.text
     assert statuses[4] == 200 and replies[4].result().json()["count"] == 50_000
+
+
+def test_rate_limits_are_checked_before_the_prompt_is_built(admin_server: Server) -> None:
+    """A free key (5 requests a minute) past its limit gets 429 before its tools are rendered and its grammar
+    built: that work used to run first, and the costly request was then refused anyway."""
+    base = admin_server.base_url
+    r = httpx.post(f"{base}/admin/accounts", json={"name": "eager", "plan": "free", "credits": "1"}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    key = httpx.post(f"{base}/admin/accounts/eager/keys", json={}, headers=ADMIN).json()["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    assert [httpx.post(f"{base}/v1/chat/completions", json=chat, headers=auth).status_code for _ in range(5)] == [
+        200
+    ] * 5
+    heavy = {**chat, "tools": [distinct_tool(i, 36) for i in range(128)], "tool_choice": "required"}
+    r = httpx.post(f"{base}/v1/chat/completions", json=heavy, headers=auth, timeout=60)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text[:300]
+    r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "Hi"}, headers=auth)
+    assert r.status_code == 429, r.text[:300]

@@ -5,6 +5,7 @@ writes counted."""
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -158,3 +159,25 @@ def test_a_huge_head_is_refused(engine: Server) -> None:
     body = {"model": MODEL, "prompt": "word " * 60_000}
     r = httpx.post(f"{engine.base_url}/tokenize", json=body, timeout=60)
     assert r.status_code in (200, 400) and r.headers["content-type"] == "application/json", r.text[:200]
+
+
+def test_idle_connections_past_the_cap_make_way_for_new_ones() -> None:
+    """Past --max-connections, a new connection closes the one that has waited longest for a request: thousands
+    of idle sockets used to leave /health without an answer ("Empty reply"). A connection serving a request (a
+    stream, here) is never closed for it."""
+    with start_server("--parallel", "1", "--max-connections", "32", command="engine") as server:
+        host, port = server.base_url.removeprefix("http://").split(":")
+        body = {"model": MODEL, "prompt": "Count:", "max_tokens": 48, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=server.base_url, timeout=60) as client:
+            with client.stream("POST", "/v1/completions", json=body) as stream:
+                idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(200)]
+                try:
+                    assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+                    assert "data: [DONE]" in "".join(stream.iter_text())
+                    time.sleep(0.5)
+                    readable, _, _ = select.select(idle, [], [], 1)
+                    closed = [s for s in readable if s.recv(1) == b""]
+                    assert 200 - 32 <= len(closed) < 200, len(closed)
+                finally:
+                    for s in idle:
+                        s.close()

@@ -85,6 +85,14 @@ WriteTimeout = Annotated[
 HeaderTimeout = Annotated[
     float, typer.Option(help="Seconds a connection may take to send a request's head (then 408 and closed).")
 ]
+MaxConnections = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Connections held open at once; past it a new one closes the longest idle (0: the file-descriptor "
+        "limit, raised to its hard limit, less 256).",
+    ),
+]
 ImageAllow = Annotated[
     list[str] | None,
     typer.Option(help="A network image URLs may point into although not public, e.g. 10.1.0.0/16 (repeatable)."),
@@ -173,6 +181,7 @@ def serve(
     drain_timeout: DrainTimeout = 30,
     write_timeout: WriteTimeout = 60,
     header_timeout: HeaderTimeout = 10,
+    max_connections: MaxConnections = 0,
     ssl_certfile: SslCertfile = None,
     ssl_keyfile: SslKeyfile = None,
     forwarded_allow_ips: ForwardedAllowIps = None,
@@ -233,7 +242,7 @@ def serve(
         mmproj=mmproj,
     )
     images = _image_limits(image_allow, image_max_mb)
-    limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout, header_timeout)
+    limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout, header_timeout, max_connections)
     tls = _tls(ssl_certfile, ssl_keyfile)
     counters = _token_counters(registry, config_file) if registry and config_file else {}
     load_local = registry is None or model is not None
@@ -268,6 +277,7 @@ def engine(
     drain_timeout: DrainTimeout = 30,
     write_timeout: WriteTimeout = 120,  # above serve's 60: a gateway whose client stalls cuts that client first
     header_timeout: HeaderTimeout = 10,
+    max_connections: MaxConnections = 0,
     ssl_certfile: SslCertfile = None,
     ssl_keyfile: SslKeyfile = None,
     log_format: LogFormatOpt = LogFormat.json,
@@ -289,7 +299,7 @@ def engine(
         chat_format=chat_format.value,
         mmproj=mmproj,
     )
-    limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout, header_timeout)
+    limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout, header_timeout, max_connections)
     images = _image_limits(image_allow, image_max_mb)
     _run(config, None, limits, image_limits=images, tls=_tls(ssl_certfile, ssl_keyfile))
 
@@ -324,11 +334,17 @@ def _token_counters(registry: Registry, config_file: Path) -> dict[str, TokenCou
 
 
 def _limits(
-    max_body_mb: float, body_timeout: float, drain_timeout: float, write_timeout: float, header_timeout: float
+    max_body_mb: float,
+    body_timeout: float,
+    drain_timeout: float,
+    write_timeout: float,
+    header_timeout: float,
+    max_connections: int,
 ) -> Limits:
     from llamaserve.api.lifecycle import Limits
 
-    return Limits(int(max_body_mb * 1024 * 1024), body_timeout, drain_timeout, write_timeout, header_timeout)
+    body_bytes = int(max_body_mb * 1024 * 1024)
+    return Limits(body_bytes, body_timeout, drain_timeout, write_timeout, header_timeout, max_connections)
 
 
 def _run(
@@ -388,7 +404,7 @@ def _run(
         log_level=level if level <= logging.DEBUG else max(level, logging.WARNING),
         access_log=False,
         timeout_graceful_shutdown=5,
-        http=protocol_class(limits.write_timeout, limits.header_timeout),
+        http=protocol_class(limits.write_timeout, limits.header_timeout, limits.max_connections),
         ssl_certfile=tls[0] if tls else None,
         ssl_keyfile=tls[1] if tls else None,
         # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: then any local client could pose as any

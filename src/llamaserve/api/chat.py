@@ -43,7 +43,6 @@ from llamaserve.api.logprobs import LegacyLogprobs, chat_logprobs
 from llamaserve.api.platform import CallerDep, admit, check_model_allowed, check_rate_limit, require_caller
 from llamaserve.api.proxy import find_upstream, proxy
 from llamaserve.backends.local import ChatPrompt, LocalModel
-from llamaserve.billing.store import Caller
 from llamaserve.chat.grammar import Grammar, SchemaError, json_object_grammar, json_schema_grammar
 from llamaserve.chat.images import Image, ImageError
 from llamaserve.chat.llama3 import Llama3FormatError
@@ -138,14 +137,10 @@ def check_images(body: ChatCompletionRequest, model: LocalModel) -> None:
         )
 
 
-async def load_images(request: Request, body: ChatCompletionRequest, model: LocalModel, caller: Caller) -> Images:
-    """Fetch (under the deployment's limits and address rules) and decode every image part. The request is
-    admitted only once its prompt, images included, is tokenized: a key over its rate limits gets its 429 first,
-    before anything is fetched for it."""
+async def load_images(request: Request, body: ChatCompletionRequest, model: LocalModel) -> Images:
+    """Fetch (under the deployment's limits and address rules) and decode every image part."""
     check_images(body, model)
     parts = _image_parts(body.messages)
-    if parts:
-        await check_rate_limit(request, caller, 1)
     images: Images = {}
     budget = image_budget([f"messages[{i}].content[{j}]" for i, j, _ in parts], request.app.state.image_limits)
     for i, j, part in parts:
@@ -247,7 +242,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     check_sampling(body, model)  # cheap refusals before any image is fetched
     size = text_bytes(m.text() for m in body.messages)  # the rendered prompt holds at least these bytes
     check_prompt_bytes(model, size, "messages")
-    images = await load_images(request, body, model, caller)
+    # Admitted once its prompt is tokenized (images included); a key over its rate limits gets its 429 before
+    # any of that work (images fetched, the prompt rendered, grammars built).
+    await check_rate_limit(request, caller, 1)
+    images = await load_images(request, body, model)
     if images:  # mtmd tokenizes (and resizes) the images too
         plan = await asyncio.to_thread(plan_chat, body, model, images)
     else:

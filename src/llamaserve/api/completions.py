@@ -30,7 +30,7 @@ from llamaserve.api.common import (
 )
 from llamaserve.api.inference import inference_route
 from llamaserve.api.logprobs import LegacyLogprobs
-from llamaserve.api.platform import CallerDep, admit, check_model_allowed
+from llamaserve.api.platform import CallerDep, admit, check_model_allowed, check_rate_limit
 from llamaserve.api.proxy import find_upstream, proxy
 from llamaserve.backends.local import LocalModel
 from llamaserve.engine import Output, RequestHandle
@@ -74,6 +74,7 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
             message = f"the prompt is {len(p)} tokens; this model's context is {model.max_model_len} tokens"
             raise invalid(message, "prompt", code="context_length_exceeded")
         work += text_bytes([p]) if isinstance(p, str) else TOKEN_BYTES * len(p)
+    await check_rate_limit(request, caller, 1)  # a key over its limits: 429 before tokenizing
     prompts = await prompt_work(work, _prompts, body, model)
     params = dataclasses.replace(
         body.sampling_params(DEFAULT_MAX_TOKENS),

@@ -19,25 +19,34 @@ And it bounds what a request's head may cost, which uvicorn's httptools protocol
 not apply to it): a connection must send a whole head within `header_timeout` seconds of opening (or of its last
 response), or it is closed; a head larger than MAX_HEAD_BYTES is answered 431 and the connection closed. Idle
 keep-alive connections close after uvicorn's `timeout_keep_alive` (5 s).
+
+And it bounds the connections held open: past `max_connections`, a new connection closes the one that has waited
+longest for a request (idle, or still sending a head), as nginx reuses its keep-alive connections; connections
+serving a request are never closed for it. Thousands of idle sockets (up to the file-descriptor limit) used to
+leave no room for a /health check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
-from typing import Any
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 WRITE_TIMEOUT = 60.0  # seconds sent data may wait for the client's acknowledgement before the connection is cut
 HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a request's head
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers (a 64 MB header line was read whole)
+FD_RESERVE = 256  # file descriptors kept for the rest (database, upstreams, model files, logs)
 
 
 class HttpProtocol(HttpToolsProtocol):
     write_timeout = WRITE_TIMEOUT  # set per server by `protocol_class`
     header_timeout = HEADER_TIMEOUT
+    max_connections = 1024
+    waiting: ClassVar[dict[HttpProtocol, None]] = {}  # connections waiting for a request, oldest first
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -48,6 +57,9 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport = CoalescingTransport(transport, self.loop)  # what each request's response writes to
         self._head_bytes: int | None = 0  # bytes of the head being read; None while a request is being served
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.header_timeout, self._head_too_slow)
+        self.waiting[self] = None
+        if len(self.connections) > self.max_connections:
+            self._make_room()
 
     def data_received(self, data: bytes) -> None:
         reading_head = self._head_bytes is not None
@@ -65,6 +77,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
+        self.waiting.pop(self, None)
         self._cancel_head_timer()
         super().on_headers_complete()
 
@@ -72,10 +85,19 @@ class HttpProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if not self.pipeline:  # (a pipelined request's head is already in)
             self._head_bytes = 0  # the next request's head, whose clock starts with its first byte
+            self.waiting[self] = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self.waiting.pop(self, None)
         super().connection_lost(exc)
+
+    def _make_room(self) -> None:
+        """Close the connection that has waited longest for a request (this one, if no other waits)."""
+        oldest = next(iter(self.waiting))
+        del self.waiting[oldest]
+        oldest._cancel_head_timer()
+        oldest.transport.close()
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -93,10 +115,29 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_class(write_timeout: float, header_timeout: float) -> type[HttpProtocol]:
-    """The protocol class for a server whose clients may stall `write_timeout` seconds and take `header_timeout`
-    seconds to send a request's head (uvicorn takes a class)."""
-    return type("HttpProtocol", (HttpProtocol,), {"write_timeout": write_timeout, "header_timeout": header_timeout})
+def protocol_class(write_timeout: float, header_timeout: float, max_connections: int = 0) -> type[HttpProtocol]:
+    """The protocol class for a server whose clients may stall `write_timeout` seconds, take `header_timeout`
+    seconds to send a request's head, and hold `max_connections` open (0: as many as the file-descriptor limit
+    leaves room for; uvicorn takes a class)."""
+    settings = {
+        "write_timeout": write_timeout,
+        "header_timeout": header_timeout,
+        "max_connections": max_connections or descriptor_room(),
+        "waiting": {},
+    }
+    return type("HttpProtocol", (HttpProtocol,), settings)
+
+
+def descriptor_room() -> int:
+    """Connections the process can hold: its file-descriptor limit, raised to the hard limit (systems start
+    processes at 1024), less FD_RESERVE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return max(64, soft - FD_RESERVE)
 
 
 class CoalescingTransport:

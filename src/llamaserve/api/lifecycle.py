@@ -27,6 +27,7 @@ class Limits:
     drain_timeout: float = 30.0  # seconds requests in flight may run after SIGTERM
     write_timeout: float = 60.0  # seconds sent data may wait for a client reading nothing (then it is cut off)
     header_timeout: float = 10.0  # seconds a connection may take to send a request's head (then it is closed)
+    max_connections: int = 0  # connections held open at once (0: what the file-descriptor limit leaves room for)
 
 
 @dataclass

@@ -43,12 +43,15 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.sql.elements import TextClause
 
-from llamaserve.billing.keys import generate_key, parse_key, secret_matches
+from llamaserve.billing.keys import generate_key, hash_secret, parse_key, secret_matches
 from llamaserve.billing.models import Account, ApiKey, Gateway, Hold, LedgerEntry, UsageRecord, WebSession
 from llamaserve.billing.passwords import new_session_token, token_hash
 
 T = TypeVar("T")
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)  # last_used_at is a hint; don't write on every request
+
+
+_NO_KEY_HASH = hash_secret("")  # what an unknown prefix's secret is compared with
 
 
 class BalanceError(ValueError):
@@ -369,7 +372,9 @@ class Store:
                     .where(ApiKey.prefix == prefix)
                 )
             ).first()
-        if row is None or not secret_matches(secret, row[0].secret_hash) or row[0].revoked:
+        # The secret is hashed and compared whether the prefix exists or not: the same work either way.
+        matches = secret_matches(secret, row[0].secret_hash if row is not None else _NO_KEY_HASH)
+        if row is None or not matches or row[0].revoked:
             raise AuthError(401, "Incorrect API key provided (unknown or revoked)", "invalid_api_key")
         key, account = row
         if key.expires_at is not None and _aware(key.expires_at) <= _now():
