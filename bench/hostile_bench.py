@@ -64,8 +64,10 @@ def _optional(n: int) -> dict[str, Any]:
     return {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(n)}}
 
 
-def _tool(i: int) -> dict[str, Any]:
-    parameters = {"type": "object", "properties": {f"p{i}": {"type": "string"}}, "required": [f"p{i}"]}
+def _tool(i: int, properties: int = 1) -> dict[str, Any]:
+    """A tool whose parameters schema no other tool has."""
+    names = [f"p{i}_{j}" for j in range(properties)]
+    parameters = {"type": "object", "properties": {n: {"type": "string"} for n in names}, "required": names[:1]}
     return {"type": "function", "function": {"name": f"f{i}", "description": "x", "parameters": parameters}}
 
 
@@ -99,6 +101,21 @@ HOSTILE = [
         'POST /tokenize: "<|im_start|>x" * 20,000',
         "/tokenize",
         lambda: {"model": MODEL, "prompt": "<|im_start|>x" * 20_000},
+    ),
+    Hostile(
+        "tools-max",
+        "128 tools of 36 properties each (240 KB), a call forced",
+        "/v1/chat/completions",
+        lambda: _chat(tools=[_tool(i, 36) for i in range(128)], tool_choice="required"),
+    ),
+    Hostile(
+        "enum-max",
+        "json_schema: a string enum of 1,000 values, 24 tokens",
+        "/v1/chat/completions",
+        lambda: _chat(
+            max_tokens=24,
+            response_format=_schema("e", {"type": "string", "enum": [f"value-{i:04d}" for i in range(1000)]}),
+        ),
     ),
     Hostile(
         "logit-bias",
