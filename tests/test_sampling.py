@@ -94,7 +94,8 @@ def test_a_plain_draw_has_the_masked_distribution(embedded_llama: LlamaModel) ->
         for seed in range(1000):
             sampler = Sampler(embedded_llama, SamplingParams(seed=seed, grammar=grammar))
             refused += not sampler._allowed(draw_unmasked(embedded_llama, seed, last))
-            counts[sampler.sample(embedded_llama, last)] += 1
+            token = sampler.sample(embedded_llama, last)
+            counts[token if token is not None else sampler.sample_masked()] += 1
             sampler.free()
     finally:
         batch.free()
@@ -126,6 +127,38 @@ def draw_unmasked(model: LlamaModel, seed: int, index: int) -> int:
     """The token the same seeded chain picks without a grammar: the fast path's first draw."""
     sampler = Sampler(model, SamplingParams(seed=seed))
     try:
-        return sampler.sample(model, index)
+        token = sampler.sample(model, index)
+        assert token is not None  # no grammar: drawn at once
+        return token
     finally:
         sampler.free()
+
+
+def test_a_costly_grammar_does_not_hold_up_other_sequences(embedded_llama: LlamaModel) -> None:
+    """A 1000-value enum makes the grammar mask the whole vocabulary (~100 ms a token); that runs on a thread of
+    its own while the sequence sits out the batches. A plain request started beside it is done before the
+    grammar one has half its tokens: it used to wait for each of those draws, step by step."""
+    enum = {"type": "string", "enum": [f"value-number-{i:04d}-padding" for i in range(1000)]}
+    heavy = SamplingParams(max_tokens=24, temperature=0, grammar=json_schema_grammar(enum))
+    plain = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    async def main() -> tuple[int, str]:
+        engine = Engine(embedded_llama)
+        engine.start(asyncio.get_running_loop())
+        prompt = embedded_llama.tokenize(PROMPT, add_special=True)
+        try:
+            constrained, free = engine.submit(prompt, heavy), engine.submit(prompt, plain)
+            async for _ in free.outputs():
+                pass
+            drawn_meanwhile = constrained.sequences[0].n_generated
+            text = ""
+            async for out in constrained.outputs():
+                assert out.error is None, out.error
+                text += out.text
+            return drawn_meanwhile, text
+        finally:
+            engine.stop()
+
+    drawn_meanwhile, text = asyncio.run(main())
+    assert json.loads(text) in enum["enum"], text  # it still follows its grammar to the end
+    assert drawn_meanwhile < 12, drawn_meanwhile

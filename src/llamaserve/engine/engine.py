@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llamaserve.engine.llama import Batch, ContextConfig, LlamaModel
-from llamaserve.engine.logprobs import TokenLogprob, token_logprob
+from llamaserve.engine.logprobs import TokenLogprob, logprob_of, token_logprob
 from llamaserve.engine.metrics import EngineMetrics
 from llamaserve.engine.mtmd import Chunk, MtmdError, Projector
 from llamaserve.engine.prompt import ImageSpan, Prompt
@@ -143,6 +143,9 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="llamaserve-engine", daemon=True)
         # One encoder thread: the projector encodes one image at a time anyway.
         self._encoder = ThreadPoolExecutor(1, "llamaserve-encode") if projector is not None else None
+        # One thread for draws the grammar must mask the whole vocabulary for: such a sequence sits out the
+        # batches until its token is drawn, and the others go on (a 1000-value enum costs ~100 ms a token).
+        self._masker = ThreadPoolExecutor(1, "llamaserve-grammar")
 
     @property
     def alive(self) -> bool:
@@ -172,6 +175,7 @@ class Engine:
             self._thread.join(timeout=10)
         if self._encoder is not None:
             self._encoder.shutdown(wait=True, cancel_futures=True)
+        self._masker.shutdown(wait=True, cancel_futures=True)
 
     def submit(
         self,
@@ -241,6 +245,7 @@ class Engine:
                 # Wait for work when nothing runs, or when every running sequence waits for an image encoding
                 # (whose end puts a wake-up in the inbox).
                 self._take_commands(block=idle)
+                drawn = self._take_masked()
                 started = sched.admit()
                 if started:
                     self._observe_started(started)
@@ -251,7 +256,7 @@ class Engine:
                 plan = sched.fill(self._batch, self.config.n_batch)
                 if plan:
                     self._step(plan)
-                idle = not sched.running or not (plan or decoded)
+                idle = not sched.running or not (plan or decoded or drawn)
                 self.stats.running, self.stats.waiting = len(sched.running), len(sched.waiting)
         except Exception:  # a bug here must not leave every client hanging
             log.exception("engine loop crashed")
@@ -384,8 +389,24 @@ class Engine:
         if seq.n_generated == 0:
             stats.prompt_tokens_cached += seq.cached_tokens
         token = seq.sampler.sample(self.model, item.logits_index)
+        if token is None:  # the grammar must mask the vocabulary: on the grammar thread, while others go on
+            seq.masking = self._masker.submit(seq.sampler.sample_masked)
+            seq.masking.add_done_callback(lambda _: self._inbox.put(("wake", None)))  # type: ignore[arg-type]
+            return 0
         n_top = seq.params.logprobs
         logprob = None if n_top is None else token_logprob(self.model, item.logits_index, token, n_top)
+        self._take(seq, token, logprob, outputs, now)
+        return 1
+
+    def _take(
+        self,
+        seq: Sequence,
+        token: int,
+        logprob: TokenLogprob | None,
+        outputs: list[tuple[RequestHandle, Output]],
+        now: float,
+    ) -> None:
+        """A sampled token: into the sequence's text, its output, and its end if it ends there."""
         seq.append(token, self.model, logprob)
         self._observe_token(seq, now)
         out = seq.take_output()
@@ -393,8 +414,30 @@ class Engine:
             outputs.append((seq.handle, out))
         if seq.finish_reason is not None:
             self._scheduler.release(seq)
-            stats.sequences_finished += 1
-        return 1
+            self.stats.sequences_finished += 1
+
+    def _take_masked(self) -> bool:
+        """The tokens the grammar thread has drawn, taken as if sampled in a step; returns whether any was."""
+        outputs: list[tuple[RequestHandle, Output]] = []
+        now = time.perf_counter()
+        drawn = 0
+        for seq in list(self._scheduler.running):
+            if seq.masking is None or not seq.masking.done():
+                continue
+            future, seq.masking = seq.masking, None
+            try:
+                token = future.result()
+                n_top = seq.params.logprobs
+                assert seq.sampler is not None and seq.sampler.logits is not None
+                logprob = None if n_top is None else logprob_of(seq.sampler.logits, token, n_top)
+                self._take(seq, token, logprob, outputs, now)
+                drawn += 1
+            except Exception as e:  # one sequence's failure ends that sequence only
+                log.exception("request %s: a grammar draw failed", seq.handle.id)
+                self._fail([seq], f"generation failed ({type(e).__name__})")
+        self.stats.generated_tokens += drawn
+        self._send(outputs)
+        return drawn > 0
 
     def _observe_token(self, seq: Sequence, now: float) -> None:
         """Time to first token (from submission) or since the sequence's previous token."""

@@ -19,7 +19,11 @@ class TokenLogprob:
 
 def token_logprob(model: LlamaModel, batch_index: int, token: int, n_top: int) -> TokenLogprob:
     """The logprob of `token` under the logits at `batch_index`, with the n_top most likely alternatives."""
-    logits = np.ctypeslib.as_array(model.logits(batch_index))
+    return logprob_of(np.ctypeslib.as_array(model.logits(batch_index)), token, n_top)
+
+
+def logprob_of(logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
+    """The logprob of `token` under `logits`, with the n_top most likely alternatives."""
     peak = float(logits.max())
     log_z = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
     top: tuple[tuple[int, float], ...] = ()

@@ -69,6 +69,8 @@ class Sampler:
         self.chain = C.llama_sampler_chain_init(chain_params)
         self._repetition: ctypes.c_void_p | None = None
         self.grammar: ctypes.c_void_p | None = None  # the grammar when it checks chosen tokens, outside the chain
+        self.grammar_in_chain = False  # the grammar masks every step, inside the chain
+        self.logits: np.ndarray | None = None  # a copy of the last logits, with a grammar (for sample_masked)
         self._candidates: np.ndarray | None = None
         try:
             self._build(model, params, seed_offset)
@@ -101,11 +103,12 @@ class Sampler:
             add(self._repetition)
         if params.grammar is not None:
             truncates = not params.greedy and (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0)
+            self._candidates = np.empty(model.n_vocab, TOKEN_DATA)
             if params.grammar_fast and not truncates:
                 self.grammar = _grammar(model, params.grammar)
-                self._candidates = np.empty(model.n_vocab, TOKEN_DATA)
             else:
                 add(_grammar(model, params.grammar))
+                self.grammar_in_chain = True
         if params.greedy:
             add(C.llama_sampler_init_greedy())
             return
@@ -128,28 +131,46 @@ class Sampler:
             for token in tokens:
                 C.llama_sampler_accept(self._repetition, token)
 
-    def sample(self, model: LlamaModel, batch_index: int) -> int:
-        """Pick the next token from the logits at batch_index; the chain (and grammar) record it."""
-        if self.grammar is None:
+    def sample(self, model: LlamaModel, batch_index: int) -> int | None:
+        """Pick the next token from the logits at batch_index; the chain (and grammar) record it. None when the
+        grammar must mask the whole vocabulary first: `sample_masked` draws it then, from a copy of the logits
+        (the next decode overwrites them), on a thread of its own."""
+        if self.grammar is None and not self.grammar_in_chain:
             return C.llama_sampler_sample(self.chain, model.ctx, batch_index)
-        cur = self._fill(model, batch_index)
+        self.logits = np.ctypeslib.as_array(model.logits(batch_index)).copy()
+        if self.grammar is None:
+            return None  # the chain's grammar masks every step
+        cur = self._fill()
         C.llama_sampler_apply(self.chain, ctypes.byref(cur))
         token = cur.data[cur.selected].id
         if not self._allowed(token):
-            cur = self._fill(model, batch_index)
-            C.llama_sampler_apply(self.grammar, ctypes.byref(cur))
-            C.llama_sampler_apply(self.chain, ctypes.byref(cur))
-            token = cur.data[cur.selected].id
-        C.llama_sampler_accept(self.grammar, token)  # once: it advances the grammar's state
-        C.llama_sampler_accept(self.chain, token)
+            return None
+        self._accept(token)
         return token
 
-    def _fill(self, model: LlamaModel, batch_index: int) -> C.llama_token_data_array:
-        """Every token of the vocabulary with its logit, as the samplers take them."""
+    def sample_masked(self) -> int:
+        """The draw `sample` left: the grammar masks every token of the vocabulary (30 to 150 ms a token with a
+        large grammar), then the chain draws. ctypes lets go of the GIL meanwhile."""
+        cur = self._fill()
+        if self.grammar is not None:
+            C.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        C.llama_sampler_apply(self.chain, ctypes.byref(cur))
+        token = cur.data[cur.selected].id
+        self._accept(token)
+        return token
+
+    def _accept(self, token: int) -> None:
+        if self.grammar is not None:
+            C.llama_sampler_accept(self.grammar, token)  # once: it advances the grammar's state
+        C.llama_sampler_accept(self.chain, token)
+
+    def _fill(self) -> C.llama_token_data_array:
+        """Every token of the vocabulary with its logit (from the copy `sample` made), as the samplers take
+        them."""
         data = self._candidates
-        assert data is not None
+        assert data is not None and self.logits is not None
         data["id"] = _token_ids(len(data))
-        data["logit"] = np.ctypeslib.as_array(model.logits(batch_index))
+        data["logit"] = self.logits
         data["p"] = 0.0
         pointer = data.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
         return C.llama_token_data_array(pointer, len(data), -1, False)

@@ -138,8 +138,13 @@ class Scheduler:
     def release(self, seq: Sequence) -> None:
         """Take a running or waiting sequence out; its slot keeps its KV as prefix cache."""
         if seq.sampler is not None:
-            seq.sampler.free()
-            seq.sampler = None
+            free = seq.sampler.free
+            if seq.masking is not None:  # the grammar thread may hold it: freed when that draw is done
+                seq.masking.cancel()
+                seq.masking.add_done_callback(lambda _: free())
+            else:
+                free()
+            seq.sampler, seq.masking = None, None
         for encoding in seq.encodings.values():
             encoding.cancel()  # if not started yet
         seq.encodings.clear()

@@ -56,6 +56,7 @@ class Sequence:
         self.detok = Detokenizer(params.stop)
         self.slot: Slot | None = None
         self.sampler: Sampler | None = None
+        self.masking: Future[int] | None = None  # its next token, being drawn under the grammar's full mask
         self.cached_tokens = 0
         self.last_token_at = 0.0  # perf_counter when its last token was sampled (inter-token latency)
         self.finish_reason: str | None = None
