@@ -16,6 +16,7 @@ from llama_models.llama3.tokenizer import Tokenizer
 
 from tests.conftest import Server, start_server
 from tests.test_llama3_format import meta_dialog_tokens
+from tests.test_tools import streamed_choice
 from tests.tiny_llama3 import tiny_llama3_gguf
 
 MODEL = "tiny-llama3"
@@ -106,6 +107,20 @@ def test_forced_tool_call(llama: openai.OpenAI) -> None:
                 reason = c.finish_reason or reason
         assert name == "set_mode" and reason == "tool_calls"
         jsonschema.validate(json.loads(arguments), SETTINGS["function"]["parameters"])
+
+
+@pytest.mark.parametrize("max_tokens", [3, 20])
+def test_a_cut_forced_call_is_the_same_streamed_or_not(llama: openai.OpenAI, max_tokens: int) -> None:
+    """Llama 3's call format, cut by max_tokens inside its head and inside its arguments: `length`, the call as
+    far as it got, no call text in the content, streamed or not."""
+    body = {"model": MODEL, "messages": DIALOG, "tools": [SETTINGS], "tool_choice": "required",
+            "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
+    choice = llama.chat.completions.create(**body).choices[0]
+    content, calls, reason = streamed_choice(llama, **body)
+    assert choice.finish_reason == reason == "length" and not choice.message.content and content is None
+    whole = [{"name": c.function.name, "arguments": c.function.arguments} for c in choice.message.tool_calls or []]
+    assert whole == [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
+    assert (max_tokens > 16) == bool(whole), whole  # the grammar writes the call's head in 16 tokens here
 
 
 def test_json_schema_mode(llama: openai.OpenAI) -> None:

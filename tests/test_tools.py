@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from llamaserve.chat.tools import HermesFormat, ToolStream
+from llamaserve.chat.tools import FORMATS, HermesFormat, ToolFormat, ToolStream, assembled
 from tests.conftest import MODEL
 
 WEATHER = {
@@ -93,12 +93,40 @@ def test_forced_call_streams_name_then_argument_fragments(client: openai.OpenAI)
     assert json.loads(arguments) == json.loads(whole[0].function.arguments)
 
 
-def test_forced_call_cut_by_max_tokens_is_length(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=5, temperature=0
-    )
-    assert r.choices[0].finish_reason == "length"
-    assert not r.choices[0].message.tool_calls
+def streamed_choice(client: openai.OpenAI, **body: Any) -> tuple[str | None, list[dict[str, Any]], str | None]:
+    """A streamed reply put together as a client library does: content, tool calls by index, finish reason."""
+    content, calls, reason = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **body):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for part in choice.delta.tool_calls or []:
+                call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = part.id or call["id"]
+                if part.function is not None:
+                    call["name"] = part.function.name or call["name"]
+                    call["arguments"] += part.function.arguments or ""
+            reason = choice.finish_reason or reason
+    return content or None, [calls[i] for i in sorted(calls)], reason
+
+
+@pytest.mark.parametrize("max_tokens", [5, 22, 36])
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_call_cut_by_max_tokens_is_the_same_streamed_or_not(
+    client: openai.OpenAI, max_tokens: int, tool_choice: Any
+) -> None:
+    """Cut short, a forced call is reported as far as it got (name, arguments' text so far), `length`, and never
+    as `<tool_call>` markup in the content: the same whether streamed or not (the non-streamed reply used to put
+    the markup in `content`)."""
+    body = {"model": MODEL, "messages": ASK, "tools": [WEATHER], "tool_choice": tool_choice,
+            "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
+    message = client.chat.completions.create(**body).choices[0]
+    content, calls, reason = streamed_choice(client, **body)
+    assert message.finish_reason == reason == "length"
+    assert "<tool_call>" not in (message.message.content or "") and content is None
+    whole = [{"name": c.function.name, "arguments": c.function.arguments} for c in message.message.tool_calls or []]
+    assert whole == [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
+    if max_tokens > 18:  # past the call's head (18 tokens): its name is known
+        assert whole and whole[0]["name"] == "get_weather" and whole[0]["arguments"].startswith("{"), whole
 
 
 def test_auto_with_plain_answer_stays_content(client: openai.OpenAI) -> None:
@@ -183,3 +211,30 @@ def test_tool_stream(step: int) -> None:
     # Plain text streams as content, even when it starts like a tag.
     deltas = feed_all(ToolStream(HermesFormat(), forced=False), "<b>bold</b> and <tool", step)
     assert "".join(d.get("content", "") for d in deltas) == "<b>bold</b> and <tool"
+
+
+# --- calls cut short, on given text ---------------------------------------------------------------------------
+CUT_CASES = [
+    # (format, text the model wrote before max_tokens, expected content, expected [(name, arguments)])
+    (HermesFormat(), '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os', None,
+     [("get_weather", '{"city": "Os')]),
+    (HermesFormat(), "Let me look.\n<tool_call>\n{\"na", "Let me look.\n", []),
+    (HermesFormat(), "<tool", None, []),
+    (HermesFormat(), CALL_TEXT[:-4], None, [("get_weather", '{"city": "Oslo", "unit": "celsius"}')]),
+    (FORMATS["llama3"], '{"name": "get_weather", "parameters": {"city": "Os', None, [("get_weather", '{"city": "Os')]),
+    (FORMATS["llama3"], '{"answer": 4', '{"answer": 4', []),
+    (FORMATS["llama3"], '<|python_tag|>brave_search.call(query="wea', None, [("brave_search", "")]),
+    (FORMATS["llama3"], "<|python_tag|>print(1 +", None, [("code_interpreter", '{"code": "print(1 +"}')]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fmt", "text", "content", "calls"), CUT_CASES)
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_a_call_cut_short_reads_as_far_as_it_got(
+    fmt: ToolFormat, text: str, content: str | None, calls: list[tuple[str, str]], step: int
+) -> None:
+    stream = ToolStream(fmt, forced=False)
+    deltas = [d for i in range(0, len(text), step) for d in stream.feed(text[i : i + step])]
+    got_content, got_calls = assembled(deltas + stream.finish(cut=True))
+    assert got_content == content
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in got_calls] == calls

@@ -47,7 +47,7 @@ from llamaserve.chat.grammar import Grammar, SchemaError, json_object_grammar, j
 from llamaserve.chat.images import Image, ImageError
 from llamaserve.chat.llama3 import Llama3FormatError
 from llamaserve.chat.template import TemplateError
-from llamaserve.chat.tools import Llama3Format, ToolFormat, ToolStream, parameters_schema
+from llamaserve.chat.tools import Llama3Format, ToolFormat, ToolStream, assembled, parameters_schema
 from llamaserve.engine import RequestHandle, SamplingParams
 from llamaserve.engine.logprobs import TokenLogprob
 from llamaserve.engine.mtmd import RGBImage
@@ -328,11 +328,12 @@ _ONE_SEGMENT = re.compile(r"/v1/[^/]+")
 def _choice(model: LocalModel, plan: ChatPlan, body: ChatCompletionRequest, i: int, r: ChoiceResult) -> dict:
     message: dict[str, Any] = {"role": "assistant", "content": r.text, "tool_calls": []}
     reason = r.finish_reason
-    if plan.tool_format is not None:
-        content, calls = plan.tool_format.parse(r.text)
-        if calls:
-            message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
-            reason = "tool_calls" if reason == "stop" else reason
+    if plan.tool_format is not None:  # read as its stream would be: the same calls, cut ones included
+        stream = ToolStream(plan.tool_format, plan.forced)
+        content, calls = assembled(stream.feed(r.text) + stream.finish(cut=reason == "length"))
+        message = {"role": "assistant", "content": content if calls else content or "", "tool_calls": calls}
+        if calls and reason == "stop":
+            reason = "tool_calls"
     logprobs = {"content": chat_logprobs(model.llama, r.logprobs)} if body.logprobs else None
     return {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
@@ -394,7 +395,7 @@ class ChatStream:
         if streams is None:
             deltas = [{"content": text}] if text else []
         else:
-            deltas = streams[c].feed(text) + (streams[c].finish() if reason else [])
+            deltas = streams[c].feed(text) + (streams[c].finish(cut=reason == "length") if reason else [])
             if reason == "stop" and streams[c].calls:
                 reason = "tool_calls"
         held = self.held_logprobs[c] + logprobs

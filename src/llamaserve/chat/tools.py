@@ -68,6 +68,12 @@ class ToolFormat:
         """Split generated text into content and calls; text that is not a well-formed call stays content."""
         raise NotImplementedError
 
+    def parse_cut(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """Text that began a call and was cut short (max_tokens): the content before the call, and the call as
+        far as it got (its name, and the arguments' text so far), if its name was written. Its markup is never
+        content."""
+        raise NotImplementedError
+
     def may_start_call(self, text: str) -> bool:
         """Could `text` (what the model wrote so far) be the beginning of a call? Streaming holds such text back
         until it knows."""
@@ -97,8 +103,10 @@ class HermesFormat(ToolFormat):
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         calls = []
         for match in self._call.finditer(text):
+            body = match.group(1)
+            body = body[: len(body) - _partial_marker(body, "</tool_call>")].rstrip()  # a closing tag cut short
             try:
-                call = self._call_from_json(json.loads(match.group(1)))
+                call = self._call_from_json(json.loads(body))
             except json.JSONDecodeError:
                 call = None
             if call is None:
@@ -106,6 +114,23 @@ class HermesFormat(ToolFormat):
             calls.append(call)
         content = self._call.sub("", text).strip() if calls else text
         return content or None, calls
+
+    def parse_cut(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        marker = self.call_prefix.strip()
+        at = text.find(marker)
+        if at < 0:  # cut inside the marker itself
+            return text[: len(text) - _partial_marker(text, marker)].strip() or None, []
+        calls = []
+        for segment in text[at:].split(marker)[1:]:
+            body = segment.split("</tool_call>")[0]
+            body = body[: len(body) - _partial_marker(body, "</tool_call>")].strip()
+            try:
+                call = self._call_from_json(json.loads(body))
+            except json.JSONDecodeError:
+                call = _partial_call(body, self.arguments_key)
+            if call is not None:
+                calls.append(call)
+        return text[:at].strip() or None, calls
 
     def may_start_call(self, text: str) -> bool:
         stripped = text.lstrip()
@@ -161,6 +186,17 @@ class Llama3Format(ToolFormat):
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         content, calls = llama3.parse_llama3_tool_calls(text)
         return content, [ToolCall(c.name, c.arguments, new_call_id()) for c in calls]
+
+    def parse_cut(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = text.strip()
+        if body.startswith(PYTHON_TAG) or PYTHON_TAG.startswith(body):
+            body = body[len(PYTHON_TAG) :]
+            builtin = re.match(r"\s*(\w+)\.call\(", body)
+            if builtin:  # a built-in call's arguments are Python: only its name is sure
+                return None, [ToolCall(builtin.group(1), "", new_call_id())]
+            return None, ([ToolCall("code_interpreter", json.dumps({"code": body}), new_call_id())] if body else [])
+        call = _partial_call(body, self.arguments_key)
+        return (None, [call]) if call else (text, [])  # JSON without a name may be a plain answer
 
     def may_start_call(self, text: str) -> bool:
         stripped = text.lstrip()
@@ -223,14 +259,21 @@ class ToolStream:
         self.sent = max(self.sent, upto)
         return deltas
 
-    def finish(self) -> list[dict[str, Any]]:
-        """Deltas for what is left when generation ends: the calls (if the text parses as calls) or content."""
+    def finish(self, cut: bool = False) -> list[dict[str, Any]]:
+        """Deltas for what is left when generation ends: the calls (if the text parses as calls) or content. A
+        call `cut` short (max_tokens) is reported as far as it got, as a forced call's stream is: its markup
+        never becomes content."""
         if self.forced:
             content, calls = self.fmt.parse(self.text)
             self.calls = [ToolCall(c.name, c.arguments, self._forced_id) for c in calls]
             return []
         rest = self.text[self.sent :]
-        content, calls = self.fmt.parse(rest)
+        if cut and (self.calling or self.sent == 0) and rest.strip():
+            content, calls = self.fmt.parse_cut(rest)
+            if not calls:
+                return self._content(content or "")
+        else:
+            content, calls = self.fmt.parse(rest)
         if calls:
             self.calls = calls
             deltas = self._content(content) if content else []
@@ -300,6 +343,23 @@ def _partial_marker(text: str, marker: str) -> int:
     return 0
 
 
+_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _partial_call(text: str, arguments_key: str) -> ToolCall | None:
+    """The call a cut-short JSON call object starts: its name, and its arguments' text so far (as a stream sends
+    it), or None before the name is whole."""
+    name = _NAME.search(text)
+    if name is None:
+        return None
+    args = re.search(rf'"(?:{arguments_key}|arguments|parameters)"\s*:\s*', text)
+    arguments = text[args.end() :] if args else ""
+    end = json_object_end(arguments)
+    if end is not None:
+        arguments = arguments[:end]
+    return ToolCall(json.loads(f'"{name.group(1)}"'), arguments, new_call_id())
+
+
 def json_object_end(text: str) -> int | None:
     """The index just past the JSON object `text` starts with, or None while it is still open."""
     depth, in_string, escaped = 0, False, False
@@ -322,6 +382,23 @@ def json_object_end(text: str) -> int | None:
     return None
 
 
+def assembled(deltas: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+    """A message's content and OpenAI tool calls from its stream of deltas: a non-streamed reply is what its
+    stream would have said."""
+    content = "".join(d["content"] for d in deltas if "content" in d)
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        for part in delta.get("tool_calls", []):
+            call = calls.setdefault(
+                part["index"], {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            call["id"] = part.get("id") or call["id"]
+            function = part.get("function") or {}
+            call["function"]["name"] = function.get("name") or call["function"]["name"]
+            call["function"]["arguments"] += function.get("arguments") or ""
+    return content or None, [calls[i] for i in sorted(calls)]
+
+
 FORMATS: dict[str, ToolFormat] = {"hermes": HermesFormat(), "llama3": Llama3Format()}
 
-__all__ = ["FORMATS", "SchemaError", "ToolCall", "ToolFormat", "ToolStream", "template_tool_messages"]
+__all__ = ["FORMATS", "SchemaError", "ToolCall", "ToolFormat", "ToolStream", "assembled", "template_tool_messages"]
