@@ -127,6 +127,23 @@ def test_completions_logprobs_with_echo_equal_recomputation(http: httpx.Client) 
         check_alternatives(lp["token_logprobs"][pos], list(lp["top_logprobs"][pos].values()))
 
 
+def test_max_tokens_zero_scores_the_prompt(client: openai.OpenAI, http: httpx.Client) -> None:
+    """How lm-evaluation-harness scores a continuation: max_tokens 0, echo, logprobs. Every prompt token's logprob
+    (against a recomputation here), nothing generated, usage of the prompt alone; without echo it is a 400."""
+    tokens = http.post("/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()["tokens"]
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    choice = r.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length" and choice.logprobs is not None
+    assert r.usage is not None and (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(tokens), 0)
+    scores = choice.logprobs.token_logprobs
+    assert scores is not None and len(scores) == len(tokens) and scores[0] is None
+    reference = reference_logprobs(tokens)
+    assert scores[1:] == pytest.approx([reference[pos - 1, tokens[pos]] for pos in range(1, len(tokens))], abs=1e-3)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+    assert refused.value.body["param"] == "max_tokens"  # type: ignore[index]
+
+
 def test_completions_logprobs_stream(http: httpx.Client) -> None:
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 2, "echo": True}
     whole = http.post("/v1/completions", json=body).json()["choices"][0]

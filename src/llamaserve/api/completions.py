@@ -62,6 +62,8 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
     model = get_model(request, body.model)
     check_model_allowed(caller, model.id)
     check_sampling(body, model)
+    if body.max_tokens == 0 and not body.echo:
+        raise invalid("max_tokens 0 generates nothing: it scores the prompt, with echo (and logprobs)", "max_tokens")
     if body.suffix:
         raise invalid(
             f"model {model.id} does not support suffix (fill-in-the-middle)", "suffix", code="unsupported_parameter"

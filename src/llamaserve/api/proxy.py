@@ -120,7 +120,8 @@ async def proxy(
     # The upstream obeys the limit it is sent: one limit, the one the hold and the token budget are sized for
     # (a default left out, or max_completion_tokens forwarded beside a hold sized for 512, went unbilled).
     payload.pop("max_completion_tokens", None)
-    payload["max_tokens"] = getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max
+    limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    payload["max_tokens"] = default_max if limit is None else limit  # 0 scores a completions prompt
     budget = payload["max_tokens"] * body.n
     if "vision" not in model.spec.capabilities:  # refuses at the first image part, before holding or fetching
         await inline_images(payload, model.spec, request.app.state.image_limits)

@@ -388,6 +388,10 @@ class Engine:
             return 0
         if seq.n_generated == 0:
             stats.prompt_tokens_cached += seq.cached_tokens
+        if seq.max_new == 0:
+            seq.end_unsampled()
+            self._emit(seq, outputs)
+            return 0
         token = seq.sampler.sample(self.model, item.logits_index)
         if token is None:  # the grammar must mask the vocabulary: on the grammar thread, while others go on
             seq.masking = self._masker.submit(seq.sampler.sample_masked)
@@ -409,6 +413,10 @@ class Engine:
         """A sampled token: into the sequence's text, its output, and its end if it ends there."""
         seq.append(token, self.model, logprob)
         self._observe_token(seq, now)
+        self._emit(seq, outputs)
+
+    def _emit(self, seq: Sequence, outputs: list[tuple[RequestHandle, Output]]) -> None:
+        """The sequence's new output, if any; its slot freed if it has ended."""
         out = seq.take_output()
         if out is not None:
             outputs.append((seq.handle, out))

@@ -142,6 +142,10 @@ class Sequence:
         self._new_text += self.detok.flush()
         self.finish_reason = reason
 
+    def end_unsampled(self) -> None:
+        """max_tokens 0: the prompt is scored (its logprobs computed), and nothing generated."""
+        self._finish("length")
+
     def take_output(self) -> Output | None:
         """The text and tokens produced since the last call, if any (and the finish reason once)."""
         if not self._new_tokens and self.finish_reason is None:

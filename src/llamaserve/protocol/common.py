@@ -80,7 +80,7 @@ class SamplingFields(StrictModel):
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         return SamplingParams(
-            max_tokens=self.max_tokens or default_max_tokens,
+            max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=max(self.top_k, 0),

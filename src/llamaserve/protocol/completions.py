@@ -29,6 +29,8 @@ def prompt_list(prompt: Prompt) -> list[str | list[int]]:
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
+    # 0 scores the prompt (with echo and logprobs: every prompt token's logprob, as eval harnesses ask).
+    max_tokens: Annotated[int, Field(ge=0, strict=True)] | None = None
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: Text | None = None
