@@ -66,7 +66,7 @@ CHAT_400 = [
     pytest.param(chat_body(frequency_penalty=-3), "frequency_penalty", id="frequency_penalty--3"),
     pytest.param(chat_body(top_logprobs=25), "top_logprobs", id="top_logprobs-25"),
     pytest.param(chat_body(frobnicate=1), "frobnicate", id="unknown-field"),
-    pytest.param(chat_body(stream_options={"include_usage": True}), "stream_options", id="stream_options-no-stream"),
+    pytest.param(chat_body(reasoning_effort="high"), "reasoning_effort", id="reasoning_effort"),
     pytest.param(chat_body(n=17), "n", id="n-over-slots"),
     pytest.param(chat_body(top_logprobs=3), "top_logprobs", id="top_logprobs-without-logprobs"),
     pytest.param(chat_body(response_format={"type": "xml"}), "response_format.type", id="response_format-xml"),

@@ -116,10 +116,7 @@ class ModelSpec:
             "aliases": list(self.aliases),
             "max_model_len": self.context_length,
             "capabilities": sorted(self.capabilities),
-            "pricing": {
-                "input_per_million": self.price.input_per_million,
-                "output_per_million": self.price.output_per_million,
-            },
+            "pricing": self.price.per_million_credits(),
         }
 
 

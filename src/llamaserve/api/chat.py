@@ -211,7 +211,7 @@ def template_messages(messages: list[ChatMessage], images: Images | None = None)
         content: Any = m.content if m.content is not None else ""
         if isinstance(content, list):
             content = [_template_part(part, (i, j), images) for j, part in enumerate(content)]
-        d: dict[str, Any] = {"role": m.role, "content": content}
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name is not None:
             d["name"] = m.name
         if m.tool_calls:

@@ -42,8 +42,6 @@ def get_model(request: Request, name: str | None) -> LocalModel:
 def check_sampling(body: SamplingFields, model: LocalModel) -> None:
     if body.n > model.engine.n_slots:
         raise invalid(f"n={body.n} exceeds the {model.engine.n_slots} parallel sequences this server runs", "n")
-    if body.stream_options is not None and not body.stream:
-        raise invalid("stream_options is only allowed when stream is true", "stream_options")
     for key in body.logit_bias or {}:
         if not model.llama.is_valid_token(int(key)):
             raise invalid(

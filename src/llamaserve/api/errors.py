@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from llamaserve.billing.store import database_unavailable
 from llamaserve.protocol.errors import APIError, ErrorDetail, ErrorResponse
+from llamaserve.protocol.validation import UNSUPPORTED
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     first = _most_telling(list(exc.errors()))
     # A JSON syntax error's location is a character offset, not a parameter.
     param = None if first.get("type") == "json_invalid" else param_name(first.get("loc", ()))
-    code = "unrecognized_argument" if first.get("type") == "extra_forbidden" else "invalid_value"
+    kind = first.get("type")
+    code = {"extra_forbidden": "unrecognized_argument", UNSUPPORTED: UNSUPPORTED}.get(str(kind), "invalid_value")
     detail = ErrorDetail(
         message=_validation_message(first, param), type="invalid_request_error", param=param, code=code
     )

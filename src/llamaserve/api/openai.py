@@ -20,7 +20,7 @@ from llamaserve.billing.store import Caller
 from llamaserve.chat.llama3 import Llama3FormatError
 from llamaserve.chat.template import TemplateError
 from llamaserve.protocol.errors import invalid
-from llamaserve.protocol.models import ModelCard, ModelList
+from llamaserve.protocol.models import ModelCard, ModelList, ModelPricing
 from llamaserve.protocol.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -33,14 +33,17 @@ router = APIRouter()
 
 
 # --- models, tokenize -----------------------------------------------------------------------------------------
-def _model_card(model: LocalModel, created: int) -> ModelCard:
+def _model_card(request: Request, model: LocalModel) -> ModelCard:
+    """The local model served without a registry: priced at the platform's prices, if it keeps accounts."""
     capabilities = sorted({"tools", "json", "logprobs"} | ({"vision"} if model.vision else set()))
+    platform = request.app.state.platform
     return ModelCard(
         id=model.id,
-        created=created,
+        created=request.app.state.started,
         owned_by="llamaserve",
         max_model_len=model.max_model_len,
         capabilities=capabilities,
+        pricing=ModelPricing(**platform.price.per_million_credits()) if platform is not None else None,
     )
 
 
@@ -51,7 +54,7 @@ async def list_models(request: Request, caller: CallerDep) -> ModelList:
     created = request.app.state.started
     if registry is not None:
         return ModelList(data=[ModelCard.model_validate(spec.card(created)) for spec in registry.models])
-    return ModelList(data=[_model_card(request.app.state.model, created)])
+    return ModelList(data=[_model_card(request, request.app.state.model)])
 
 
 @router.get("/v1/models/{model_id:path}", response_model_exclude_none=True)
@@ -60,7 +63,7 @@ async def get_model_card(model_id: str, request: Request, caller: CallerDep) -> 
     spec = registry.resolve(model_id) if registry is not None else None
     if spec is not None:
         return ModelCard.model_validate(spec.card(request.app.state.started))
-    return _model_card(lookup_model(request, model_id), request.app.state.started)
+    return _model_card(request, lookup_model(request, model_id))
 
 
 async def _forwarded(request: Request, caller: Caller, body: TokenizeRequest | DetokenizeRequest) -> Any:

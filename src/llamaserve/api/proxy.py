@@ -39,6 +39,7 @@ from llamaserve.backends.upstream import (
 )
 from llamaserve.billing.store import Caller
 from llamaserve.chat.images import ImageError, ImageLimits
+from llamaserve.protocol.chat import IGNORED_FIELDS, IGNORED_MESSAGE_FIELDS
 from llamaserve.protocol.common import SamplingFields
 from llamaserve.protocol.errors import invalid
 from llamaserve.registry import ModelSpec
@@ -110,12 +111,28 @@ async def inline_images(payload: dict[str, Any], spec: ModelSpec, limits: ImageL
             part["image_url"] = {**part["image_url"], "url": image.data_uri()}
 
 
+def upstream_payload(body: SamplingFields) -> dict[str, Any]:
+    """The request as an upstream engine is sent it: without the fields we accept and ignore (an engine written by
+    others may refuse them), `developer` messages as `system` ones, and stream_options only with a stream."""
+    payload = body.model_dump(exclude_unset=True, by_alias=True, exclude=set(IGNORED_FIELDS))
+    if not body.stream:
+        payload.pop("stream_options", None)
+    for message in payload.get("messages") or []:
+        for field in IGNORED_MESSAGE_FIELDS:
+            message.pop(field, None)
+        if message["role"] == "developer":
+            message["role"] = "system"
+        for part in message["content"] if isinstance(message.get("content"), list) else []:
+            part.pop("cache_control", None)
+    return payload
+
+
 async def proxy(
     request: Request, body: SamplingFields, caller: Caller, model: UpstreamModel, endpoint: str, default_max: int
 ) -> Any:
     """Serve a validated request (`endpoint`: "chat" or "completions") on an upstream model."""
     check_model_allowed(caller, model.spec.id)
-    payload = body.model_dump(exclude_unset=True, by_alias=True)
+    payload = upstream_payload(body)
     n_prompt = prompt_bound(payload)
     # The upstream obeys the limit it is sent: one limit, the one the hold and the token budget are sized for
     # (a default left out, or max_completion_tokens forwarded beside a hold sized for 512, went unbilled).

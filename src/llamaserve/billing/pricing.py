@@ -19,6 +19,13 @@ class Price:
         """From credits per million tokens, the way price lists state them (e.g. 3.5 for $3.50/M)."""
         return cls(round(input_per_million * MICRO), round(output_per_million * MICRO))
 
+    def per_million_credits(self) -> dict[str, float]:
+        """The price as /v1/models shows it: credits (not micro-credits) per million tokens."""
+        return {
+            "input_credits_per_million_tokens": self.input_per_million / MICRO,
+            "output_credits_per_million_tokens": self.output_per_million / MICRO,
+        }
+
     def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
         """Micro-credits for a request, rounded up: never a free fraction."""
         total = prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million

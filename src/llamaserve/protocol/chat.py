@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field
 
 from llamaserve.protocol.common import LegacyLogprobs, SamplingFields, StrictModel, Usage
-from llamaserve.protocol.validation import JSONSchema, Text, json_size_at_most
+from llamaserve.protocol.validation import JSONSchema, StoredText, Text, json_size_at_most, unsupported
+
+
+class CacheControl(StrictModel):
+    """A prompt-caching hint (Anthropic's, sent through LiteLLM and others): accepted and ignored, since the
+    prefix cache here needs none."""
+
+    type: Literal["ephemeral"]
+    ttl: Annotated[str, Field(max_length=16)] | None = None
 
 
 class TextPart(StrictModel):
     type: Literal["text"]
     text: Text
+    cache_control: CacheControl | None = None
 
 
 class ImageURL(StrictModel):
@@ -23,6 +32,7 @@ class ImageURL(StrictModel):
 class ImagePart(StrictModel):
     type: Literal["image_url"]
     image_url: ImageURL
+    cache_control: CacheControl | None = None
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
@@ -50,11 +60,18 @@ class ToolCall(StrictModel):
 
 
 class ChatMessage(StrictModel):
-    role: Literal["system", "user", "assistant", "tool"]
+    # "developer" is OpenAI's newer name for the system role: rendered as "system".
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
     name: Text | None = None
     tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
     tool_call_id: Text | None = None
+    # What an SDK's response message carries when sent back as history (`message.model_dump()`): accepted and
+    # ignored; a legacy function call or audio that would have to be honoured is refused.
+    refusal: Text | None = None
+    annotations: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    audio: unsupported("audio in messages: this server has no audio") = None  # type: ignore[valid-type]
+    function_call: unsupported("a legacy function_call in messages: send tool_calls") = None  # type: ignore[valid-type]
 
     def text(self) -> str:
         """The message's text: a string as is, text parts joined by newlines."""
@@ -106,7 +123,30 @@ ToolList = Annotated[
 ]
 
 
-class ChatCompletionRequest(SamplingFields):
+# OpenAI's metadata bounds: 16 pairs, keys of 64 characters, values of 512.
+Metadata = Annotated[
+    dict[Annotated[StoredText, Field(max_length=64)], Annotated[StoredText, Field(max_length=512)]],
+    Field(max_length=16),
+]
+
+
+class IgnoredFields(StrictModel):
+    """OpenAI request fields that would not change the output here: accepted (within OpenAI's own bounds), and
+    not forwarded to upstream engines. README: "Request fields"."""
+
+    store: bool | None = None
+    metadata: Metadata | None = None
+    service_tier: Annotated[str, Field(max_length=32)] | None = None
+    prompt_cache_key: Annotated[Text, Field(max_length=1024)] | None = None
+    safety_identifier: Annotated[Text, Field(max_length=256)] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+IGNORED_FIELDS = frozenset(IgnoredFields.model_fields)
+IGNORED_MESSAGE_FIELDS = frozenset({"refusal", "annotations", "audio", "function_call"})
+
+
+class ChatCompletionRequest(SamplingFields, IgnoredFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
@@ -116,6 +156,13 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    modalities: Annotated[list[Literal["text"]], Field(max_length=2)] | None = None  # text is what we write
+    # OpenAI fields that would change the output, and that no model here honours:
+    reasoning_effort: unsupported("reasoning_effort: the models here do not reason in hidden steps") = None  # type: ignore[valid-type]
+    audio: unsupported("audio output: this server writes text only") = None  # type: ignore[valid-type]
+    functions: unsupported("the legacy functions: send tools") = None  # type: ignore[valid-type]
+    function_call: unsupported("the legacy function_call: send tool_choice") = None  # type: ignore[valid-type]
+    web_search_options: unsupported("web search: no model here searches the web") = None  # type: ignore[valid-type]
 
 
 class PathChatRequest(ChatCompletionRequest):

@@ -8,8 +8,8 @@ from pydantic import BaseModel, Field
 
 
 class ModelPricing(BaseModel):
-    input_per_million: float = Field(description="Credits per million prompt tokens.")
-    output_per_million: float = Field(description="Credits per million completion tokens.")
+    input_credits_per_million_tokens: float = Field(description="Credits per million prompt tokens.")
+    output_credits_per_million_tokens: float = Field(description="Credits per million completion tokens.")
 
 
 class ModelCard(BaseModel):
@@ -18,10 +18,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int = Field(description="The context length in tokens.")
-    # From a registry file (--config) only:
     aliases: list[str] | None = Field(default=None, description="Other names that route to this model.")
     capabilities: list[str] | None = None
-    pricing: ModelPricing | None = None
+    pricing: ModelPricing | None = Field(default=None, description="What it costs, where accounts are kept.")
 
 
 class ModelList(BaseModel):

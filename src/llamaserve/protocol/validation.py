@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
 from llamaserve.chat.grammar import MAX_MAX_COUNT, MAX_MIN_COUNT
 
@@ -203,6 +204,20 @@ def json_size_at_most(limit: int, what: str) -> Callable[[Any], Any]:
         return value
 
     return check
+
+
+UNSUPPORTED = "unsupported_parameter"  # the error code of a known field whose value would change the output here
+
+
+def unsupported(reason: str) -> Any:
+    """The type of a field OpenAI has and we do not honour: null (or absent) is accepted, any other value is a
+    400 `unsupported_parameter` naming it, with `reason`."""
+
+    def refuse(value: Any) -> None:
+        if value is not None:
+            raise PydanticCustomError(UNSUPPORTED, reason)
+
+    return Annotated[None, BeforeValidator(refuse), Field(description=f"Not supported here: {reason}")]
 
 
 def no_nul(text: str) -> str:
