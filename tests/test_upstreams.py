@@ -629,3 +629,37 @@ def test_the_upstream_is_sent_the_limit_the_hold_was_sized_for(tmp_path: Path) -
             # 100,000 tokens at 1,000 credits a million is 100 credits: more than the 10 the account has.
             r = post(gateway, "/chat/completions", model="limited", messages=MESSAGES, max_completion_tokens=100_000)
             assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_credits", r.text
+
+
+def test_fields_accepted_and_ignored_are_not_sent_upstream(tmp_path: Path) -> None:
+    """An engine written by others may refuse OpenAI fields it does not know: what we accept and ignore stays
+    here, a `developer` message goes as `system`, stream_options goes only with a stream."""
+    with serve_http(_Recording) as url:
+        models = [{"id": "clean", "backends": [{"url": f"{url}/clean/v1", "model": "m", "health_path": ""}]}]
+        with start_server("--config", str(write_registry(tmp_path / "r.toml", models))) as gateway:
+            history = [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]},
+                {"role": "assistant", "content": "Hello.", "refusal": None, "annotations": [], "audio": None,
+                 "function_call": None},
+                {"role": "user", "content": "Name a colour."},
+            ]  # fmt: skip
+            extra = {
+                "store": True,
+                "metadata": {"a": "b"},
+                "service_tier": "auto",
+                "verbosity": "low",
+                "prompt_cache_key": "k",
+                "safety_identifier": "s",
+                "stream_options": {"include_usage": True},
+            }
+            r = post(gateway, "/chat/completions", model="clean", messages=history, **extra)
+            assert r.status_code == 200, r.text
+            body = [s[2] for s in _Recording.seen if s[1].startswith("/clean/")][-1]
+            assert not set(extra) & set(body), body
+            assert body["messages"] == [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Name a colour."},
+            ]
