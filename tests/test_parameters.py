@@ -46,7 +46,7 @@ def piece(http: httpx.Client, token: int) -> str:
 @pytest.fixture
 def cold_client() -> Iterator[openai.OpenAI]:
     """A client of a fresh server. Outputs are compared only between requests that found the KV cache in the
-    same state: its cell layout changes the numerics (see README, "Determinism")."""
+    same state: its cell layout changes the numerics (see docs/determinism.md)."""
     with start_server() as server:
         yield server.openai()
 

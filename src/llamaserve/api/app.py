@@ -185,7 +185,7 @@ def create_app(
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus(request: Request) -> Response:
-        """Prometheus text format: every stage's histograms, counters and gauges (README: Observability)."""
+        """Prometheus text format: every stage's histograms, counters and gauges (docs/observability.md)."""
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app

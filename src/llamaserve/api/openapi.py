@@ -34,7 +34,7 @@ from llamaserve.protocol.errors import ErrorResponse
 REF = "#/components/schemas/{model}"
 ERROR_REF = {"$ref": REF.format(model="ErrorResponse")}
 
-# What each status means, as the README's error table says it.
+# What each status means, as docs/api.md's error table says it.
 STATUS_TEXT = {
     400: "Bad input: `param` names the parameter (invalid_value, unrecognized_argument, ...).",
     401: "No credentials, malformed ones, or unknown or revoked ones.",

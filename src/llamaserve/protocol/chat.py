@@ -132,7 +132,7 @@ Metadata = Annotated[
 
 class IgnoredFields(StrictModel):
     """OpenAI request fields that would not change the output here: accepted (within OpenAI's own bounds), and
-    not forwarded to upstream engines. README: "Request fields"."""
+    not forwarded to upstream engines. docs/api.md: "Request fields"."""
 
     store: bool | None = None
     metadata: Metadata | None = None
