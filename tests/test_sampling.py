@@ -148,14 +148,19 @@ def test_a_costly_grammar_does_not_hold_up_other_sequences(embedded_llama: Llama
         prompt = embedded_llama.tokenize(PROMPT, add_special=True)
         try:
             constrained, free = engine.submit(prompt, heavy), engine.submit(prompt, plain)
+            outputs = []
+
+            async def read_constrained() -> None:
+                async for out in constrained.outputs():
+                    assert out.error is None, out.error
+                    outputs.append(out)
+
+            reading = asyncio.create_task(read_constrained())
             async for _ in free.outputs():
                 pass
-            drawn_meanwhile = constrained.sequences[0].n_generated
-            text = ""
-            async for out in constrained.outputs():
-                assert out.error is None, out.error
-                text += out.text
-            return drawn_meanwhile, text
+            drawn_meanwhile = sum(len(out.token_ids) for out in outputs)
+            await reading
+            return drawn_meanwhile, "".join(out.text for out in outputs)
         finally:
             engine.stop()
 

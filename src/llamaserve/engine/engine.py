@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from llamaserve.engine.mtmd import Chunk, MtmdError, Projector
 from llamaserve.engine.prompt import ImageSpan, Prompt
 from llamaserve.engine.sampling import GrammarError, Sampler, SamplingParams
 from llamaserve.engine.scheduler import Scheduled, Scheduler
-from llamaserve.engine.sequence import Output, Sequence
+from llamaserve.engine.sequence import Output, Request, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +68,22 @@ class EngineStats:
 
 @dataclass
 class RequestHandle:
-    """The asyncio side of one request: n choices streaming Outputs into one queue."""
+    """The asyncio side of one request: n choices streaming Outputs into one queue. Only the event loop touches
+    it; the engine thread knows the request by `key`."""
 
-    id: str
+    key: int  # the engine's id of the request
+    id: str  # the request's own id (X-Request-Id), for logs
     prompt_tokens: int  # text tokens plus image tokens: what usage reports
     n: int
     engine: Engine
-    tenant: str = ""  # whose request (an account): free slots go first to the tenant running the fewest
     queue: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
-    sequences: list[Sequence] = field(default_factory=list)
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (the first choice's)
     finished_choices: int = 0
     failed: bool = False  # a choice ended with an engine error
     closed: bool = False
     on_close: Callable[[], None] | None = None  # called once, when the request gives its place back
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None  # perf_counter when its first token was sampled (set by the engine thread)
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.sequences[0].cached_tokens if self.sequences else 0
+    first_token_at: float | None = None  # perf_counter when its first token was sampled
 
     @property
     def done(self) -> bool:
@@ -98,22 +95,27 @@ class RequestHandle:
         try:
             while not self.done:
                 out = await self.queue.get()
-                self.completion_tokens += len(out.token_ids)
-                self.failed = self.failed or out.error is not None
-                if out.finish_reason is not None:
-                    self.finished_choices += 1
+                self._count(out)
                 yield out
         finally:
             self.close()
+
+    def _count(self, out: Output) -> None:
+        self.completion_tokens += len(out.token_ids)
+        self.failed = self.failed or out.error is not None
+        if out.choice == 0:
+            self.cached_tokens = out.cached_tokens
+        if out.token_ids and self.first_token_at is None:
+            self.first_token_at = out.sampled_at
+        if out.finish_reason is not None:
+            self.finished_choices += 1
 
     def close(self) -> None:
         """Give the request's place back; cancels choices still generating. Idempotent."""
         if self.closed:
             return
         self.closed = True
-        if not self.done:
-            self.engine.abort(self)
-        self.engine.outstanding -= self.n
+        self.engine.forget(self, abort=not self.done)
         if self.on_close is not None:
             self.on_close()
 
@@ -136,8 +138,11 @@ class Engine:
         self.outstanding = 0  # sequences submitted and not yet consumed (touched on the event loop only)
         self._scheduler = Scheduler(model, self.config.n_seq_max)
         self._batch = Batch(self.config.n_batch)
-        self._inbox: queue.SimpleQueue[tuple[str, RequestHandle]] = queue.SimpleQueue()
+        # Commands to the engine thread: ("add", Request), ("abort", request id), ("wake", None).
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._ids = itertools.count()
+        self._handles: dict[int, RequestHandle] = {}  # the event loop's: requests in flight, by id
+        self._requests: dict[int, Request] = {}  # the engine thread's: requests not finished, by id
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamaserve-engine", daemon=True)
@@ -170,7 +175,7 @@ class Engine:
 
     def stop(self) -> None:
         self._stop.set()
-        self._inbox.put(("wake", None))  # type: ignore[arg-type]
+        self._inbox.put(("wake", None))
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         if self._encoder is not None:
@@ -205,11 +210,14 @@ class Engine:
             raise EngineOverloaded(
                 f"the engine is at capacity ({self.n_slots} running, {self.max_waiting} queued); retry shortly"
             )
-        handle = RequestHandle(request_id or f"req-{next(self._ids)}", p.n_tokens, n, self, tenant)
+        key = next(self._ids)
+        handle = RequestHandle(key, request_id or f"req-{key}", p.n_tokens, n, self)
+        request = Request(key, tenant, time.perf_counter())
         max_new = min(params.max_tokens, self.max_model_len - p.n_tokens)
-        handle.sequences = [Sequence(handle, i, p, params, max_new) for i in range(n)]
+        request.sequences = [Sequence(request, i, p, params, max_new) for i in range(n)]
         self.outstanding += n
-        self._inbox.put(("add", handle))
+        self._handles[key] = handle
+        self._inbox.put(("add", request))
         return handle
 
     def _check_images(self, prompt: Prompt, params: SamplingParams) -> None:
@@ -229,12 +237,18 @@ class Engine:
                 "image_too_large",
             )
 
-    def abort(self, handle: RequestHandle) -> None:
-        self._inbox.put(("abort", handle))
+    def forget(self, handle: RequestHandle, abort: bool) -> None:
+        """A handle closed: its place given back, its choices still generating cancelled if `abort`."""
+        del self._handles[handle.key]
+        self.outstanding -= handle.n
+        if abort:
+            self._inbox.put(("abort", handle.key))
 
-    def _deliver(self, outputs: list[tuple[RequestHandle, Output]]) -> None:
-        for handle, out in outputs:
-            handle.queue.put_nowait(out)
+    def _deliver(self, outputs: list[tuple[int, Output]]) -> None:
+        for key, out in outputs:
+            handle = self._handles.get(key)
+            if handle is not None:  # else closed: nobody reads it
+                handle.queue.put_nowait(out)
 
     # --- engine thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -265,41 +279,42 @@ class Engine:
     def _observe_started(self, started: list[Sequence]) -> None:
         now = time.perf_counter()
         for seq in started:
-            self.metrics.queue_wait.observe(now - seq.handle.submitted)
+            self.metrics.queue_wait.observe(now - seq.request.submitted)
 
     def _take_commands(self, block: bool) -> None:
         try:
-            cmd, handle = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            cmd, arg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
             if cmd == "add":
-                self._add(handle)
-            elif cmd == "abort":
-                for seq in handle.sequences:
+                self._add(arg)
+            elif cmd == "abort" and (request := self._requests.pop(arg, None)) is not None:
+                for seq in request.sequences:
                     if seq.finish_reason is None:
                         seq.finish_reason = "abort"
                         self._scheduler.release(seq)
             try:
-                cmd, handle = self._inbox.get_nowait()
+                cmd, arg = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
-    def _add(self, handle: RequestHandle) -> None:
+    def _add(self, request: Request) -> None:
         """Build the request's samplers and queue it. A request whose sampler cannot be built fails alone: an
         exception here would end the loop, and with it every other request."""
+        self._requests[request.id] = request
         try:
-            for seq in handle.sequences:
+            for seq in request.sequences:
                 seq.sampler = Sampler(self.model, seq.params, seed_offset=seq.choice)
                 seq.sampler.accept_prompt(seq.text_prompt)
         except GrammarError as e:
-            self._fail(handle.sequences, str(e))  # frees the samplers made so far
+            self._fail(request.sequences, str(e))  # frees the samplers made so far
             return
         except Exception as e:
-            log.exception("request %s: its sampler could not be built", handle.id)
-            self._fail(handle.sequences, f"the sampler could not be built ({type(e).__name__})")
+            log.exception("request %d: its sampler could not be built", request.id)
+            self._fail(request.sequences, f"the sampler could not be built ({type(e).__name__})")
             return
-        self._scheduler.waiting.extend(handle.sequences)
+        self._scheduler.waiting.extend(request.sequences)
 
     # --- images -----------------------------------------------------------------------------------------------
     def _start_encoding(self, seq: Sequence) -> None:
@@ -312,7 +327,7 @@ class Engine:
     def _encode(self, seq: Sequence, image: ImageSpan) -> Future[np.ndarray]:
         assert self._encoder is not None
         future = self._encoder.submit(self._encode_one, image)
-        future.add_done_callback(lambda _: self._inbox.put(("wake", None)))  # type: ignore[arg-type]
+        future.add_done_callback(lambda _: self._inbox.put(("wake", None)))
         seq.encodings[image.start] = future
         return future
 
@@ -361,19 +376,19 @@ class Engine:
         stats.max_batch_sequences = max(stats.max_batch_sequences, len(plan))
         metrics.batch_sequences.observe(len(plan))
         metrics.batch_tokens.observe(self._batch.size)
-        outputs: list[tuple[RequestHandle, Output]] = []
+        outputs: list[tuple[int, Output]] = []
         sampled = 0
         for item in plan:
             try:
                 sampled += self._advance(item, outputs, now)
             except Exception as e:  # one sequence's failure (its sampler, its text) ends that sequence only
-                log.exception("request %s: a step failed", item.seq.handle.id)
+                log.exception("request %d: a step failed", item.seq.request.id)
                 self._fail([item.seq], f"generation failed ({type(e).__name__})")
         stats.generated_tokens += sampled
         stats.max_batch_generating = max(stats.max_batch_generating, sampled)
         self._send(outputs)
 
-    def _advance(self, item: Scheduled, outputs: list[tuple[RequestHandle, Output]], now: float) -> int:
+    def _advance(self, item: Scheduled, outputs: list[tuple[int, Output]], now: float) -> int:
         """Account for one sequence's part of the step and sample its next token if its logits came out;
         returns how many tokens it sampled (0 or 1)."""
         seq, stats = item.seq, self.stats
@@ -395,7 +410,7 @@ class Engine:
         token = seq.sampler.sample(self.model, item.logits_index)
         if token is None:  # the grammar must mask the vocabulary: on the grammar thread, while others go on
             seq.masking = self._masker.submit(seq.sampler.sample_masked)
-            seq.masking.add_done_callback(lambda _: self._inbox.put(("wake", None)))  # type: ignore[arg-type]
+            seq.masking.add_done_callback(lambda _: self._inbox.put(("wake", None)))
             return 0
         n_top = seq.params.logprobs
         logprob = None if n_top is None else token_logprob(self.model, item.logits_index, token, n_top)
@@ -407,7 +422,7 @@ class Engine:
         seq: Sequence,
         token: int,
         logprob: TokenLogprob | None,
-        outputs: list[tuple[RequestHandle, Output]],
+        outputs: list[tuple[int, Output]],
         now: float,
     ) -> None:
         """A sampled token: into the sequence's text, its output, and its end if it ends there."""
@@ -415,18 +430,23 @@ class Engine:
         self._observe_token(seq, now)
         self._emit(seq, outputs)
 
-    def _emit(self, seq: Sequence, outputs: list[tuple[RequestHandle, Output]]) -> None:
+    def _emit(self, seq: Sequence, outputs: list[tuple[int, Output]]) -> None:
         """The sequence's new output, if any; its slot freed if it has ended."""
         out = seq.take_output()
         if out is not None:
-            outputs.append((seq.handle, out))
+            outputs.append((seq.request.id, out))
         if seq.finish_reason is not None:
             self._scheduler.release(seq)
             self.stats.sequences_finished += 1
+            self._forget_if_finished(seq.request)
+
+    def _forget_if_finished(self, request: Request) -> None:
+        if request.finished:
+            self._requests.pop(request.id, None)
 
     def _take_masked(self) -> bool:
         """The tokens the grammar thread has drawn, taken as if sampled in a step; returns whether any was."""
-        outputs: list[tuple[RequestHandle, Output]] = []
+        outputs: list[tuple[int, Output]] = []
         now = time.perf_counter()
         drawn = 0
         for seq in list(self._scheduler.running):
@@ -441,7 +461,7 @@ class Engine:
                 self._take(seq, token, logprob, outputs, now)
                 drawn += 1
             except Exception as e:  # one sequence's failure ends that sequence only
-                log.exception("request %s: a grammar draw failed", seq.handle.id)
+                log.exception("request %d: a grammar draw failed", seq.request.id)
                 self._fail([seq], f"generation failed ({type(e).__name__})")
         self.stats.generated_tokens += drawn
         self._send(outputs)
@@ -450,9 +470,7 @@ class Engine:
     def _observe_token(self, seq: Sequence, now: float) -> None:
         """Time to first token (from submission) or since the sequence's previous token."""
         if seq.n_generated == 1:
-            self.metrics.ttft.observe(now - seq.handle.submitted)
-            if seq.handle.first_token_at is None:
-                seq.handle.first_token_at = now
+            self.metrics.ttft.observe(now - seq.request.submitted)
         else:
             self.metrics.itl.observe(now - seq.last_token_at)
         seq.last_token_at = now
@@ -467,7 +485,7 @@ class Engine:
             index = item.first_index + pos - item.start
             seq.prompt_logprobs.append(token_logprob(self.model, index, seq.tokens[pos + 1], n_top))
 
-    def _send(self, outputs: list[tuple[RequestHandle, Output]]) -> None:
+    def _send(self, outputs: list[tuple[int, Output]]) -> None:
         if outputs and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._deliver, outputs)
 
@@ -477,7 +495,8 @@ class Engine:
             if seq.finish_reason is None:
                 seq.finish_reason = "error"
                 self._scheduler.release(seq)
-                outputs.append((seq.handle, Output(seq.choice, "", [], "error", message)))
+                self._forget_if_finished(seq.request)
+                outputs.append((seq.request.id, Output(seq.choice, "", [], "error", message)))
         self._send(outputs)
 
     def _fail_all(self, message: str) -> None:

@@ -70,10 +70,10 @@ class Scheduler:
         free = [s for s in self.slots if s.seq is None]
         if not free or not self.waiting:
             return started
-        running = Counter(seq.handle.tenant for seq in self.running)
+        running = Counter(seq.request.tenant for seq in self.running)
         queues: dict[str, deque[tuple[int, Sequence]]] = {}  # each tenant's waiting sequences, in arrival order
         for position, seq in enumerate(self.waiting):
-            queues.setdefault(seq.handle.tenant, deque()).append((position, seq))
+            queues.setdefault(seq.request.tenant, deque()).append((position, seq))
         # Tenants by (sequences running, arrival of their first waiting sequence): the next to start is first.
         turns = [(running[tenant], queue[0][0], tenant) for tenant, queue in queues.items()]
         heapq.heapify(turns)

@@ -14,7 +14,6 @@ from llamaserve.engine.prompt import ImageSpan, Prompt
 from llamaserve.engine.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
-    from llamaserve.engine.engine import RequestHandle
     from llamaserve.engine.llama import LlamaModel
 
 
@@ -30,7 +29,8 @@ class Slot:
 
 @dataclass
 class Output:
-    """What one engine step produced for one choice."""
+    """What one engine step produced for one choice: all the frontend learns of it (the engine thread and the
+    event loop share no object but these, passed by value)."""
 
     choice: int
     text: str
@@ -39,13 +39,28 @@ class Output:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # of the tokens whose text this output carries (if asked)
     prompt_logprobs: list[TokenLogprob] | None = None  # once, with the first output (if asked)
+    cached_tokens: int = 0  # prompt tokens the prefix cache served this choice
+    sampled_at: float | None = None  # perf_counter when the last of token_ids was sampled
+
+
+@dataclass
+class Request:
+    """A request as the engine thread knows it: an id (the frontend maps it to its handle), whose it is, when it
+    came, and its choices' sequences."""
+
+    id: int
+    tenant: str  # an account: free slots go first to the tenant running the fewest
+    submitted: float  # perf_counter
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finish_reason is not None for seq in self.sequences)
 
 
 class Sequence:
-    def __init__(
-        self, handle: RequestHandle, choice: int, prompt: Prompt, params: SamplingParams, max_new: int
-    ) -> None:
-        self.handle = handle
+    def __init__(self, request: Request, choice: int, prompt: Prompt, params: SamplingParams, max_new: int) -> None:
+        self.request = request
         self.choice = choice
         self.prompt_len = len(prompt.tokens)  # in positions
         self.tokens = list(prompt.tokens)  # prompt (images as placeholders), then every sampled token
@@ -151,6 +166,7 @@ class Sequence:
         if not self._new_tokens and self.finish_reason is None:
             return None
         out = Output(self.choice, self._new_text, self._new_tokens, self.finish_reason)
+        out.cached_tokens, out.sampled_at = self.cached_tokens, self.last_token_at or None
         if self.params.logprobs is not None:
             out.logprobs, self._new_logprobs = self._new_logprobs, []
         if self.prompt_logprobs is not None and self.n_generated == len(self._new_tokens):
