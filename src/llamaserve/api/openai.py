@@ -75,8 +75,7 @@ async def _forwarded(request: Request, caller: Caller, body: TokenizeRequest | D
     check_model_allowed(caller, model.spec.id)
     payload = body.model_dump(exclude_unset=True)
     endpoint = request.url.path.strip("/")  # tokenize | detokenize, at the upstream's root
-    upstream, reply = await model.router.open(endpoint, payload, False, request.state.request_id)
-    upstream.outstanding -= 1
+    _, reply = await model.router.open(endpoint, payload, False, request.state.request_id)
     return JSONResponse(reply.json())
 
 

@@ -164,7 +164,6 @@ async def proxy(
         try:
             await admission.held()
         except BaseException:
-            upstream.outstanding -= 1
             response.close()
             admission.finish(0, "rejected", prompt_tokens=0)  # a hold that lands after all is released uncharged
             raise
@@ -248,7 +247,6 @@ def _settle(admission: Admission, usage: dict[str, Any], status: str) -> None:
 async def _complete(
     admission: Admission, model: UpstreamModel, upstream: Upstream, response: UpstreamReply, usage: Usage
 ) -> Any:
-    upstream.outstanding -= 1
     try:
         data = response.json()
         choices = data["choices"]
@@ -378,7 +376,6 @@ class Relay:
         """Settle once (the stream ended, broke, or its client left): also when cancelled meanwhile."""
         if not self.closed:
             self.closed = True
-            self.upstream.outstanding -= 1
             self.response.close()
             self._settling = asyncio.ensure_future(self._settle())
         if self._settling is not None:

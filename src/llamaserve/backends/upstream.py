@@ -20,7 +20,7 @@ import ssl
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +105,7 @@ def is_timeout(error: BaseException) -> bool:
 class Upstream:
     spec: BackendSpec
     session: aiohttp.ClientSession
-    outstanding: int = 0
+    outstanding: int = 0  # requests sent and not done: Router.open counts them, done() (or the reply's close) ends
     failures: int = 0  # consecutive
     open_until: float = 0.0
     healthy: bool = True  # the probes' verdict
@@ -114,6 +114,9 @@ class Upstream:
     first_byte_seconds: float = 0.0  # summed over the requests that got an answer
     answered: int = 0
     proxy_headers: dict[str, str] | None = None  # the proxy's credentials: for the proxy, not the upstream
+
+    def done(self) -> None:
+        self.outstanding -= 1
 
     @classmethod
     def create(cls, spec: BackendSpec, timeout: float) -> Upstream:
@@ -255,6 +258,7 @@ class UpstreamReply:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
         self.body = b""
+        self.on_close: Callable[[], None] | None = None  # once, at the first close()
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -275,11 +279,14 @@ class UpstreamReply:
             yield pending.decode(errors="replace")
 
     def close(self) -> None:
-        """Back to the pool when the body was read to its end, else the connection closes."""
+        """Back to the pool when the body was read to its end, else the connection closes. Idempotent."""
         if self.response.content.at_eof():
             self.response.release()
         else:
             self.response.close()
+        done, self.on_close = self.on_close, None
+        if done is not None:
+            done()
 
 
 class UpstreamError(Exception):
@@ -337,16 +344,20 @@ class Router:
             try:
                 response = await upstream.open(endpoint, sent, stream, request_id)
             except UpstreamError as e:
-                upstream.outstanding -= 1
+                upstream.done()
                 if e.error.status >= 500:
                     upstream.failed()
                 if not e.retryable or len(tried) >= 2:
                     raise e.error from e
                 continue
             except BaseException:  # cancelled: the request was refused (or its client left) meanwhile
-                upstream.outstanding -= 1
+                upstream.done()
                 raise
             upstream.succeeded()
+            if stream:  # in flight until the stream is closed
+                response.on_close = upstream.done
+            else:  # its whole body is in
+                upstream.done()
             return upstream, response
 
     async def close(self) -> None:
