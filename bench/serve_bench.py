@@ -346,6 +346,11 @@ async def stream_chat(
         "max_tokens": out_tokens,
         "ignore_eos": True,
     }
+    return await stream_body(client, base, body)
+
+
+async def stream_body(client: httpx.AsyncClient, base: str, body: dict[str, Any]) -> RequestResult:
+    """One streamed chat completion, timed: each token chunk's arrival, and the usage it ends with."""
     res, times, usage = RequestResult(), [], None
     received: list[tuple[float, str]] = []
     t0 = time.perf_counter()
@@ -362,6 +367,8 @@ async def stream_chat(
         data = line[5:].strip()
         if data == "[DONE]":
             break
+        if not data:
+            continue
         chunk = json.loads(data)
         if "error" in chunk:
             raise RuntimeError(f"stream error: {chunk['error']}")

@@ -67,9 +67,9 @@ from serve_bench import (  # noqa: E402
     TASKS,
     RequestResult,
     free_port,
-    is_token_chunk,
     requests_per_client,
     stop,
+    stream_body,
     summarize,
     table,
     wait_healthy,
@@ -270,37 +270,6 @@ def chat_body(setup: Setup, model: str, messages: list[dict[str, str]], tokens: 
     }
 
 
-async def stream_chat(client: httpx.AsyncClient, base: str, body: dict[str, Any]) -> RequestResult:
-    res, times, usage = RequestResult(), [], None
-    received: list[tuple[float, str]] = []
-    t0 = time.perf_counter()
-    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:500]!r}")
-        # Only timestamp lines while streaming, parse afterwards: on 2 cores the client's CPU slows the server.
-        async for line in resp.aiter_lines():
-            received.append((time.perf_counter(), line))
-    for at, line in received:
-        data = line[5:].strip() if line.startswith("data:") else ""
-        if not data:
-            continue
-        if data == "[DONE]":
-            break
-        chunk = json.loads(data)
-        if "error" in chunk:
-            raise RuntimeError(f"stream error: {chunk['error']}")
-        if any(is_token_chunk(c.get("delta") or {}) for c in chunk.get("choices") or []):
-            times.append(at)
-        usage = chunk.get("usage") or usage
-    if times:
-        res.ttft = times[0] - t0
-        res.itl = [b - a for a, b in zip(times, times[1:], strict=False)]
-    usage = usage or {}
-    res.output_tokens = int(usage.get("completion_tokens") or len(times))
-    res.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-    return res
-
-
 async def run_clients(
     server: Running, setup: Setup, clients: int, per_client: int, messages: Callable[[int], list[dict[str, str]]]
 ) -> tuple[list[RequestResult], float]:
@@ -315,7 +284,7 @@ async def run_clients(
             bodies = [
                 chat_body(setup, server.model, messages(c * per_client + i), setup.tokens) for i in range(per_client)
             ]
-            return [await stream_chat(client, server.base, body) for body in bodies]
+            return [await stream_body(client, server.base, body) for body in bodies]
 
         t0 = time.perf_counter()
         per = await asyncio.gather(*(one_client(c) for c in range(clients)))
@@ -337,7 +306,7 @@ def warm_up(server: Running, setup: Setup) -> None:
 
     async def go() -> None:
         async with httpx.AsyncClient(timeout=600, headers=server.headers) as client:
-            await stream_chat(client, server.base, body)
+            await stream_body(client, server.base, body)
 
     asyncio.run(go())
 
