@@ -8,7 +8,6 @@ cookies itself (tests/test_browser.py drives a real browser)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 import subprocess
@@ -30,7 +29,7 @@ from llamaserve.billing.models import UsageRecord
 from llamaserve.billing.store import AuthError, Store, StoreError, Usage
 from tests import test_store
 from tests.conftest import MODEL, Server, start_server
-from tests.test_store import Run, all_rows, backdate
+from tests.test_store import all_rows, backdate
 
 ADMIN_EMAIL = "root@example.com"
 ADMIN_PASSWORD = "correct horse battery staple"
@@ -38,7 +37,7 @@ PASSWORD = "hunter2-but-longer"
 PRICES = ("--price-input", "1000", "--price-output", "1000", "--starter-credits", "3")
 MESSAGES = [{"role": "user", "content": "Say hi."}]
 url = test_store.url  # fixtures: a fresh database on SQLite and on PostgreSQL, and a Store migrated on it
-run = test_store.run
+store = test_store.store
 
 
 class Visitor:
@@ -476,117 +475,105 @@ def test_openapi_documents_the_dashboard_apis(server: Server) -> None:
 
 
 # --- the store's side, on SQLite and PostgreSQL --------------------------------------------------------------
-def test_sessions_keep_only_a_hash_and_expire(run: Run) -> None:
-    async def body(store: Store) -> None:
-        account = await store.create_account("s", "free", email="s@example.com", password_hash="$argon2id$x")
-        token = await store.create_session(account.id, dt.timedelta(hours=1))
-        found = await store.session(token)
-        assert found is not None and found[1].id == account.id
-        assert await store.session(token + "x") is None
-        assert all(token not in str(value) for row in (await all_rows(store))["sessions"] for value in row)
-        expired = await store.create_session(account.id, dt.timedelta(seconds=-1))
-        assert await store.session(expired) is None
-        await store.update_account("s", status="suspended")
-        assert await store.session(token) is None
-        await store.update_account("s", status="active")
-        key, _ = await store.playground_key(token)
-        assert (await store.authenticate(key)).account_id == account.id
-        await store.end_session(token)
-        assert await store.session(token) is None
-        with pytest.raises(AuthError):
-            await store.authenticate(key)
-
-    run(body)
+@pytest.mark.anyio
+async def test_sessions_keep_only_a_hash_and_expire(store: Store) -> None:
+    account = await store.create_account("s", "free", email="s@example.com", password_hash="$argon2id$x")
+    token = await store.create_session(account.id, dt.timedelta(hours=1))
+    found = await store.session(token)
+    assert found is not None and found[1].id == account.id
+    assert await store.session(token + "x") is None
+    assert all(token not in str(value) for row in (await all_rows(store))["sessions"] for value in row)
+    expired = await store.create_session(account.id, dt.timedelta(seconds=-1))
+    assert await store.session(expired) is None
+    await store.update_account("s", status="suspended")
+    assert await store.session(token) is None
+    await store.update_account("s", status="active")
+    key, _ = await store.playground_key(token)
+    assert (await store.authenticate(key)).account_id == account.id
+    await store.end_session(token)
+    assert await store.session(token) is None
+    with pytest.raises(AuthError):
+        await store.authenticate(key)
 
 
-def test_expired_keys_are_refused(run: Run) -> None:
-    async def body(store: Store) -> None:
-        await store.create_account("e", "free")
-        past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
-        full, _ = await store.create_key("e", expires_at=past)
-        with pytest.raises(AuthError) as info:
-            await store.authenticate(full)
-        assert info.value.status == 401
-
-    run(body)
+@pytest.mark.anyio
+async def test_expired_keys_are_refused(store: Store) -> None:
+    await store.create_account("e", "free")
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    full, _ = await store.create_key("e", expires_at=past)
+    with pytest.raises(AuthError) as info:
+        await store.authenticate(full)
+    assert info.value.status == 401
 
 
-def test_set_key_with_an_account_changes_only_its_own_keys(run: Run) -> None:
-    async def body(store: Store) -> None:
-        owner = await store.create_account("owner", "free")
-        other = await store.create_account("other", "free")
-        _, key = await store.create_key("owner")
-        with pytest.raises(StoreError):
-            await store.set_key(key.prefix, enabled=False, account_id=other.id)
-        assert (await store.key(key.prefix)).enabled is True
-        assert (await store.set_key(key.prefix, enabled=False, account_id=owner.id)).enabled is False
-
-    run(body)
+@pytest.mark.anyio
+async def test_set_key_with_an_account_changes_only_its_own_keys(store: Store) -> None:
+    owner = await store.create_account("owner", "free")
+    other = await store.create_account("other", "free")
+    _, key = await store.create_key("owner")
+    with pytest.raises(StoreError):
+        await store.set_key(key.prefix, enabled=False, account_id=other.id)
+    assert (await store.key(key.prefix)).enabled is True
+    assert (await store.set_key(key.prefix, enabled=False, account_id=owner.id)).enabled is False
 
 
-def test_email_is_unique(run: Run) -> None:
-    async def body(store: Store) -> None:
-        await store.create_account("one", "free", email="x@example.com")
-        with pytest.raises(StoreError):
-            await store.create_account("two", "free", email="x@example.com")
-        await store.create_account("two", "free")
-        with pytest.raises(StoreError):
-            await store.update_account("two", email="x@example.com")
-        assert await store.account_by_email("x@example.com") is not None
-
-    run(body)
+@pytest.mark.anyio
+async def test_email_is_unique(store: Store) -> None:
+    await store.create_account("one", "free", email="x@example.com")
+    with pytest.raises(StoreError):
+        await store.create_account("two", "free", email="x@example.com")
+    await store.create_account("two", "free")
+    with pytest.raises(StoreError):
+        await store.update_account("two", email="x@example.com")
+    assert await store.account_by_email("x@example.com") is not None
 
 
-def test_usage_summary_buckets_by_time_model_and_key(run: Run) -> None:
+@pytest.mark.anyio
+async def test_usage_summary_buckets_by_time_model_and_key(store: Store) -> None:
     t0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
-    async def body(store: Store) -> None:
-        account = await store.create_account("u", "free", 10**9)
-        _, k1 = await store.create_key("u")
-        _, k2 = await store.create_key("u")
-        spec = [
-            ("a", k1.id, 0),
-            ("a", k1.id, 59 * 60 + 59.9),
-            ("b", k1.id, 600),
-            ("a", k2.id, 3600),
-            ("a", k1.id, 86400),
-        ]
-        for i, (model, key_id, _) in enumerate(spec):
-            hold = await store.hold(account.id, 100, f"r{i}")
-            assert hold is not None
-            await store.settle(hold, 10 + i, Usage(f"r{i}", model, 1, 2, "ok", 5), key_id)
-        async with store.engine.connect() as conn:
-            ids = dict((await conn.execute(text("SELECT request_id, id FROM usage"))).all())
-        for i, (_, _, offset) in enumerate(spec):
-            await backdate(store, UsageRecord, ids[f"r{i}"], t0 + dt.timedelta(seconds=offset))
-        rows = await store.usage_summary(account.id, t0, t0 + dt.timedelta(days=1), 3600)
-        got = {(r.start - int(t0.timestamp()), r.model, r.key_prefix): (r.requests, r.cost) for r in rows}
-        assert got == {
-            (0, "a", k1.prefix): (2, 10 + 11),  # 12:59:59.9 is still the 12:00 bucket
-            (0, "b", k1.prefix): (1, 12),
-            (3600, "a", k2.prefix): (1, 13),
-        }  # the last record is at until: outside
-        days = await store.usage_summary(account.id, t0, t0 + dt.timedelta(days=2), 86400)
-        day_rows = sorted((r.start - int(t0.timestamp()) + 43200, r.requests) for r in days)
-        assert day_rows == [(0, 1), (0, 1), (0, 2), (86400, 1)]  # buckets start at midnight UTC
-
-    run(body)
+    account = await store.create_account("u", "free", 10**9)
+    _, k1 = await store.create_key("u")
+    _, k2 = await store.create_key("u")
+    spec = [
+        ("a", k1.id, 0),
+        ("a", k1.id, 59 * 60 + 59.9),
+        ("b", k1.id, 600),
+        ("a", k2.id, 3600),
+        ("a", k1.id, 86400),
+    ]
+    for i, (model, key_id, _) in enumerate(spec):
+        hold = await store.hold(account.id, 100, f"r{i}")
+        assert hold is not None
+        await store.settle(hold, 10 + i, Usage(f"r{i}", model, 1, 2, "ok", 5), key_id)
+    async with store.engine.connect() as conn:
+        ids = dict((await conn.execute(text("SELECT request_id, id FROM usage"))).all())
+    for i, (_, _, offset) in enumerate(spec):
+        await backdate(store, UsageRecord, ids[f"r{i}"], t0 + dt.timedelta(seconds=offset))
+    rows = await store.usage_summary(account.id, t0, t0 + dt.timedelta(days=1), 3600)
+    got = {(r.start - int(t0.timestamp()), r.model, r.key_prefix): (r.requests, r.cost) for r in rows}
+    assert got == {
+        (0, "a", k1.prefix): (2, 10 + 11),  # 12:59:59.9 is still the 12:00 bucket
+        (0, "b", k1.prefix): (1, 12),
+        (3600, "a", k2.prefix): (1, 13),
+    }  # the last record is at until: outside
+    days = await store.usage_summary(account.id, t0, t0 + dt.timedelta(days=2), 86400)
+    day_rows = sorted((r.start - int(t0.timestamp()) + 43200, r.requests) for r in days)
+    assert day_rows == [(0, 1), (0, 1), (0, 2), (86400, 1)]  # buckets start at midnight UTC
 
 
-def test_migration_0002_upgrades_an_existing_store(url: str) -> None:
+@pytest.mark.anyio
+async def test_migration_0002_upgrades_an_existing_store(url: str) -> None:
     """A store made by 0001, with an account in it, upgrades: nobody is an admin, nobody has a login."""
 
-    async def main() -> None:
-        store = Store(url)
-        try:
-            async with store.engine.begin() as conn:
-                await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0001"))
-                insert = "INSERT INTO accounts (name, plan, status, balance, created_at) VALUES (:n, :p, :s, 5, :t)"
-                await conn.execute(text(insert), {"n": "old", "p": "pro", "s": "active", "t": dt.datetime.now(dt.UTC)})
-            await store.migrate()
-            old = await store.account("old")
-            assert (old.is_admin, old.email, old.password_hash, old.balance) == (False, None, None, 5)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
+    store = Store(url)
+    try:
+        async with store.engine.begin() as conn:
+            await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0001"))
+            insert = "INSERT INTO accounts (name, plan, status, balance, created_at) VALUES (:n, :p, :s, 5, :t)"
+            await conn.execute(text(insert), {"n": "old", "p": "pro", "s": "active", "t": dt.datetime.now(dt.UTC)})
+        await store.migrate()
+        old = await store.account("old")
+        assert (old.is_admin, old.email, old.password_hash, old.balance) == (False, None, None, 5)
+    finally:
+        await store.close()
