@@ -211,7 +211,7 @@ def template_messages(messages: list[ChatMessage], images: Images | None = None)
         content: Any = m.content if m.content is not None else ""
         if isinstance(content, list):
             content = [_template_part(part, (i, j), images) for j, part in enumerate(content)]
-        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        d: dict[str, Any] = {"role": m.role, "content": content}
         if m.name is not None:
             d["name"] = m.name
         if m.tool_calls:
@@ -249,7 +249,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     if images:  # mtmd tokenizes (and resizes) the images too
         plan = await asyncio.to_thread(plan_chat, body, model, images)
     else:
-        schemas = bool(body.tools) or body.response_format is not None
+        fmt = body.response_format
+        schemas = bool(body.tools) or (fmt is not None and fmt.type == "json_schema")
         plan = await prompt_work(chat_work(size, body.messages, schemas), plan_chat, body, model)
     # The hold is sized from the tokenized prompt, image tokens included.
     n_prompt = plan.prompt.n_tokens

@@ -39,7 +39,6 @@ from llamaserve.backends.upstream import (
 )
 from llamaserve.billing.store import Caller
 from llamaserve.chat.images import ImageError, ImageLimits
-from llamaserve.protocol.chat import IGNORED_FIELDS, IGNORED_MESSAGE_FIELDS
 from llamaserve.protocol.common import SamplingFields
 from llamaserve.protocol.errors import invalid
 from llamaserve.registry import ModelSpec
@@ -112,18 +111,11 @@ async def inline_images(payload: dict[str, Any], spec: ModelSpec, limits: ImageL
 
 
 def upstream_payload(body: SamplingFields) -> dict[str, Any]:
-    """The request as an upstream engine is sent it: without the fields we accept and ignore (an engine written by
-    others may refuse them), `developer` messages as `system` ones, and stream_options only with a stream."""
-    payload = body.model_dump(exclude_unset=True, by_alias=True, exclude=set(IGNORED_FIELDS))
+    """The request as an upstream engine is sent it: the fields we accept and ignore are never serialized (an
+    engine written by others may refuse them), and stream_options goes only with a stream."""
+    payload = body.model_dump(exclude_unset=True, by_alias=True)
     if not body.stream:
         payload.pop("stream_options", None)
-    for message in payload.get("messages") or []:
-        for field in IGNORED_MESSAGE_FIELDS:
-            message.pop(field, None)
-        if message["role"] == "developer":
-            message["role"] = "system"
-        for part in message["content"] if isinstance(message.get("content"), list) else []:
-            part.pop("cache_control", None)
     return payload
 
 

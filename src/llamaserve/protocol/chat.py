@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
 from llamaserve.protocol.common import LegacyLogprobs, SamplingFields, StrictModel, Usage
 from llamaserve.protocol.validation import JSONSchema, StoredText, Text, json_size_at_most, unsupported
+
+# Accepted and ignored: such a field is never serialized, so it reaches no upstream engine either.
+IGNORED = Field(default=None, exclude=True)
 
 
 class CacheControl(StrictModel):
@@ -21,7 +24,7 @@ class CacheControl(StrictModel):
 class TextPart(StrictModel):
     type: Literal["text"]
     text: Text
-    cache_control: CacheControl | None = None
+    cache_control: CacheControl | None = IGNORED
 
 
 class ImageURL(StrictModel):
@@ -32,7 +35,7 @@ class ImageURL(StrictModel):
 class ImagePart(StrictModel):
     type: Literal["image_url"]
     image_url: ImageURL
-    cache_control: CacheControl | None = None
+    cache_control: CacheControl | None = IGNORED
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
@@ -60,7 +63,7 @@ class ToolCall(StrictModel):
 
 
 class ChatMessage(StrictModel):
-    # "developer" is OpenAI's newer name for the system role: rendered as "system".
+    # "developer" is OpenAI's newer name for the system role: read as "system" (see _developer_is_system).
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
     name: Text | None = None
@@ -68,10 +71,16 @@ class ChatMessage(StrictModel):
     tool_call_id: Text | None = None
     # What an SDK's response message carries when sent back as history (`message.model_dump()`): accepted and
     # ignored; a legacy function call or audio that would have to be honoured is refused.
-    refusal: Text | None = None
-    annotations: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    refusal: Text | None = IGNORED
+    annotations: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOL_CALLS)] | None = IGNORED
     audio: unsupported("audio in messages: this server has no audio") = None  # type: ignore[valid-type]
     function_call: unsupported("a legacy function_call in messages: send tool_calls") = None  # type: ignore[valid-type]
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, role: str) -> str:
+        """One name for the system role from here on: templates, formats and upstream engines know "system"."""
+        return "system" if role == "developer" else role
 
     def text(self) -> str:
         """The message's text: a string as is, text parts joined by newlines."""
@@ -134,16 +143,12 @@ class IgnoredFields(StrictModel):
     """OpenAI request fields that would not change the output here: accepted (within OpenAI's own bounds), and
     not forwarded to upstream engines. docs/api.md: "Request fields"."""
 
-    store: bool | None = None
-    metadata: Metadata | None = None
-    service_tier: Annotated[str, Field(max_length=32)] | None = None
-    prompt_cache_key: Annotated[Text, Field(max_length=1024)] | None = None
-    safety_identifier: Annotated[Text, Field(max_length=256)] | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None
-
-
-IGNORED_FIELDS = frozenset(IgnoredFields.model_fields)
-IGNORED_MESSAGE_FIELDS = frozenset({"refusal", "annotations", "audio", "function_call"})
+    store: bool | None = IGNORED
+    metadata: Metadata | None = IGNORED
+    service_tier: Annotated[str, Field(max_length=32)] | None = IGNORED
+    prompt_cache_key: Annotated[Text, Field(max_length=1024)] | None = IGNORED
+    safety_identifier: Annotated[Text, Field(max_length=256)] | None = IGNORED
+    verbosity: Literal["low", "medium", "high"] | None = IGNORED
 
 
 class ChatCompletionRequest(SamplingFields, IgnoredFields):

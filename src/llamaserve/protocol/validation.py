@@ -217,7 +217,7 @@ def unsupported(reason: str) -> Any:
         if value is not None:
             raise PydanticCustomError(UNSUPPORTED, reason)
 
-    return Annotated[None, BeforeValidator(refuse), Field(description=f"Not supported here: {reason}")]
+    return Annotated[None, BeforeValidator(refuse), Field(description=f"Not supported here: {reason}", exclude=True)]
 
 
 def no_nul(text: str) -> str:
