@@ -21,11 +21,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llamaserve.api.observe import GatewayMetrics, ObserveMiddleware
-from llamaserve.api.platform import Admission
+from llamaserve.api.runtime.observe import GatewayMetrics, ObserveMiddleware
 from llamaserve.billing.limits import UNLIMITED
 from llamaserve.billing.store import Caller
 from llamaserve.logs import configure
+from llamaserve.serving.admission import Admission, Call
 
 CALLER = Caller(key_id=7, key_prefix="abcdefghij", account_id=3, account_name="a", plan="pro", allowed_models=None)
 PATH = "/v1/chat/completions"
@@ -62,10 +62,14 @@ async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     state["caller"] = CALLER
     admission = Admission(None, CALLER, state["request_id"], "model", 31, 16, 0, UNLIMITED)
     admission.backend, admission.first_token_at = "local", time.perf_counter()
-    admission.finish(16, "ok")
-    state["admission"] = admission
+    admission.settle(16, "ok")
+    state["call"] = Call(CALLER, state["request_id"], disconnected, admission)
     await send({"type": "http.response.start", "status": 200, "headers": list(HEADERS)})
     await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def disconnected() -> None:
+    pass
 
 
 async def receive() -> Message:

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 
-from llamaserve.api.http_protocol import CoalescingTransport
+from llamaserve.api.runtime.http_protocol import CoalescingTransport
 from tests.conftest import MODEL, Server, start_server
 
 

@@ -12,17 +12,15 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from llamaserve.api.platform.attempts import MemoryWindowLimiter, RedisWindowLimiter, WindowLimiter
 from llamaserve.billing.limits import (
     PLANS,
     Bucket,
     Decision,
     MemoryLimiter,
-    MemoryWindowLimiter,
     Plan,
     RateLimiter,
     RedisLimiter,
-    RedisWindowLimiter,
-    WindowLimiter,
     format_reset,
     make_limiter,
 )

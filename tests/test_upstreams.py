@@ -194,10 +194,28 @@ def embedded_gguf() -> str:
     return str(resolve_model(None)[0])
 
 
+# `python -m llama_cpp.server`, with llama.cpp's extra CPU buffer types off, as our engine has them: on CPUs with AMX
+# their repacked weights crash llama-cpp-python 0.3.36's decode of any prompt longer than a few tokens (SIGSEGV).
+LLAMA_CPP_SERVER = """
+import runpy
+import llama_cpp.llama
+
+default_params = llama_cpp.llama.llama_cpp.llama_model_default_params
+
+def without_extra_buffers():
+    params = default_params()
+    params.use_extra_bufts = False
+    return params
+
+llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_buffers
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 def llama_cpp_server(port: int, log: Path) -> subprocess.Popen[bytes]:
     """llama-cpp-python's OpenAI server on the embedded GGUF. By default a new request interrupts the one running;
     a server behind a gateway must not do that."""
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", embedded_gguf(), "--host", "127.0.0.1"]
+    command = [sys.executable, "-c", LLAMA_CPP_SERVER, "--model", embedded_gguf(), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--interrupt_requests", "false", "--n_threads", "1"]
     command += ["--n_ctx", str(GGUF_CONTEXT)]
     with log.open("wb") as out:

@@ -24,7 +24,7 @@ from llamaserve.logs import configure as configure_logging
 from llamaserve.registry import Registry, RegistryError, load_registry
 
 if TYPE_CHECKING:
-    from llamaserve.api.lifecycle import Limits
+    from llamaserve.api.runtime.lifecycle import Limits
     from llamaserve.backends.counting import TokenCounter
     from llamaserve.backends.local import LocalModel
 
@@ -341,7 +341,7 @@ def _limits(
     header_timeout: float,
     max_connections: int,
 ) -> Limits:
-    from llamaserve.api.lifecycle import Limits
+    from llamaserve.api.runtime.lifecycle import Limits
 
     body_bytes = int(max_body_mb * 1024 * 1024)
     return Limits(body_bytes, body_timeout, drain_timeout, write_timeout, header_timeout, max_connections)
@@ -361,8 +361,8 @@ def _run(
     import uvicorn
 
     from llamaserve.api.app import create_app
-    from llamaserve.api.http_protocol import protocol_class
-    from llamaserve.api.lifecycle import DrainingServer, Lifecycle
+    from llamaserve.api.runtime.http_protocol import protocol_class
+    from llamaserve.api.runtime.lifecycle import DrainingServer, Lifecycle
 
     try:
         local = _load(config) if load_local else None

@@ -15,12 +15,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from llamaserve.api import account, admin, chat, completions, dashboard, errors, openai, openapi
-from llamaserve.api.inference import InferenceMiddleware
-from llamaserve.api.lifecycle import Lifecycle, LifecycleMiddleware
-from llamaserve.api.observe import GatewayMetrics, ObserveMiddleware, StateCollector
-from llamaserve.api.platform import Platform
-from llamaserve.api.proxy import UpstreamModel
+from llamaserve.api import openapi
+from llamaserve.api.openai import chat, completions, models
+from llamaserve.api.platform import account, admin, dashboard
+from llamaserve.api.runtime import errors
+from llamaserve.api.runtime.lifecycle import Lifecycle, LifecycleMiddleware
+from llamaserve.api.runtime.observe import GatewayMetrics, ObserveMiddleware, StateCollector
 from llamaserve.backends.counting import TokenCounter
 from llamaserve.backends.local import LocalModel
 from llamaserve.backends.upstream import Router, Upstream
@@ -30,6 +30,10 @@ from llamaserve.billing.pricing import Price
 from llamaserve.chat.images import ImageLimits
 from llamaserve.config import PlatformConfig
 from llamaserve.registry import Registry
+from llamaserve.serving.admission import Gate, Platform
+from llamaserve.serving.directory import ModelDirectory
+from llamaserve.serving.local import LocalServing
+from llamaserve.serving.upstream import UpstreamServing
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +47,11 @@ async def _readiness(app: FastAPI, model: LocalModel | None) -> dict[str, bool]:
     checks = {"accepting": not lifecycle.draining}
     if model is not None:
         checks["engine"] = model.engine.alive
-    platform: Platform | None = app.state.platform
+    platform: Platform | None = app.state.gate.platform
     if platform is not None:
         checks["database"] = await _answers(platform.store.ping())
-    for model_id, upstream_model in app.state.upstream_models.items():
-        checks[f"upstream:{model_id}"] = any(u.available for u in upstream_model.router.upstreams)
+    for upstream_model in app.state.models.upstreams:
+        checks[f"upstream:{upstream_model.id}"] = any(u.available for u in upstream_model.router.upstreams)
     return checks
 
 
@@ -78,13 +82,28 @@ async def _open_platform(config: PlatformConfig) -> Platform:
     )
 
 
-def _upstream_models(registry: Registry | None, counters: dict[str, TokenCounter]) -> dict[str, UpstreamModel]:
-    models = {}
+def _model_directory(
+    model: LocalModel | None,
+    registry: Registry | None,
+    gate: Gate,
+    counters: dict[str, TokenCounter],
+    image_limits: ImageLimits,
+    created: int,
+) -> ModelDirectory:
+    """Every model served: the local one (under the registry's aliases, at its price) and the registry's upstream
+    ones. Upstream sessions need the running event loop."""
+    local_spec = next((m for m in registry.models if m.backends[0].type == "local"), None) if registry else None
+    local = None
+    if model is not None:
+        local = LocalServing(model, gate, local_spec.price if local_spec else None, image_limits)
+    upstreams = []
     for spec in registry.models if registry else ():
-        upstreams = [Upstream.create(b, spec.timeout) for b in spec.backends if b.type == "upstream"]
-        if upstreams:
-            models[spec.id] = UpstreamModel(spec, Router(upstreams), counters.get(spec.id) or TokenCounter())
-    return models
+        backends = [Upstream.create(b, spec.timeout) for b in spec.backends if b.type == "upstream"]
+        if backends:
+            counter = counters.get(spec.id) or TokenCounter()
+            upstreams.append(UpstreamServing(spec, Router(backends), counter, gate, image_limits))
+    aliases = local_spec.aliases if local_spec else ()
+    return ModelDirectory(local, aliases, upstreams, registry, created)
 
 
 def create_app(
@@ -98,15 +117,15 @@ def create_app(
     """The API on a local `model` and on the registry's upstream models (`counters`: the token counters of those
     that name a tokenizer); with a platform config, behind accounts, keys, credits and limits (`serve`), without
     one, open to whoever can reach it (`engine`)."""
-    local_spec = next((m for m in registry.models if m.backends[0].type == "local"), None) if registry else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         platform = await _open_platform(platform_config) if platform_config else None
-        app.state.platform = platform
+        gate = app.state.gate = Gate(platform)
         beating = asyncio.get_running_loop().create_task(platform.keep_alive()) if platform else None
-        app.state.upstream_models = _upstream_models(registry, counters or {})
-        for upstream_model in app.state.upstream_models.values():
+        directory = _model_directory(model, registry, gate, counters or {}, app.state.image_limits, app.state.started)
+        app.state.models = directory
+        for upstream_model in directory.upstreams:
             upstream_model.router.start_health_checks()
         if model is not None:
             model.start(asyncio.get_running_loop())
@@ -115,8 +134,8 @@ def create_app(
         finally:
             if beating is not None:
                 beating.cancel()
-            for upstream in app.state.upstream_models.values():
-                await upstream.router.close()
+            for upstream_model in directory.upstreams:
+                await upstream_model.router.close()
             if model is not None:
                 model.close()
             if platform is not None:
@@ -128,18 +147,12 @@ def create_app(
     # No Swagger UI or ReDoc pages: FastAPI's load their scripts from a CDN, on the dashboard's origin and offline
     # as well; the OpenAPI document itself is at /openapi.json.
     app = FastAPI(title="llamaserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.model = model
-    app.state.local_names = {model.id, *(local_spec.aliases if local_spec else ())} if model else set()
-    app.state.local_price = local_spec.price if local_spec else None
-    app.state.registry = registry
     app.state.image_limits = image_limits or ImageLimits()
-    app.state.platform = None
-    app.state.upstream_models = {}
+    app.state.gate = Gate(None)  # until the lifespan opens the platform
+    app.state.models = ModelDirectory(None, (), [], None, 0)  # until the lifespan has the models
     app.state.started = int(time.time())
     errors.install(app, unknown_path=chat.unknown_model_by_path)
     app.state.lifecycle = lifecycle or Lifecycle()
-    inference = [chat.route, completions.route, openai.tokenize_route, openai.detokenize_route]
-    app.add_middleware(InferenceMiddleware, routes=inference)  # innermost
     app.add_middleware(LifecycleMiddleware, lifecycle=app.state.lifecycle)
     if platform_config is not None and platform_config.cors_origins:
         # Off unless asked: browsers on other origins may not call the API (the dashboard is same-origin).
@@ -157,9 +170,10 @@ def create_app(
     metrics.registry.register(StateCollector(app))
     # Outermost: every response has an id, and is counted and logged, refusals included.
     app.add_middleware(ObserveMiddleware, metrics=metrics, take_forwarded_ids=platform_config is None)
-    app.include_router(chat.router)  # declared for the document and other methods; POSTs: InferenceMiddleware
+    app.include_router(chat.router)
     app.include_router(completions.router)
-    app.include_router(openai.router)
+    app.include_router(models.router)
+    app.include_router(models.tokenize_router)
     if platform_config is not None:
         app.include_router(account.router)
         app.include_router(admin.router)

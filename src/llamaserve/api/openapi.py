@@ -23,10 +23,10 @@ from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from llamaserve.api.admin import require_admin
-from llamaserve.api.auth import PRESESSION_COOKIE, csrf_header, require_session
-from llamaserve.api.lifecycle import PROBES
-from llamaserve.api.platform import require_caller
+from llamaserve.api.platform.admin import require_admin
+from llamaserve.api.platform.auth import PRESESSION_COOKIE, csrf_header, require_session
+from llamaserve.api.platform.keys import require_caller
+from llamaserve.api.runtime.lifecycle import PROBES
 from llamaserve.protocol.chat import ChatCompletionChunk
 from llamaserve.protocol.completions import CompletionChunk
 from llamaserve.protocol.errors import ErrorResponse

@@ -42,6 +42,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 # Counts a request may hold: each item costs rendering and tokenizing whatever its size (40,000 empty messages
 # stalled the server for 18 s). OpenAI allows 128 tools; the others leave room for any real conversation.
+DEFAULT_CHAT_MAX_TOKENS = 512  # as the seed documents: what an upstream is sent when a request gives none
 MAX_MESSAGES = 2048
 MAX_PARTS = 256  # content parts of one message
 MAX_TOOLS = 128

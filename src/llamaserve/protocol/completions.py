@@ -12,6 +12,7 @@ from llamaserve.protocol.validation import Text
 # Choices in one request: n for each prompt. Each is a sequence in the engine's queue, and the prompts are
 # tokenized before any runs; a list of prompts without a bound made one request a flood.
 MAX_CHOICES = 128
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 # The validator below gives the message; json_schema_extra tells the spec (a lone prompt of token ids may be long).
 PromptList = Field(min_length=1, json_schema_extra={"maxItems": MAX_CHOICES})

@@ -24,8 +24,8 @@ from fastapi import APIRouter, Depends, Request, Response, Security
 from fastapi.security import APIKeyCookie, APIKeyHeader
 from pydantic import BaseModel, Field
 
-from llamaserve.api.platform import platform_of
-from llamaserve.billing.limits import LOGIN_FAILURES, LOGIN_WINDOW, MemoryWindowLimiter, WindowLimiter
+from llamaserve.api.platform.attempts import LOGIN_FAILURES, LOGIN_WINDOW, MemoryWindowLimiter, WindowLimiter
+from llamaserve.api.platform.keys import platform_of
 from llamaserve.billing.models import Account, WebSession
 from llamaserve.billing.passwords import (
     check_email,

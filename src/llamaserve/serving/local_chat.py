@@ -1,69 +1,44 @@
-"""POST /v1/chat/completions: validate, render the prompt (with tools), run it, answer or stream."""
+"""Chat completions on the local engine: check the request, render its prompt (tools, images, grammars) off the
+event loop when large, admit it, run it, and answer or stream."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from starlette.datastructures import State
-from starlette.exceptions import HTTPException
-from starlette.routing import Match
-from starlette.types import Scope
-
-from llamaserve.api.common import (
-    SSE_DONE,
-    ChoiceResult,
-    chat_work,
-    check_prompt_bytes,
-    check_sampling,
-    collect,
-    completion_budget,
-    engine_error,
-    get_model,
-    image_budget,
-    new_id,
-    prompt_work,
-    refuse_when_full,
-    sse,
-    sse_response,
-    submit,
-    text_bytes,
-    usage,
-)
-from llamaserve.api.inference import inference_route, json_body
-from llamaserve.api.logprobs import LegacyLogprobs, chat_logprobs
-from llamaserve.api.platform import CallerDep, admit, check_model_allowed, check_rate_limit, require_caller
-from llamaserve.api.proxy import find_upstream, proxy
 from llamaserve.backends.local import ChatPrompt, LocalModel
 from llamaserve.chat.grammar import Grammar, SchemaError, json_object_grammar, json_schema_grammar
-from llamaserve.chat.images import Image, ImageError
+from llamaserve.chat.images import Image, ImageLimits
 from llamaserve.chat.llama3 import Llama3FormatError
 from llamaserve.chat.template import TemplateError
 from llamaserve.chat.tools import Llama3Format, ToolFormat, ToolStream, assembled, parameters_schema
 from llamaserve.engine import RequestHandle, SamplingParams
 from llamaserve.engine.logprobs import TokenLogprob
 from llamaserve.engine.mtmd import RGBImage
-from llamaserve.protocol.chat import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    ChatMessage,
-    ImagePart,
-    NamedToolChoice,
-    PathChatRequest,
-    TextPart,
-)
+from llamaserve.protocol.chat import ChatCompletionRequest, ChatMessage, ImagePart, NamedToolChoice, TextPart
 from llamaserve.protocol.errors import invalid
-
-router = APIRouter()
-DEFAULT_CHAT_MAX_TOKENS = 512  # as the seed documents
+from llamaserve.serving.admission import Call
+from llamaserve.serving.generation import (
+    ChoiceResult,
+    LocalSetup,
+    chat_work,
+    check_prompt_bytes,
+    check_sampling,
+    collect,
+    completion_budget,
+    engine_error,
+    prompt_work,
+    refuse_when_full,
+    streamed,
+    submit,
+    text_bytes,
+)
+from llamaserve.serving.images import RequestImages, image_refused
+from llamaserve.serving.logprobs import LegacyLogprobs, chat_logprobs
+from llamaserve.serving.reply import SSE_DONE, Reply, new_id, sse, usage
 
 
 @dataclasses.dataclass
@@ -129,27 +104,17 @@ def check_images(body: ChatCompletionRequest, model: LocalModel) -> None:
     if model.vision:
         return
     for i, j, _ in _image_parts(body.messages)[:1]:
-        where = f"messages[{i}].content[{j}]"
-        raise invalid(
-            f"model {model.id} does not accept image input ({where} has an image_url part)",
-            where,
-            code="image_input_not_supported",
-        )
+        raise image_refused(model.id, f"messages[{i}].content[{j}]")
 
 
-async def load_images(request: Request, body: ChatCompletionRequest, model: LocalModel) -> Images:
+async def load_images(body: ChatCompletionRequest, model: LocalModel, limits: ImageLimits) -> Images:
     """Fetch (under the deployment's limits and address rules) and decode every image part."""
     check_images(body, model)
     parts = _image_parts(body.messages)
-    images: Images = {}
-    budget = image_budget([f"messages[{i}].content[{j}]" for i, j, _ in parts], request.app.state.image_limits)
-    for i, j, part in parts:
-        where = f"messages[{i}].content[{j}]"
-        try:
-            images[(i, j)] = await budget.load(part.image_url.url)
-        except ImageError as e:
-            raise invalid(f"{where}: {e}", where, code=e.code) from e
-    return images
+    request_images = RequestImages([f"messages[{i}].content[{j}]" for i, j, _ in parts], limits)
+    return {
+        (i, j): await request_images.load(part.image_url.url, f"messages[{i}].content[{j}]") for i, j, part in parts
+    }
 
 
 def _response_grammar(body: ChatCompletionRequest) -> str | None:
@@ -231,21 +196,16 @@ def _template_part(part: TextPart | ImagePart, where: tuple[int, int], images: I
     return {"type": "image", "image": RGBImage(image.rgb, image.width, image.height)}
 
 
-# --- the route ------------------------------------------------------------------------------------------------
-@router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, request: Request, caller: CallerDep) -> Any:
-    upstream = find_upstream(request.app.state, body.model)
-    if upstream is not None:
-        return await proxy(request, body, caller, upstream, "chat", DEFAULT_CHAT_MAX_TOKENS)
-    model = get_model(request, body.model)
-    check_model_allowed(caller, model.id)
+# --- serving ---------------------------------------------------------------------------------------------------
+async def create_chat(local: LocalSetup, body: ChatCompletionRequest, call: Call) -> Reply:
+    model = local.model
     check_sampling(body, model)  # cheap refusals before any image is fetched
     size = text_bytes(m.text() for m in body.messages)  # the rendered prompt holds at least these bytes
     check_prompt_bytes(model, size, "messages")
     # Admitted once its prompt is tokenized (images included); a key over its rate limits gets its 429 before
     # any of that work (images fetched, the prompt rendered, grammars built).
-    await check_rate_limit(request, caller, 1)
-    images = await load_images(request, body, model)
+    await local.gate.check(call.caller, 1)
+    images = await load_images(body, model, local.image_limits)
     if images:  # mtmd tokenizes (and resizes) the images too
         plan = await asyncio.to_thread(plan_chat, body, model, images)
     else:
@@ -256,14 +216,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     n_prompt = plan.prompt.n_tokens
     budget = completion_budget(model, [n_prompt], plan.params, body.n)
     refuse_when_full(model, body.n)
-    admission = await admit(
-        request, caller, request.state.request_id, model.id, n_prompt, budget, request.app.state.local_price
-    )
+    admission = await local.gate.admit(call, model.id, n_prompt, budget, local.price)
     [handle] = submit(model, [plan.prompt.engine_input], plan.params, body.n, "messages", admission)
     head = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": model.id}
     if body.stream:
-        return sse_response(ChatStream(model, plan, body, handle, head).events(), [handle], admission.headers)
-    results = await collect(request, [handle], body.n, admission)
+        return streamed(ChatStream(model, plan, body, handle, head).events(), [handle], admission)
+    results = await collect(call, [handle], body.n, admission)
     response: dict[str, Any] = {
         **head,
         "object": "chat.completion",
@@ -272,58 +230,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, caller
     }
     if body.echo:
         response["prompt"] = [_echo(model, plan.prompt.text, results[0].prompt_logprobs)]
-    return JSONResponse(response, headers=admission.headers)
-
-
-route = inference_route("/v1/chat/completions", ChatCompletionRequest, chat_completions)
-
-
-class ServedModelRoute(APIRoute):
-    """A route whose path parameter `model` matches only the names of models served here, so that any other path
-    under /v1 stays a 404, for every method, as before this route existed."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
-        if match is not Match.NONE and not _served(scope["app"].state, child["path_params"]["model"]):
-            return Match.NONE, {}
-        return match, child
-
-
-def _served(state: State, name: str) -> bool:
-    return name in state.local_names or find_upstream(state, name) is not None
-
-
-# Included after every other router: its one path segment must not shadow theirs.
-by_path_router = APIRouter(route_class=ServedModelRoute)
-
-
-@by_path_router.post("/v1/{model}", response_model=ChatCompletion, summary="Chat completion, model in the path")
-async def chat_completions_by_path(model: str, body: PathChatRequest, request: Request, caller: CallerDep) -> Any:
-    """Segmind's form of the same endpoint: `POST /v1/llama-v3p1-405b-instruct` with the chat body, `model` left
-    out (or naming the same model). A name no model has is no such path: 404."""
-    if body.model is not None and body.model != model:
-        raise invalid(f"the body's model {body.model!r} differs from the path's {model!r}", "model")
-    body.model = model
-    return await chat_completions(body, request, caller)
-
-
-async def unknown_model_by_path(request: Request) -> None:
-    """Segmind's form with a name no model has: a chat body (`messages`) posted to `/v1/<name>` is answered, once
-    its key is checked, with 404 model_not_found listing the served models. Any other unknown path stays the
-    route's 404."""
-    if request.method != "POST" or not _ONE_SEGMENT.fullmatch(request.url.path):
-        return
-    try:
-        body = await json_body(request)
-    except (RequestValidationError, HTTPException):  # not JSON: no chat body
-        return
-    if not isinstance(body, dict) or "messages" not in body:
-        return
-    await require_caller(request)
-    get_model(request, request.url.path.removeprefix("/v1/"))  # raises: no model has that name (else a route had it)
-
-
-_ONE_SEGMENT = re.compile(r"/v1/[^/]+")
+    return Reply(admission.headers, body=response)
 
 
 def _choice(model: LocalModel, plan: ChatPlan, body: ChatCompletionRequest, i: int, r: ChoiceResult) -> dict:

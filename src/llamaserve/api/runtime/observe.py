@@ -24,16 +24,18 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llamaserve.api.lifecycle import PROBES
-from llamaserve.api.request_id import forwarded_request_id, new_request_id
+from llamaserve.api.runtime.lifecycle import PROBES
+from llamaserve.api.runtime.request_id import forwarded_request_id, new_request_id
 from llamaserve.engine.metrics import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from llamaserve.api.platform import Admission
     from llamaserve.backends.local import LocalModel
     from llamaserve.billing.store import Caller
+    from llamaserve.serving.admission import Admission, Call
+    from llamaserve.serving.directory import ModelDirectory
+    from llamaserve.serving.upstream import UpstreamServing
 
 access_log = logging.getLogger("llamaserve.access")
 log = logging.getLogger(__name__)
@@ -131,14 +133,16 @@ class StateCollector:
 
     def collect(self) -> Iterator[Metric]:
         state = self.app.state
-        open_holds = sum(state.platform.active.values()) if state.platform is not None else 0
+        platform = state.gate.platform
+        open_holds = sum(platform.active.values()) if platform is not None else 0
         yield GaugeMetricFamily("llamaserve_holds_open", "Admitted requests whose credit hold is open", open_holds)
         in_flight = state.lifecycle.in_flight
         yield GaugeMetricFamily("llamaserve_requests_in_flight", "HTTP requests being served (probes aside)", in_flight)
-        if state.model is not None:
-            yield from _engine_metrics(state.model)
-        if state.upstream_models:
-            yield from _upstream_metrics(state.upstream_models)
+        models: ModelDirectory = state.models
+        if models.local is not None:
+            yield from _engine_metrics(models.local.model)
+        if models.upstreams:
+            yield from _upstream_metrics(models.upstreams)
 
 
 def _engine_metrics(model: LocalModel) -> Iterator[Metric]:
@@ -163,7 +167,7 @@ def _engine_metrics(model: LocalModel) -> Iterator[Metric]:
         yield metric
 
 
-def _upstream_metrics(upstream_models: dict[str, Any]) -> Iterator[Metric]:
+def _upstream_metrics(upstream_models: list[UpstreamServing]) -> Iterator[Metric]:
     names = ["model", "backend"]
     in_flight = GaugeMetricFamily("llamaserve_upstream_in_flight", "Requests open on the upstream", labels=names)
     healthy = GaugeMetricFamily("llamaserve_upstream_healthy", "1 if the upstream takes requests", labels=names)
@@ -175,9 +179,9 @@ def _upstream_metrics(upstream_models: dict[str, Any]) -> Iterator[Metric]:
         "Upstream requests by HTTP status (502/504: no answer)",
         labels=[*names, "status"],
     )
-    for model_id, upstream_model in upstream_models.items():
+    for upstream_model in upstream_models:
         for u in upstream_model.router.upstreams:
-            labels = [model_id, u.spec.url]
+            labels = [upstream_model.id, u.spec.url]
             in_flight.add_metric(labels, u.outstanding)
             healthy.add_metric(labels, int(u.available))
             first_byte.add_metric(labels, count_value=u.answered, sum_value=u.first_byte_seconds)
@@ -231,7 +235,8 @@ class ObserveMiddleware:
         seconds = time.perf_counter() - started
         route = getattr(scope.get("route"), "path", None) or "unmatched"  # the template: bounded labels
         self.metrics.response(route, scope["method"], status, error, seconds)
-        admission: Admission | None = state.get("admission")
+        call: Call | None = state.get("call")
+        admission = call.admission if call is not None else None
         ttft = None
         if admission is not None:
             ttft = admission.first_token_at - started if admission.first_token_at is not None else None

@@ -1,10 +1,7 @@
-"""How the inference endpoints are served: by a pure ASGI middleware, the innermost, ahead of FastAPI's routing.
-
-FastAPI declares POST /v1/chat/completions and /v1/completions with the other routes (the OpenAPI document and
-405s for other methods come from those declarations). This middleware answers them, taking the same steps in the
-same order as FastAPI's request handler, without the layers between it and the route (exception middleware,
-exit stacks, routing, dependency solving, validation wrappers), which cost about as much CPU as a proxied
-request's own work (bench/gateway_bench.py):
+"""How the inference POSTs are handled: FastAPI routes them, and their route class answers them with the same
+steps, in the same order, as FastAPI's request handler, without its dependency solving and validation wrappers
+(which cost about as much CPU as a proxied request's own work, bench/gateway_bench.py), and with the heavy steps
+off the event loop:
 
 1. read the body and parse it as JSON as FastAPI does (only for a JSON content type; same errors);
 2. authenticate the key: 401/403 before any complaint about the body's fields;
@@ -12,38 +9,26 @@ request's own work (bench/gateway_bench.py):
    handler as every other route's (400 naming the parameter).
 
 Steps 1 and 3 run in a worker thread for a large body, or one holding JSON schemas (INLINE_BODY_BYTES).
-
-An exception is answered by the app's handler for it, as Starlette's exception middleware would; one with no
-handler of its own (a bug) goes on up to the server-error middleware, as from any route.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar, get_type_hints
 
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llamaserve.api.platform import require_caller
-from llamaserve.billing.store import Caller
+from llamaserve.api.platform.keys import require_caller
 
 M = TypeVar("M", bound=BaseModel)
-Endpoint = Callable[[M, Request, Caller], Awaitable[Any]]
 _NO_BODY = object()  # an empty body: FastAPI reports the body missing, after the key check
-
-
-@dataclass(frozen=True)
-class InferenceRoute:
-    path: str  # also the metrics' route label (scope["route"].path, as FastAPI's routes have it)
-    handle: Callable[[Request], Awaitable[Response]]
 
 
 # A body is parsed and validated on the event loop when that takes well under a millisecond: small, and without
@@ -53,48 +38,24 @@ INLINE_BODY_BYTES = 64 * 1024
 SCHEMA_FIELDS = ("tools", "functions", "response_format")
 
 
-def inference_route(path: str, model: type[M], endpoint: Endpoint[M]) -> InferenceRoute:
-    async def handle(request: Request) -> Response:
-        body = await json_body(request)
-        caller = await require_caller(request)
-        heavy = len(await request.body()) > INLINE_BODY_BYTES or (
-            isinstance(body, dict) and any(field in body for field in SCHEMA_FIELDS)
-        )
-        checked = await asyncio.to_thread(validated, model, body) if heavy else validated(model, body)
-        return await endpoint(checked, request, caller)
+class InferenceRoute(APIRoute):
+    """A route whose endpoint takes (body, request, caller): `body` validated from the JSON body (its type is the
+    endpoint's annotation), `caller` the key's owner."""
 
-    return InferenceRoute(path, handle)
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        model: type[BaseModel] = get_type_hints(self.endpoint)["body"]
+        endpoint = self.endpoint
 
+        async def handle(request: Request) -> Response:
+            body = await json_body(request)
+            caller = await require_caller(request)
+            heavy = len(await request.body()) > INLINE_BODY_BYTES or (
+                isinstance(body, dict) and any(field in body for field in SCHEMA_FIELDS)
+            )
+            checked = await asyncio.to_thread(validated, model, body) if heavy else validated(model, body)
+            return await endpoint(checked, request, caller)
 
-class InferenceMiddleware:
-    def __init__(self, app: ASGIApp, routes: Sequence[InferenceRoute]) -> None:
-        self.app = app
-        self.routes = {route.path: route for route in routes}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is None:
-            await self.app(scope, receive, send)
-            return
-        scope["route"] = route
-        request = Request(scope, receive, send)
-        try:
-            response = await route.handle(request)
-        except Exception as e:
-            response = await _answer(request, e)
-        await response(scope, receive, send)
-
-
-async def _answer(request: Request, error: Exception) -> Response:
-    """The app's handler's answer to `error` (looked up by class, as Starlette does); re-raised if only the
-    catch-all handles it: that one answers from the server-error middleware, outside the access log's."""
-    handlers = request.app.exception_handlers
-    for kind in type(error).__mro__:
-        if kind is Exception:
-            break
-        if kind in handlers:
-            return await handlers[kind](request, error)
-    raise error
+        return handle
 
 
 async def json_body(request: Request) -> Any:

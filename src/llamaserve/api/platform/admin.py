@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
-from llamaserve.api.auth import check_csrf, session_of
-from llamaserve.api.platform import platform_of
+from llamaserve.api.platform.auth import check_csrf, session_of
+from llamaserve.api.platform.keys import platform_of
 from llamaserve.billing.limits import PLANS
 from llamaserve.billing.models import Account, ApiKey
 from llamaserve.billing.passwords import check_email, check_password, hash_password, normalize_email

@@ -1,4 +1,4 @@
-"""Every response carries an `x-request-id` (set by api/observe.py's middleware); handlers find it at
+"""Every response carries an `x-request-id` (set by api/runtime/observe.py's middleware); handlers find it at
 `request.state.request_id` (usage records, 500 bodies and the access log use it, so a user's report can be
 matched with the logs). A gateway passes its id on to the engine behind it, which takes it (only an engine
 without accounts trusts it: there ids are not usage keys), so one request has one id in every log. The gateway

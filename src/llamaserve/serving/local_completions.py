@@ -1,4 +1,4 @@
-"""POST /v1/completions: OpenAI's legacy text completions, with echo and logprobs."""
+"""Text completions on the local engine (OpenAI's legacy endpoint), with echo and logprobs."""
 
 from __future__ import annotations
 
@@ -7,40 +7,29 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-
-from llamaserve.api.common import (
-    SSE_DONE,
+from llamaserve.backends.local import LocalModel
+from llamaserve.engine import Output, RequestHandle
+from llamaserve.engine.logprobs import TokenLogprob
+from llamaserve.protocol.completions import DEFAULT_COMPLETION_MAX_TOKENS, CompletionRequest
+from llamaserve.protocol.errors import invalid
+from llamaserve.serving.admission import Call
+from llamaserve.serving.generation import (
+    LocalSetup,
     check_prompt_bytes,
     check_sampling,
     collect,
     completion_budget,
     engine_error,
-    get_model,
     merged,
-    new_id,
     prompt_work,
     refuse_when_full,
-    sse,
-    sse_response,
+    streamed,
     submit,
     text_bytes,
-    usage,
 )
-from llamaserve.api.inference import inference_route
-from llamaserve.api.logprobs import LegacyLogprobs
-from llamaserve.api.platform import CallerDep, admit, check_model_allowed, check_rate_limit
-from llamaserve.api.proxy import find_upstream, proxy
-from llamaserve.backends.local import LocalModel
-from llamaserve.engine import Output, RequestHandle
-from llamaserve.engine.logprobs import TokenLogprob
-from llamaserve.protocol.completions import Completion, CompletionRequest
-from llamaserve.protocol.errors import invalid
+from llamaserve.serving.logprobs import LegacyLogprobs
+from llamaserve.serving.reply import SSE_DONE, Reply, new_id, sse, usage
 
-router = APIRouter()
-
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
 TOKEN_BYTES = 4  # a prompt of token ids, measured as text: ids are checked one by one
 
 
@@ -54,13 +43,8 @@ def _prompts(body: CompletionRequest, model: LocalModel) -> list[list[int]]:
     return prompts
 
 
-@router.post("/v1/completions", response_model=Completion)
-async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Any:
-    upstream = find_upstream(request.app.state, body.model)
-    if upstream is not None:
-        return await proxy(request, body, caller, upstream, "completions", DEFAULT_MAX_TOKENS)
-    model = get_model(request, body.model)
-    check_model_allowed(caller, model.id)
+async def create_completion(local: LocalSetup, body: CompletionRequest, call: Call) -> Reply:
+    model = local.model
     check_sampling(body, model)
     if body.max_tokens == 0 and not body.echo:
         raise invalid("max_tokens 0 generates nothing: it scores the prompt, with echo (and logprobs)", "max_tokens")
@@ -76,25 +60,23 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
             message = f"the prompt is {len(p)} tokens; this model's context is {model.max_model_len} tokens"
             raise invalid(message, "prompt", code="context_length_exceeded")
         work += text_bytes([p]) if isinstance(p, str) else TOKEN_BYTES * len(p)
-    await check_rate_limit(request, caller, 1)  # a key over its limits: 429 before tokenizing
+    await local.gate.check(call.caller, 1)  # a key over its limits: 429 before tokenizing
     prompts = await prompt_work(work, _prompts, body, model)
     params = dataclasses.replace(
-        body.sampling_params(DEFAULT_MAX_TOKENS),
+        body.sampling_params(DEFAULT_COMPLETION_MAX_TOKENS),
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,
     )
     budget = completion_budget(model, [len(p) for p in prompts], params, body.n)
     prompt_tokens = sum(len(p) for p in prompts)
     refuse_when_full(model, len(prompts) * body.n)
-    admission = await admit(
-        request, caller, request.state.request_id, model.id, prompt_tokens, budget, request.app.state.local_price
-    )
+    admission = await local.gate.admit(call, model.id, prompt_tokens, budget, local.price)
     handles = submit(model, prompts, params, body.n, "prompt", admission)
     echoes = [model.detokenize(t) if body.echo else "" for t in prompts]
     head = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model.id}
     if body.stream:
-        return sse_response(_stream(model, body, handles, echoes, head), handles, admission.headers)
-    results = await collect(request, handles, body.n, admission)
+        return streamed(_stream(model, body, handles, echoes, head), handles, admission)
+    results = await collect(call, handles, body.n, admission)
     choices = []
     for i, r in enumerate(results):
         logprobs = None
@@ -111,10 +93,7 @@ async def completions(body: CompletionRequest, request: Request, caller: CallerD
         sum(h.completion_tokens for h in handles),
         sum(h.cached_tokens for h in handles),
     )
-    return JSONResponse({**head, "choices": choices, "usage": u}, headers=admission.headers)
-
-
-route = inference_route("/v1/completions", CompletionRequest, completions)
+    return Reply(admission.headers, body={**head, "choices": choices, "usage": u})
 
 
 def _joined(a: dict[str, list[Any]], b: dict[str, list[Any]]) -> dict[str, list[Any]]:

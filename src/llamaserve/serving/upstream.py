@@ -1,6 +1,6 @@
-"""Chat and text completions for models served by upstream engines: the request, already validated and
-admitted (key, limits, hold), goes to an upstream picked by the model's router; the reply comes back with the
-model's public name, and its usage settles the hold.
+"""Chat and text completions for models served by upstream engines: the request, validated, is admitted (limits,
+hold) and goes to an upstream picked by the model's router; the reply comes back with the model's public name,
+and its usage settles the hold.
 
 The hold is sized before any token is counted: prompt tokens are bounded by the prompt's UTF-8 bytes, completion
 tokens by max_tokens × n. The charge is what the upstream reports in `usage` (streams ask for it with
@@ -15,19 +15,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
-from starlette.datastructures import State
-from starlette.types import Receive, Scope, Send
-
-from llamaserve.api.common import SSE_DONE, image_budget, sse
-from llamaserve.api.platform import Admission, admit, check_model_allowed
 from llamaserve.backends.counting import Count, TokenCounter, prompt_size
 from llamaserve.backends.upstream import (
     Router,
@@ -37,11 +28,15 @@ from llamaserve.backends.upstream import (
     error_detail,
     gateway_error,
 )
-from llamaserve.billing.store import Caller
-from llamaserve.chat.images import ImageError, ImageLimits
+from llamaserve.chat.images import ImageLimits
+from llamaserve.protocol.chat import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest
 from llamaserve.protocol.common import SamplingFields
-from llamaserve.protocol.errors import invalid
+from llamaserve.protocol.completions import DEFAULT_COMPLETION_MAX_TOKENS, CompletionRequest
+from llamaserve.protocol.tokenize import DetokenizeRequest, TokenizeRequest
 from llamaserve.registry import ModelSpec
+from llamaserve.serving.admission import Admission, Call, Gate
+from llamaserve.serving.images import RequestImages, image_refused
+from llamaserve.serving.reply import SSE_DONE, Reply, sse
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +44,105 @@ log = logging.getLogger(__name__)
 TEMPLATE_ALLOWANCE = 512
 
 
-@dataclass
-class UpstreamModel:
-    spec: ModelSpec
-    router: Router
-    counter: TokenCounter  # counts what the upstream does not report
+class UpstreamServing:
+    """A model served by upstream engines (the registry's `upstream` backends), picked by its router."""
 
+    def __init__(
+        self, spec: ModelSpec, router: Router, counter: TokenCounter, gate: Gate, image_limits: ImageLimits
+    ) -> None:
+        self.spec, self.router, self.gate, self.image_limits = spec, router, gate, image_limits
+        self.counter = counter  # counts what the upstream does not report
+        self.id = spec.id
 
-def find_upstream(state: State, name: str) -> UpstreamModel | None:
-    """The upstream model `name` (id or alias) means in an app's `state`, if any."""
-    models: dict[str, UpstreamModel] = state.upstream_models
-    for model in models.values():
-        if name == model.spec.id or name in model.spec.aliases:
-            return model
-    return None
+    async def chat(self, body: ChatCompletionRequest, call: Call) -> Reply:
+        return await self._generate(body, call, "chat", DEFAULT_CHAT_MAX_TOKENS)
+
+    async def completion(self, body: CompletionRequest, call: Call) -> Reply:
+        return await self._generate(body, call, "completions", DEFAULT_COMPLETION_MAX_TOKENS)
+
+    async def tokenize(self, body: TokenizeRequest, call: Call) -> dict[str, Any]:
+        """The upstream's answer (vLLM serves /tokenize at its root): only it knows the model's tokenizer."""
+        return await self._forward("tokenize", body, call)
+
+    async def detokenize(self, body: DetokenizeRequest, call: Call) -> dict[str, Any]:
+        return await self._forward("detokenize", body, call)
+
+    async def _forward(self, endpoint: str, body: TokenizeRequest | DetokenizeRequest, call: Call) -> dict[str, Any]:
+        await self.gate.count(call.caller)  # tokenizing costs CPU: one of the key's requests a minute
+        _, reply = await self.router.open(endpoint, body.model_dump(exclude_unset=True), False, call.request_id)
+        return reply.json()
+
+    async def _generate(self, body: SamplingFields, call: Call, endpoint: str, default_max: int) -> Reply:
+        """Serve a validated request (`endpoint`: "chat" or "completions") upstream."""
+        payload = upstream_payload(body)
+        n_prompt = prompt_bound(payload)
+        # The upstream obeys the limit it is sent: one limit, the one the hold and the token budget are sized for
+        # (a default left out, or max_completion_tokens forwarded beside a hold sized for 512, went unbilled).
+        payload.pop("max_completion_tokens", None)
+        limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        payload["max_tokens"] = default_max if limit is None else limit  # 0 scores a completions prompt
+        budget = payload["max_tokens"] * body.n
+        if "vision" not in self.spec.capabilities:  # refuses at the first image part, before holding or fetching
+            await inline_images(payload, self.spec, self.image_limits)
+        admission = await self.gate.admit(call, self.spec.id, n_prompt, budget, self.spec.price, hold=False)
+        if body.stream:
+            payload["stream_options"] = {"include_usage": True}
+        # Images are fetched only for a request whose credits are held, and an account refused a moment ago waits
+        # for its hold rather than make the upstream start work it will likely not be paid for. Otherwise the hold
+        # (a database write, on its thread) is placed while the request goes upstream, so it adds no latency:
+        # nothing reaches the client before the hold is placed, and a refused hold stops the call (`hold_beside`).
+        if has_images(payload) or admission.short_of_credits:
+            await admission.hold()
+            try:
+                await inline_images(payload, self.spec, self.image_limits)
+            except BaseException:
+                admission.settle(0, "rejected", prompt_tokens=0)
+                raise
+            upstream, response = await self._open(admission, endpoint, payload, body.stream)
+        else:
+            with admission.hold_beside():
+                upstream, response = await self._open(admission, endpoint, payload, body.stream)
+            try:
+                await admission.hold()
+            except BaseException:
+                response.close()
+                admission.settle(0, "rejected", prompt_tokens=0)  # a hold that lands after all: released uncharged
+                raise
+        admission.backend = upstream.spec.name
+        usage = Usage(self.counter, payload)
+        if not body.stream:
+            return await self._complete(admission, upstream, response, usage)
+        relay = Relay(admission, self.spec.id, upstream, response, body.include_usage, usage)
+        return Reply(admission.headers, events=relay.events(), after=relay.close)
+
+    async def _open(
+        self, admission: Admission, endpoint: str, payload: dict[str, Any], stream: bool
+    ) -> tuple[Upstream, UpstreamReply]:
+        try:
+            return await self.router.open(endpoint, payload, stream, admission.request_id)
+        except BaseException:
+            admission.settle(0, "error", prompt_tokens=0)  # nothing was produced: nothing to charge
+            raise
+
+    async def _complete(self, admission: Admission, upstream: Upstream, response: UpstreamReply, usage: Usage) -> Reply:
+        try:
+            data = response.json()
+            choices = data["choices"]
+            for choice in choices:
+                usage.add(choice, choice.get("message") or {})
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            admission.settle(0, "error", prompt_tokens=0)  # nothing usable was delivered: nothing to charge
+            upstream.failed()
+            raise gateway_error(502, "sent a reply that is not a completion") from e
+        data["model"] = self.spec.id
+        usage.reported = data.get("usage") or {}
+        try:
+            data["usage"] = counts = await usage.counts()
+        except BaseException:  # cancelled while counting: settle now, by estimate
+            _settle(admission, usage.estimate(), "cancelled")
+            raise
+        # Settled once the reply has gone out (or failed to): the settlement's work waits until then.
+        return Reply(admission.headers, body=data, after=partial(_settle, admission, counts, "ok"))
 
 
 def prompt_bound(payload: dict[str, Any]) -> int:
@@ -83,31 +163,18 @@ def has_images(payload: dict[str, Any]) -> bool:
 async def inline_images(payload: dict[str, Any], spec: ModelSpec, limits: ImageLimits) -> None:
     """Fetch and check every image part here and pass it on as a data URI, so the upstream never fetches an
     address the gateway would refuse."""
-    places = [
-        f"messages[{i}].content[{j}]"
+    parts = [
+        (part, f"messages[{i}].content[{j}]")
         for i, message in enumerate(payload.get("messages") or [])
         for j, part in enumerate(message.get("content") if isinstance(message.get("content"), list) else [])
         if part.get("type") == "image_url"
     ]
-    budget = image_budget(places, limits) if "vision" in spec.capabilities else None
-    for i, message in enumerate(payload.get("messages") or []):
-        content = message.get("content")
-        for j, part in enumerate(content if isinstance(content, list) else []):
-            if part.get("type") != "image_url":
-                continue
-            where = f"messages[{i}].content[{j}]"
-            if "vision" not in spec.capabilities:
-                raise invalid(
-                    f"model {spec.id} does not accept image input ({where} has an image_url part)",
-                    where,
-                    code="image_input_not_supported",
-                )
-            assert budget is not None
-            try:
-                image = await budget.load(part["image_url"]["url"])
-            except ImageError as e:
-                raise invalid(f"{where}: {e}", where, code=e.code) from e
-            part["image_url"] = {**part["image_url"], "url": image.data_uri()}
+    if parts and "vision" not in spec.capabilities:
+        raise image_refused(spec.id, parts[0][1])
+    images = RequestImages([where for _, where in parts], limits)
+    for part, where in parts:
+        image = await images.load(part["image_url"]["url"], where)
+        part["image_url"] = {**part["image_url"], "url": image.data_uri()}
 
 
 def upstream_payload(body: SamplingFields) -> dict[str, Any]:
@@ -117,69 +184,6 @@ def upstream_payload(body: SamplingFields) -> dict[str, Any]:
     if not body.stream:
         payload.pop("stream_options", None)
     return payload
-
-
-async def proxy(
-    request: Request, body: SamplingFields, caller: Caller, model: UpstreamModel, endpoint: str, default_max: int
-) -> Any:
-    """Serve a validated request (`endpoint`: "chat" or "completions") on an upstream model."""
-    check_model_allowed(caller, model.spec.id)
-    payload = upstream_payload(body)
-    n_prompt = prompt_bound(payload)
-    # The upstream obeys the limit it is sent: one limit, the one the hold and the token budget are sized for
-    # (a default left out, or max_completion_tokens forwarded beside a hold sized for 512, went unbilled).
-    payload.pop("max_completion_tokens", None)
-    limit = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    payload["max_tokens"] = default_max if limit is None else limit  # 0 scores a completions prompt
-    budget = payload["max_tokens"] * body.n
-    if "vision" not in model.spec.capabilities:  # refuses at the first image part, before holding or fetching
-        await inline_images(payload, model.spec, request.app.state.image_limits)
-    request_id = request.state.request_id
-    admission = await admit(request, caller, request_id, model.spec.id, n_prompt, budget, model.spec.price, hold=False)
-    if body.stream:
-        payload["stream_options"] = {"include_usage": True}
-    # Images are fetched only for a request whose credits are held, and an account refused a moment ago waits for
-    # its hold rather than make the upstream start work it will likely not be paid for. Otherwise the hold (a
-    # database write, on its thread) is placed while the request goes upstream, so it adds no latency: nothing
-    # reaches the client before the hold is placed, and a refused hold stops the call (`hold_beside`).
-    if has_images(payload) or admission.short_of_credits:
-        await admission.hold()
-        try:
-            await inline_images(payload, model.spec, request.app.state.image_limits)
-        except BaseException:
-            admission.finish(0, "rejected", prompt_tokens=0)
-            raise
-        upstream, response = await _open(admission, model, endpoint, payload, body.stream)
-    else:
-        with admission.hold_beside():
-            upstream, response = await _open(admission, model, endpoint, payload, body.stream)
-        try:
-            await admission.held()
-        except BaseException:
-            response.close()
-            admission.finish(0, "rejected", prompt_tokens=0)  # a hold that lands after all is released uncharged
-            raise
-    admission.backend = upstream.spec.name
-    usage = Usage(model.counter, payload)
-    if not body.stream:
-        return await _complete(admission, model, upstream, response, usage)
-    relay = Relay(admission, model, upstream, response, body.include_usage, usage)
-    return StreamingResponse(
-        relay.events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **admission.headers},
-        background=BackgroundTask(relay.close),
-    )
-
-
-async def _open(
-    admission: Admission, model: UpstreamModel, endpoint: str, payload: dict[str, Any], stream: bool
-) -> tuple[Upstream, UpstreamReply]:
-    try:
-        return await model.router.open(endpoint, payload, stream, admission.request_id)
-    except BaseException:
-        admission.finish(0, "error", prompt_tokens=0)  # nothing was produced: nothing to charge
-        raise
 
 
 class Usage:
@@ -231,46 +235,9 @@ class Usage:
 
 
 def _settle(admission: Admission, usage: dict[str, Any], status: str) -> None:
-    admission.finish(
+    admission.settle(
         usage["completion_tokens"], status, prompt_tokens=usage["prompt_tokens"], estimated="estimated" in usage
     )
-
-
-async def _complete(
-    admission: Admission, model: UpstreamModel, upstream: Upstream, response: UpstreamReply, usage: Usage
-) -> Any:
-    try:
-        data = response.json()
-        choices = data["choices"]
-        for choice in choices:
-            usage.add(choice, choice.get("message") or {})
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        admission.finish(0, "error", prompt_tokens=0)  # nothing usable was delivered: nothing to charge
-        upstream.failed()
-        raise gateway_error(502, "sent a reply that is not a completion") from e
-    data["model"] = model.spec.id
-    usage.reported = data.get("usage") or {}
-    try:
-        data["usage"] = counts = await usage.counts()
-    except BaseException:  # cancelled while counting: settle now, by estimate
-        _settle(admission, usage.estimate(), "cancelled")
-        raise
-    return SettledJSONResponse(data, admission.headers, partial(_settle, admission, counts, "ok"))
-
-
-class SettledJSONResponse(JSONResponse):
-    """A JSON response that settles its request once it has been sent (or failed to be): the settlement's work
-    waits until the reply is out."""
-
-    def __init__(self, content: Any, headers: dict[str, str], settle: Callable[[], None]) -> None:
-        super().__init__(content, headers=headers)
-        self.settle = settle
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.settle()
 
 
 class MalformedStream(Exception):
@@ -288,13 +255,13 @@ class Relay:
     def __init__(
         self,
         admission: Admission,
-        model: UpstreamModel,
+        model_id: str,
         upstream: Upstream,
         response: UpstreamReply,
         wants_usage: bool,
         usage: Usage,
     ) -> None:
-        self.admission, self.model, self.upstream, self.response = admission, model, upstream, response
+        self.admission, self.model_id, self.upstream, self.response = admission, model_id, upstream, response
         self.wants_usage, self.usage = wants_usage, usage
         self.finished = False  # a choice has a finish_reason
         self.done = False  # the stream ended as it should
@@ -342,11 +309,11 @@ class Relay:
             raise MalformedStream("it ended before the completion finished")
 
     def _head(self) -> dict[str, Any]:
-        return {**self.head, "model": self.model.spec.id}
+        return {**self.head, "model": self.model_id}
 
     def _rewrite(self, chunk: dict[str, Any]) -> str | None:
         if "model" in chunk:
-            chunk["model"] = self.model.spec.id
+            chunk["model"] = self.model_id
         self.head = {k: chunk[k] for k in ("id", "object", "created") if k in chunk} or self.head
         if chunk.get("usage"):
             self.usage.reported = chunk["usage"]

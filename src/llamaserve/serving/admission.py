@@ -15,15 +15,12 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated
-
-from fastapi import Depends, Request
 
 from llamaserve.billing.limits import PLANS, UNLIMITED, Decision, Plan, RateLimiter
 from llamaserve.billing.pricing import Price, format_credits
-from llamaserve.billing.store import AuthError, Caller, Store, Usage, database_unavailable
+from llamaserve.billing.store import Caller, Store, Usage, database_unavailable
 from llamaserve.engine import RequestHandle
 from llamaserve.protocol.errors import APIError
 
@@ -95,45 +92,15 @@ class Platform:
 ANONYMOUS = Caller(key_id=0, key_prefix="", account_id=0, account_name="", plan="unlimited", allowed_models=None)
 
 
-def platform_of(request: Request) -> Platform:
-    return request.app.state.platform
+@dataclass
+class Call:
+    """One inference request as serving sees it, with HTTP left behind in the route: who asked, its id, and how
+    to tell that its client has gone."""
 
-
-def accounts_enabled(request: Request) -> bool:
-    return request.app.state.platform is not None
-
-
-async def require_caller(request: Request) -> Caller:
-    """FastAPI dependency: the authenticated caller. Runs before body validation, so a request without a valid
-    key gets 401 whatever its body."""
-    if not accounts_enabled(request):
-        return ANONYMOUS
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not header:
-        raise APIError(
-            401,
-            "Missing API key: send 'Authorization: Bearer <key>'",
-            type="authentication_error",
-            code="missing_api_key",
-        )
-    if scheme.lower() != "bearer" or not token.strip():
-        raise APIError(
-            401,
-            "Malformed Authorization header: expected 'Bearer <key>'",
-            type="authentication_error",
-            code="invalid_authorization_header",
-        )
-    try:
-        caller = await platform_of(request).authenticate(token.strip())
-    except AuthError as e:
-        kind = "authentication_error" if e.status == 401 else "permission_error"
-        raise APIError(e.status, str(e), type=kind, code=e.code) from e
-    request.state.caller = caller
-    return caller
-
-
-CallerDep = Annotated[Caller, Depends(require_caller)]
+    caller: Caller
+    request_id: str
+    disconnected: Callable[[], Awaitable[None]]  # returns once the client has closed the connection
+    admission: Admission | None = None  # once admitted: the access log's model, backend, tokens and outcome
 
 
 def check_model_allowed(caller: Caller, model_id: str) -> None:
@@ -191,11 +158,11 @@ class Admission:
     @contextlib.contextmanager
     def hold_beside(self) -> Iterator[None]:
         """Place the hold (in a task of its own) while the body of this `with` waits for the upstream. A hold that
-        fails (402, database out of reach) cancels that wait; the failure is then raised here, and by `held()`.
+        fails (402, database out of reach) cancels that wait; the failure is then raised here, and by `hold()`.
         The task's first step comes at the loop's next turn: after the body's first write."""
         task = asyncio.current_task()
         assert task is not None
-        holding = self.holding = asyncio.get_running_loop().create_task(self.hold())
+        holding = self.holding = asyncio.get_running_loop().create_task(self._place_hold())
         waiting = True
 
         def stop_waiting(hold: asyncio.Task[None]) -> None:
@@ -214,13 +181,15 @@ class Admission:
         finally:
             waiting = False
 
-    async def held(self) -> None:
-        """After `hold_beside`: the hold placed (waiting for it if need be), or its failure raised."""
+    async def hold(self) -> None:
+        """Hold the worst-case cost (402 if the balance cannot cover it, the rate limit's tokens given back);
+        after `hold_beside`, wait for that hold (or raise its failure)."""
         if self.holding is not None:
             await self.holding
+        else:
+            await self._place_hold()
 
-    async def hold(self) -> None:
-        """Hold the worst-case cost (402 if the balance cannot cover it, the rate limit's tokens given back)."""
+    async def _place_hold(self) -> None:
         platform = self.platform
         if platform is None:
             return
@@ -242,28 +211,28 @@ class Admission:
                 headers=self.headers,
             )
         self.hold_id = hold_id
-        platform.active[self.caller.account_id] += 1  # until finish()
+        platform.active[self.caller.account_id] += 1  # until settled
 
-    def settle_when_closed(self, handles: list[RequestHandle]) -> None:
+    def settle_on_close(self, handles: list[RequestHandle]) -> None:
         """Settle once every handle has closed (finished, failed, or cancelled by a departed client)."""
         open_handles = set(range(len(handles)))
 
         def closed(i: int) -> None:
             open_handles.discard(i)
             if not open_handles:
-                self.settle_soon(handles)
+                self._settle_handles(handles)
 
         for i, handle in enumerate(handles):
             handle.on_close = lambda i=i: closed(i)
 
-    def settle_soon(self, handles: list[RequestHandle]) -> None:
+    def _settle_handles(self, handles: list[RequestHandle]) -> None:
         completion = sum(h.completion_tokens for h in handles)
         firsts = [h.first_token_at for h in handles if h.first_token_at is not None]
         self.first_token_at = min(firsts, default=None)
         status = "error" if any(h.failed for h in handles) else "ok" if all(h.done for h in handles) else "cancelled"
-        self.finish(completion, status)
+        self.settle(completion, status)
 
-    def finish(
+    def settle(
         self, completion_tokens: int, status: str, prompt_tokens: int | None = None, estimated: bool = False
     ) -> None:
         """Settle in the background (once): charge `completion_tokens` and the prompt (the real count if known
@@ -271,7 +240,7 @@ class Admission:
         if self.settled:
             return
         if self.holding is not None and not self.holding.done():  # settled once the hold is in (or refused)
-            self.holding.add_done_callback(lambda _: self.finish(completion_tokens, status, prompt_tokens, estimated))
+            self.holding.add_done_callback(lambda _: self.settle(completion_tokens, status, prompt_tokens, estimated))
             return
         self.settled, self.estimated = True, estimated
         if prompt_tokens is not None:
@@ -282,11 +251,11 @@ class Admission:
         self.platform.active[self.caller.account_id] -= 1
         if not self.platform.active[self.caller.account_id]:
             del self.platform.active[self.caller.account_id]
-        task = asyncio.get_running_loop().create_task(self._settle(completion_tokens, self.status or status))
+        task = asyncio.get_running_loop().create_task(self._charge(completion_tokens, self.status or status))
         self.platform.settling.add(task)
         task.add_done_callback(self.platform.settling.discard)
 
-    async def _settle(self, completion_tokens: int, status: str) -> None:
+    async def _charge(self, completion_tokens: int, status: str) -> None:
         platform = self.platform
         assert platform is not None
         # A request the engine refused (e.g. a prompt longer than the context) computed nothing: it costs nothing.
@@ -309,14 +278,14 @@ class Admission:
             self.estimated,
         )
         try:
-            await self._store_settlement(charge, usage)
+            await self._write_settlement(charge, usage)
             unused = self.reserved_tokens - completion_tokens
             if unused > 0:
                 await platform.limiter.refund(self.caller.limit_key, platform.plan(self.caller.plan), unused)
         except Exception:  # the hold stays open and the sweep releases it, uncharged; say so loudly
             log.exception("could not settle hold %s of request %s", self.hold_id, self.request_id)
 
-    async def _store_settlement(self, charge: int, usage: Usage) -> None:
+    async def _write_settlement(self, charge: int, usage: Usage) -> None:
         """Settle in the store, trying again while the database is out of reach. Safe to repeat: a settlement
         that committed although its answer was lost is found settled and not charged twice."""
         assert self.platform is not None
@@ -331,66 +300,84 @@ class Admission:
                 await asyncio.sleep(wait)
 
 
-async def admit(
-    request: Request,
-    caller: Caller,
-    request_id: str,
-    model_id: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    price: Price | None = None,
-    hold: bool = True,
-) -> Admission:
-    """Rate limit (429) and hold the worst-case cost (402) for a request of `prompt_tokens` that may generate up
-    to `completion_tokens` in all its choices. With `hold=False` the caller holds later, by `Admission.hold()`."""
-    if not accounts_enabled(request):
-        admission = Admission(None, caller, request_id, model_id, prompt_tokens, completion_tokens, 0, UNLIMITED)
-        request.state.admission = admission  # the access log's source of model, backend and tokens
-        return admission
-    platform = platform_of(request)
-    if platform.active[caller.account_id] >= platform.max_concurrent_per_account:
-        raise APIError(
-            429,
-            f"Too many concurrent requests: this account has {platform.max_concurrent_per_account} open, the most "
-            "allowed; wait for one to finish",
-            type="rate_limit_error",
-            code="too_many_concurrent_requests",
-            headers={"Retry-After": "1"},
+class Gate:
+    """Admission, one pipeline for every endpoint and backend: the key's model allowed (403, when the model
+    directory resolves a name), its rate limits (429), the worst-case cost held (402); then `Admission.settle`
+    charges what was used. Without a platform (`llamaserve engine`) everyone is admitted and nothing is held."""
+
+    def __init__(self, platform: Platform | None) -> None:
+        self.platform = platform
+
+    async def authenticate(self, token: str) -> Caller:
+        """The caller a presented key belongs to (AuthError if none); everyone, without a platform."""
+        return ANONYMOUS if self.platform is None else await self.platform.authenticate(token)
+
+    async def check(self, caller: Caller, tokens: int) -> None:
+        """429 now if the key's rate limits could not take a request of `tokens`, taking nothing from them: so
+        that a key over its limits gets no work done (images fetched, prompts rendered) before `admit` refuses
+        it."""
+        if self.platform is None:
+            return
+        plan = self.platform.plan(caller.plan)
+        decision = await self.platform.limiter.check(caller.limit_key, plan, tokens)
+        if not decision.allowed:
+            raise _rate_limited(plan, tokens, decision)
+
+    async def count(self, caller: Caller) -> None:
+        """Take one of the key's requests a minute for work that generates nothing (tokenizing): 429 when
+        spent."""
+        if self.platform is None:
+            return
+        plan = self.platform.plan(caller.plan)
+        decision = await self.platform.limiter.acquire(caller.limit_key, plan, 0)
+        if not decision.allowed:
+            raise _rate_limited(plan, 0, decision)
+
+    async def admit(
+        self,
+        call: Call,
+        model_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        price: Price | None = None,
+        hold: bool = True,
+    ) -> Admission:
+        """Rate limit (429) and hold the worst-case cost (402) for a request of `prompt_tokens` that may generate
+        up to `completion_tokens` in all its choices. With `hold=False` the caller holds later (`hold_beside`)."""
+        caller, platform = call.caller, self.platform
+        if platform is None:
+            call.admission = Admission(
+                None, caller, call.request_id, model_id, prompt_tokens, completion_tokens, 0, UNLIMITED
+            )
+            return call.admission
+        if platform.active[caller.account_id] >= platform.max_concurrent_per_account:
+            raise APIError(
+                429,
+                f"Too many concurrent requests: this account has {platform.max_concurrent_per_account} open, the "
+                "most allowed; wait for one to finish",
+                type="rate_limit_error",
+                code="too_many_concurrent_requests",
+                headers={"Retry-After": "1"},
+            )
+        plan = platform.plan(caller.plan)
+        decision = await platform.limiter.acquire(caller.limit_key, plan, prompt_tokens + completion_tokens)
+        if not decision.allowed:
+            raise _rate_limited(plan, prompt_tokens + completion_tokens, decision)
+        admission = Admission(
+            platform,
+            caller,
+            call.request_id,
+            model_id,
+            prompt_tokens,
+            completion_tokens,
+            0,
+            decision,
+            price or platform.price,
         )
-    plan = platform.plan(caller.plan)
-    decision = await platform.limiter.acquire(caller.limit_key, plan, prompt_tokens + completion_tokens)
-    if not decision.allowed:
-        raise _rate_limited(plan, prompt_tokens + completion_tokens, decision)
-    admission = Admission(
-        platform, caller, request_id, model_id, prompt_tokens, completion_tokens, 0, decision, price or platform.price
-    )
-    request.state.admission = admission  # the access log's source of model, backend and tokens
-    if hold:
-        await admission.hold()
-    return admission
-
-
-async def count_request(request: Request, caller: Caller) -> None:
-    """Take one of the key's requests a minute for work that generates nothing (tokenizing): 429 when spent."""
-    if not accounts_enabled(request):
-        return
-    platform = platform_of(request)
-    plan = platform.plan(caller.plan)
-    decision = await platform.limiter.acquire(caller.limit_key, plan, 0)
-    if not decision.allowed:
-        raise _rate_limited(plan, 0, decision)
-
-
-async def check_rate_limit(request: Request, caller: Caller, tokens: int) -> None:
-    """429 now if the key's rate limits could not take a request of `tokens`, taking nothing from them: so that
-    a key over its limits gets no work done (images fetched) before admit() refuses it."""
-    if not accounts_enabled(request):
-        return
-    platform = platform_of(request)
-    plan = platform.plan(caller.plan)
-    decision = await platform.limiter.check(caller.limit_key, plan, tokens)
-    if not decision.allowed:
-        raise _rate_limited(plan, tokens, decision)
+        call.admission = admission
+        if hold:
+            await admission.hold()
+        return admission
 
 
 def _rate_limited(plan: Plan, tokens: int, decision: Decision) -> APIError:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from llamaserve.api.platform import CallerDep, platform_of
+from llamaserve.api.platform.keys import CallerDep, platform_of
 from llamaserve.billing.models import UsageRecord
 from llamaserve.billing.pricing import format_credits
 from llamaserve.protocol.account import Balance, UsageItem, UsageList, UsageTotals

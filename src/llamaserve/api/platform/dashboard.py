@@ -21,12 +21,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import Field
 
-from llamaserve.api import auth
-from llamaserve.api.account import parse_time, usage_item, usage_totals
-from llamaserve.api.admin import key_view, unix
-from llamaserve.api.auth import DashboardSettings, SessionDep, require_session
-from llamaserve.api.platform import platform_of
-from llamaserve.billing.limits import LOGIN_FAILURES, LOGIN_WINDOW, PLANS, SIGNUP_WINDOW, make_window_limiter
+from llamaserve.api.platform import auth
+from llamaserve.api.platform.account import parse_time, usage_item, usage_totals
+from llamaserve.api.platform.admin import key_view, unix
+from llamaserve.api.platform.attempts import LOGIN_FAILURES, LOGIN_WINDOW, SIGNUP_WINDOW, make_window_limiter
+from llamaserve.api.platform.auth import DashboardSettings, SessionDep, require_session
+from llamaserve.api.platform.keys import platform_of
+from llamaserve.billing.limits import PLANS
 from llamaserve.billing.models import ApiKey
 from llamaserve.billing.pricing import format_credits
 from llamaserve.billing.store import KeyLimitError, StoreError
@@ -70,8 +71,7 @@ def _key(k: ApiKey, account: str) -> DashboardKey:
 
 
 def _known_model(request: Request, name: str) -> bool:
-    registry = request.app.state.registry
-    return name in request.app.state.local_names or (registry is not None and registry.resolve(name) is not None)
+    return request.app.state.models.served(name)
 
 
 def _forget_keys(request: Request) -> None:
@@ -113,10 +113,7 @@ async def plans() -> PlanList:
 @router.get("/models")
 async def models(request: Request) -> ModelIdList:
     """The models served here (for a key's allowed models)."""
-    registry = request.app.state.registry
-    model = request.app.state.model
-    ids = [spec.id for spec in registry.models] if registry is not None else [model.id] if model else []
-    return ModelIdList(data=[ModelId(id=i) for i in ids])
+    return ModelIdList(data=[ModelId(id=card.id) for card in request.app.state.models.cards(None)])
 
 
 @router.get("/keys")

@@ -1,42 +1,23 @@
-"""What the chat and completions routes share: the model lookup, sampling checks, submitting to the engine,
-collecting or streaming its outputs, usage and SSE framing."""
+"""Generation on the local engine, what chat and completions share: sampling checks, prompt work sized off the
+event loop, the token budget, submitting to the engine, and collecting its outputs."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fastapi import Request
-from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
-
-from llamaserve.api.platform import Admission
 from llamaserve.backends.local import LocalModel
-from llamaserve.chat.images import ImageBudget, ImageLimits
+from llamaserve.billing.pricing import Price
+from llamaserve.chat.images import ImageLimits
 from llamaserve.engine import EngineOverloaded, InvalidPrompt, Output, RequestHandle, SamplingParams
 from llamaserve.engine.logprobs import TokenLogprob
 from llamaserve.engine.mtmd import Chunk
 from llamaserve.protocol.common import SamplingFields
 from llamaserve.protocol.errors import APIError, invalid
-
-
-def get_model(request: Request, name: str | None) -> LocalModel:
-    """The local model a name (id or alias) means, or 404 listing what exists."""
-    model: LocalModel | None = request.app.state.model
-    if model is None or (name is not None and name not in request.app.state.local_names):
-        available = sorted({*request.app.state.local_names, *request.app.state.upstream_models})
-        raise APIError(
-            404,
-            f"The model '{name}' does not exist. Available: {', '.join(available)}",
-            param="model",
-            code="model_not_found",
-            type="not_found_error",
-        )
-    return model
+from llamaserve.serving.admission import Admission, Call, Gate
+from llamaserve.serving.reply import Reply
 
 
 def check_sampling(body: SamplingFields, model: LocalModel) -> None:
@@ -54,15 +35,6 @@ def check_sampling(body: SamplingFields, model: LocalModel) -> None:
 # 0.6 to 2 MB/s here), beyond it in a worker thread, so that a large prompt cannot stall every other request.
 INLINE_PROMPT_BYTES = 4096
 T = TypeVar("T")
-
-
-def image_budget(places: list[str], limits: ImageLimits) -> ImageBudget:
-    """The budget a request's images (at `places`, in order) are loaded under; 400 at the first one past the
-    count a request may hold, before anything is fetched."""
-    if len(places) > limits.max_images:
-        where = places[limits.max_images]
-        raise invalid(f"{where}: a request may hold at most {limits.max_images} images", where, code="too_many_images")
-    return ImageBudget(limits)
 
 
 def text_bytes(texts: Iterable[str]) -> int:
@@ -135,37 +107,16 @@ def submit(
     except (InvalidPrompt, EngineOverloaded) as e:
         for h in handles:
             h.close()
-        admission.status = "rejected"
-        admission.settle_soon([])
+        admission.settle(0, "rejected")
         if isinstance(e, InvalidPrompt):
             raise invalid(str(e), param, code=e.code) from e
         raise _overloaded(str(e)) from e
-    admission.settle_when_closed(handles)
+    admission.settle_on_close(handles)
     return handles
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
 
 
 def engine_error(out: Output) -> APIError:
     return APIError(500, f"generation failed: {out.error}", type="server_error", code="engine_error")
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Output]]:
@@ -197,12 +148,6 @@ async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Outpu
             h.close()
 
 
-async def _until_disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read, so that is the next message)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 @dataclass
 class ChoiceResult:
     """Everything one choice produced, for a non-streaming response."""
@@ -213,7 +158,7 @@ class ChoiceResult:
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
-async def collect(request: Request, handles: list[RequestHandle], n: int, admission: Admission) -> list[ChoiceResult]:
+async def collect(call: Call, handles: list[RequestHandle], n: int, admission: Admission) -> list[ChoiceResult]:
     """All outputs of all choices (request i's choice c at i * n + c); cancels generation if the client goes
     away first, or when the request runs past the platform's request_timeout (504)."""
     results = [ChoiceResult() for _ in range(len(handles) * n)]
@@ -231,7 +176,7 @@ async def collect(request: Request, handles: list[RequestHandle], n: int, admiss
                 result.finish_reason = out.finish_reason
 
     work = asyncio.create_task(consume())
-    watch = asyncio.create_task(_until_disconnected(request))
+    watch = asyncio.create_task(call.disconnected())
     timeout = admission.timeout
     try:
         done, _ = await asyncio.wait([work, watch], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -253,16 +198,22 @@ async def collect(request: Request, handles: list[RequestHandle], n: int, admiss
     return results
 
 
-def sse_response(
-    stream: AsyncIterator[str], handles: list[RequestHandle], headers: dict[str, str]
-) -> StreamingResponse:
-    def close() -> None:  # also when the client left before the stream started
+def streamed(events: AsyncIterator[str], handles: list[RequestHandle], admission: Admission) -> Reply:
+    """A stream's reply; its handles close once it has gone out (also when the client left before it started)."""
+
+    def close() -> None:
         for h in handles:
             h.close()
 
-    return StreamingResponse(
-        stream,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
-        background=BackgroundTask(close),
-    )
+    return Reply(admission.headers, events=events, after=close)
+
+
+@dataclass
+class LocalSetup:
+    """What serving a local model works with: the model and its engine, admission, the model's price (None: the
+    platform's), and the limits its image parts are fetched under."""
+
+    model: LocalModel
+    gate: Gate
+    price: Price | None
+    image_limits: ImageLimits

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible surface: chat and text completions, models, tokenize and detokenize."""

@@ -1,0 +1,1 @@
+"""How the server runs: the HTTP protocol, request ids, errors, observation, draining and probes."""
