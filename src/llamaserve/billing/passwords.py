@@ -6,6 +6,7 @@ takes tens of milliseconds of CPU: callers on the event loop run these in a thre
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -18,8 +19,13 @@ MIN_PASSWORD = 8
 MAX_PASSWORD = 1024  # argon2 takes any length; this only bounds the work one request can ask for
 EMAIL_PATTERN = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 _hasher = PasswordHasher()
-# Verified when the email is unknown, so that a miss costs as long as a wrong password (no timing oracle).
-_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified when the email is unknown, so that a miss costs as long as a wrong password (no timing oracle).
+    Made at the first log-in, known email or not, rather than at import (0.1 s of every start)."""
+    return _hasher.hash(secrets.token_hex(16))
 
 
 def normalize_email(email: str) -> str:
@@ -48,8 +54,9 @@ def hash_password(password: str) -> str:
 
 def verify_password(password: str, password_hash: str | None) -> bool:
     """Whether `password` matches; a missing hash (an account without a login) never matches but costs the same."""
+    dummy = _dummy_hash()
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        return _hasher.verify(password_hash or dummy, password) and password_hash is not None
     except (VerificationError, InvalidHashError):
         return False
 
