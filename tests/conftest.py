@@ -1,4 +1,5 @@
-"""Real servers on loopback: `llamaserve serve` as a subprocess on a free port, with the embedded model."""
+"""Real servers on loopback: `llamaserve serve` as a process of its own on a free port, with the embedded model
+(forked from a process that has imported llamaserve once: tests/forkserver.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import openai
 import pytest
+
+from tests.forkserver import ForkedProcess, close_fork_server, fork_server
 
 if TYPE_CHECKING:
     from llamaserve.engine import LlamaModel
@@ -37,7 +39,7 @@ def free_port() -> int:
 @dataclass
 class Server:
     base_url: str  # http://127.0.0.1:PORT
-    process: subprocess.Popen[bytes]
+    process: ForkedProcess  # answers as a subprocess.Popen
     data_dir: Path
     log_path: Path  # the process's stdout and stderr (a file: a pipe nobody reads fills and blocks the server)
     api_key: str = ""  # the default account's key, made at first start
@@ -107,6 +109,19 @@ class Server:
             time.sleep(0.05)
 
 
+# What the servers' starts and stops cost the run (printed at its end): the suite's time is everyone's.
+SERVER_TIME = {"starts": 0, "seconds": 0.0}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    close_fork_server()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    starts, seconds = SERVER_TIME["starts"], SERVER_TIME["seconds"]
+    terminalreporter.write_line(f"llamaserve servers: {starts} started, {seconds:.0f} s starting and stopping them")
+
+
 @contextmanager
 def start_server(
     *args: str,
@@ -124,10 +139,7 @@ def start_server(
     threads = os.environ.get("LLAMASERVE_TEST_THREADS", str(min(2, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="llamaserve-test-") as tmp:
         data = data_dir or Path(tmp)
-        cmd = [
-            sys.executable,
-            "-m",
-            "llamaserve.cli",
+        argv = [
             command,
             "--port",
             str(port),
@@ -137,8 +149,7 @@ def start_server(
             *args,
         ]
         log_path = Path(tmp) / "server.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        process = fork_server().start(argv, {**os.environ, **(env or {})}, log_path)
         tls = "--ssl-certfile" in args
         base = f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
         verify = ssl.create_default_context(cafile=ca) if ca else True
@@ -155,6 +166,8 @@ def start_server(
 @contextmanager
 def _running(server: Server) -> Iterator[None]:
     process = server.process
+    started = time.monotonic()
+    SERVER_TIME["starts"] += 1
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -167,14 +180,17 @@ def _running(server: Server) -> Iterator[None]:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("llamaserve did not become healthy in 120 s")
-            time.sleep(0.1)
+            time.sleep(0.02)
+        SERVER_TIME["seconds"] += time.monotonic() - started
         yield
     finally:
+        stopping = time.monotonic()
         process.terminate()
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+        SERVER_TIME["seconds"] += time.monotonic() - stopping
 
 
 @contextmanager

@@ -1,9 +1,11 @@
-"""The platform around each inference request: who is calling (Bearer key), whether their plan's rate limits
-and their credits allow it, and settling what it used.
+"""Admission: whether a request may run, and what it costs once it has.
 
-Order, as a hosted API does it: authenticate (401/403) → model allowed for the key (403) → rate limit (429)
-→ hold the worst-case cost (402) → generate → settle the real cost and release the rest, in one transaction,
-whether the request finished, failed, timed out or lost its client.
+One pipeline for every endpoint and backend, in the order a hosted API answers (the seeds' error codes): the
+key authenticated (401/403, by the route) → the model allowed for the key (403, by the model directory) → the
+rate limits (429, `Gate.check` before costly work, `Gate.admit` to take them) → the worst-case cost held (402,
+`Admission.hold`) → generate → `Admission.settle`: the real cost charged and the rest released, in one
+transaction, whether the request finished, failed, timed out or lost its client. No HTTP here: a route hands
+over a `Call`.
 """
 
 from __future__ import annotations
