@@ -2,8 +2,8 @@
 a fresh interpreter spends (fastapi, sqlalchemy, pydantic models, llama.cpp's bindings), about half of what a
 server's start and stop cost the suite.
 
-The fork server is spawned as a fresh interpreter (no threads of the test process, no OpenMP pool: forking
-stays safe), imports `llamaserve.cli` and nothing more, and forks one child per server. A child redirects its
+The fork server is a fresh interpreter (no threads of the test process, no OpenMP pool: forking stays safe) that
+imports llamaserve's modules and nothing more, and forks one child per server. A child redirects its
 output to the server's log, takes the environment the test process has now, and runs the `llamaserve` command
 line, exactly as `python -m llamaserve.cli ARGS` would. The test process drives it by pid, through a
 `ForkedProcess` that answers as `subprocess.Popen` does (poll, wait, signals); the fork server reaps it."""
@@ -11,14 +11,13 @@ line, exactly as `python -m llamaserve.cli ARGS` would. The test process drives 
 from __future__ import annotations
 
 import importlib
-import multiprocessing
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import traceback
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -36,31 +35,28 @@ PRELOADED = (
 )
 
 
-def _serve(conn: Connection) -> None:
-    """The fork server's loop: ("start", argv, env, log) → pid; ("poll", pid) → exit code or None."""
+def serve() -> None:
+    """The fork server's loop, over its stdin and stdout, a JSON line each way: {"start": [argv, env, log]} → the
+    child's pid; {"poll": pid} → its exit code, or null while it runs."""
     for module in PRELOADED:
         importlib.import_module(module)
-
     exited: dict[int, int] = {}
-    while True:
-        try:
-            request = conn.recv()
-        except EOFError:  # the test process is gone
-            return
-        if request[0] == "start":
-            _, argv, env, log = request
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "start" in request:
             pid = os.fork()
             if pid == 0:
-                conn.close()
-                _child(argv, env, log)
-            conn.send(pid)
-        elif request[0] == "poll":
-            pid = request[1]
+                _child(*request["start"])
+            answer: int | None = pid
+        else:
+            pid = request["poll"]
             if pid not in exited:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     exited[pid] = os.waitstatus_to_exitcode(status)
-            conn.send(exited.get(pid))
+            answer = exited.get(pid)
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
 
 
 def _child(argv: list[str], env: dict[str, str], log: str) -> None:
@@ -94,22 +90,28 @@ def _child(argv: list[str], env: dict[str, str], log: str) -> None:
 
 class ForkServer:
     def __init__(self) -> None:
-        self.conn, child = multiprocessing.get_context("spawn").Pipe()
-        self.process = multiprocessing.get_context("spawn").Process(target=_serve, args=(child,), daemon=True)
-        self.process.start()
-        child.close()
+        self.process = subprocess.Popen(
+            [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+
+    def _ask(self, request: dict[str, Any]) -> Any:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the fork server exited with {self.process.wait()}")
+        return json.loads(answer)
 
     def start(self, argv: list[str], env: dict[str, str], log: Path) -> ForkedProcess:
-        self.conn.send(("start", argv, env, str(log)))
-        return ForkedProcess(self, self.conn.recv(), argv)
+        return ForkedProcess(self, self._ask({"start": [argv, env, str(log)]}), argv)
 
     def poll(self, pid: int) -> int | None:
-        self.conn.send(("poll", pid))
-        return self.conn.recv()
+        return self._ask({"poll": pid})
 
     def close(self) -> None:
-        self.conn.close()
-        self.process.join(timeout=10)
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=10)
 
 
 class ForkedProcess:
@@ -157,8 +159,12 @@ def fork_server() -> ForkServer:
     return _fork_server
 
 
-def close_fork_server(*_: Any) -> None:
+def close_fork_server() -> None:
     global _fork_server
     if _fork_server is not None:
         _fork_server.close()
         _fork_server = None
+
+
+if __name__ == "__main__":
+    serve()
