@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import jsonschema
 import openai
@@ -13,6 +15,8 @@ import pytest
 
 from llamaserve.chat.grammar import SchemaError, json_schema_grammar
 from tests.conftest import MODEL
+
+T = TypeVar("T")
 
 PERSON = {
     "type": "object",
@@ -72,6 +76,12 @@ def ask(client: openai.OpenAI, content: str, response_format: dict[str, Any], **
     return r.choices[0].message.content, r.choices[0].finish_reason
 
 
+def concurrently(call: Callable[..., T], arguments: list[tuple[Any, ...]]) -> list[T]:
+    """`call` on each tuple of arguments at once (the engine batches them), results in order."""
+    with ThreadPoolExecutor(len(arguments)) as pool:
+        return list(pool.map(lambda args: call(*args), arguments))
+
+
 def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
@@ -79,15 +89,17 @@ def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
 def test_json_object_mode_gives_an_object(client: openai.OpenAI) -> None:
     """Every reply that ends by itself is a JSON object. A 135M model sometimes loops inside the JSON (keys
     that grow forever); such a reply runs into max_tokens and says "length", never a false "stop"."""
-    reasons = []
-    for content in PROMPTS:
-        for seed in (1, 2):
-            text, reason = ask(client, content, {"type": "json_object"}, max_tokens=200, temperature=0.7, seed=seed)
-            reasons.append(reason)
-            if reason == "stop":
-                assert isinstance(json.loads(text), dict), text
-            else:
-                assert reason == "length" and text.lstrip().startswith("{"), text
+
+    def one(content: str, seed: int) -> tuple[str, str]:
+        return ask(client, content, {"type": "json_object"}, max_tokens=200, temperature=0.7, seed=seed)
+
+    replies = concurrently(one, [(content, seed) for content in PROMPTS for seed in (1, 2)])
+    for text, reason in replies:
+        if reason == "stop":
+            assert isinstance(json.loads(text), dict), text
+        else:
+            assert reason == "length" and text.lstrip().startswith("{"), text
+    reasons = [reason for _, reason in replies]
     assert reasons.count("stop") >= len(reasons) // 2, reasons
 
 
@@ -109,10 +121,12 @@ def test_schema_with_refs(client: openai.OpenAI) -> None:
 def test_recursive_schema(client: openai.OpenAI) -> None:
     """Recursive $ref compiles and constrains; a tree the model ends validates (this small model tends to nest
     until max_tokens, which it reports as "length")."""
-    for seed in (1, 2, 3, 4):
-        text, reason = ask(
-            client, "A small tree of numbers.", schema_format(RECURSIVE), max_tokens=200, temperature=0.8, seed=seed
-        )
+
+    def one(seed: int) -> tuple[str, str]:
+        tree = schema_format(RECURSIVE)
+        return ask(client, "A small tree of numbers.", tree, max_tokens=200, temperature=0.8, seed=seed)
+
+    for text, reason in concurrently(one, [(1,), (2,), (3,), (4,)]):
         if reason == "stop":
             jsonschema.validate(json.loads(text), RECURSIVE)
         else:
