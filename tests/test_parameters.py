@@ -46,8 +46,9 @@ def piece(http: httpx.Client, token: int) -> str:
 @pytest.fixture
 def cold_client() -> Iterator[openai.OpenAI]:
     """A client of a fresh server. Outputs are compared only between requests that found the KV cache in the
-    same state: its cell layout changes the numerics (see docs/determinism.md)."""
-    with start_server() as server:
+    same state: its cell layout changes the numerics (see docs/determinism.md). Four slots: the most any of its
+    tests runs at once (2 prompts × n=2)."""
+    with start_server("--parallel", "4") as server:
         yield server.openai()
 
 
