@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -93,11 +94,14 @@ class ForkServer:
         self.process = subprocess.Popen(
             [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
+        self.lock = threading.Lock()
 
     def _ask(self, request: dict[str, Any]) -> Any:
+        """One request and its answer; one at a time (a test may wait for a server from another thread)."""
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(request) + "\n")
-        answer = self.process.stdout.readline()
+        with self.lock:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            answer = self.process.stdout.readline()
         if not answer:
             raise RuntimeError(f"the fork server exited with {self.process.wait()}")
         return json.loads(answer)
