@@ -328,12 +328,8 @@ class Gate:
     async def count(self, caller: Caller) -> None:
         """Take one of the key's requests a minute for work that generates nothing (tokenizing): 429 when
         spent."""
-        if self.platform is None:
-            return
-        plan = self.platform.plan(caller.plan)
-        decision = await self.platform.limiter.acquire(caller.limit_key, plan, 0)
-        if not decision.allowed:
-            raise _rate_limited(plan, 0, decision)
+        if self.platform is not None:
+            await _acquire(self.platform, caller, 0)
 
     async def admit(
         self,
@@ -361,10 +357,7 @@ class Gate:
                 code="too_many_concurrent_requests",
                 headers={"Retry-After": "1"},
             )
-        plan = platform.plan(caller.plan)
-        decision = await platform.limiter.acquire(caller.limit_key, plan, prompt_tokens + completion_tokens)
-        if not decision.allowed:
-            raise _rate_limited(plan, prompt_tokens + completion_tokens, decision)
+        decision = await _acquire(platform, caller, prompt_tokens + completion_tokens)
         admission = Admission(
             platform,
             caller,
@@ -380,6 +373,15 @@ class Gate:
         if hold:
             await admission.hold()
         return admission
+
+
+async def _acquire(platform: Platform, caller: Caller, tokens: int) -> Decision:
+    """Take a request and `tokens` from the key's rate limits, or 429."""
+    plan = platform.plan(caller.plan)
+    decision = await platform.limiter.acquire(caller.limit_key, plan, tokens)
+    if not decision.allowed:
+        raise _rate_limited(plan, tokens, decision)
+    return decision
 
 
 def _rate_limited(plan: Plan, tokens: int, decision: Decision) -> APIError:

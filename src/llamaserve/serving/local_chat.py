@@ -110,11 +110,9 @@ def check_images(body: ChatCompletionRequest, model: LocalModel) -> None:
 async def load_images(body: ChatCompletionRequest, model: LocalModel, limits: ImageLimits) -> Images:
     """Fetch (under the deployment's limits and address rules) and decode every image part."""
     check_images(body, model)
-    parts = _image_parts(body.messages)
-    request_images = RequestImages([f"messages[{i}].content[{j}]" for i, j, _ in parts], limits)
-    return {
-        (i, j): await request_images.load(part.image_url.url, f"messages[{i}].content[{j}]") for i, j, part in parts
-    }
+    parts = [((i, j), f"messages[{i}].content[{j}]", part) for i, j, part in _image_parts(body.messages)]
+    request_images = RequestImages([where for _, where, _ in parts], limits)
+    return {key: await request_images.load(part.image_url.url, where) for key, where, part in parts}
 
 
 def _response_grammar(body: ChatCompletionRequest) -> str | None:

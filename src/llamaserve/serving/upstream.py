@@ -91,7 +91,7 @@ class UpstreamServing:
         # for its hold rather than make the upstream start work it will likely not be paid for. Otherwise the hold
         # (a database write, on its thread) is placed while the request goes upstream, so it adds no latency:
         # nothing reaches the client before the hold is placed, and a refused hold stops the call (`hold_beside`).
-        if has_images(payload) or admission.short_of_credits:
+        if image_parts(payload) or admission.short_of_credits:
             await admission.hold()
             try:
                 await inline_images(payload, self.spec, self.image_limits)
@@ -152,23 +152,20 @@ def prompt_bound(payload: dict[str, Any]) -> int:
     return text + other + (TEMPLATE_ALLOWANCE if "messages" in payload else 0)
 
 
-def has_images(payload: dict[str, Any]) -> bool:
-    return any(
-        isinstance(part, dict) and part.get("type") == "image_url"
-        for message in payload.get("messages") or []
-        for part in (message.get("content") if isinstance(message.get("content"), list) else [])
-    )
+def image_parts(payload: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """The payload's image parts, each with its place (messages[i].content[j])."""
+    return [
+        (part, f"messages[{i}].content[{j}]")
+        for i, message in enumerate(payload.get("messages") or [])
+        for j, part in enumerate(message.get("content") if isinstance(message.get("content"), list) else [])
+        if isinstance(part, dict) and part.get("type") == "image_url"
+    ]
 
 
 async def inline_images(payload: dict[str, Any], spec: ModelSpec, limits: ImageLimits) -> None:
     """Fetch and check every image part here and pass it on as a data URI, so the upstream never fetches an
     address the gateway would refuse."""
-    parts = [
-        (part, f"messages[{i}].content[{j}]")
-        for i, message in enumerate(payload.get("messages") or [])
-        for j, part in enumerate(message.get("content") if isinstance(message.get("content"), list) else [])
-        if part.get("type") == "image_url"
-    ]
+    parts = image_parts(payload)
     if parts and "vision" not in spec.capabilities:
         raise image_refused(spec.id, parts[0][1])
     images = RequestImages([where for _, where in parts], limits)

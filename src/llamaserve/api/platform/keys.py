@@ -15,10 +15,6 @@ def platform_of(request: Request) -> Platform:
     return request.app.state.gate.platform
 
 
-def accounts_enabled(request: Request) -> bool:
-    return request.app.state.gate.platform is not None
-
-
 async def require_caller(request: Request) -> Caller:
     """FastAPI dependency: the authenticated caller (everyone, on `llamaserve engine`)."""
     gate: Gate = request.app.state.gate
