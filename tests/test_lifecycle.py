@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ MESSAGES = [{"role": "user", "content": "Count from one to one hundred."}]
 
 def stream_in_thread(server: Server, max_tokens: int, out: dict[str, Any], key: str | None = None) -> threading.Thread:
     """A streaming chat request in a thread; `out` gets its text, finish reason, usage, and `first` is set once
-    the first chunk arrived."""
+    the first chunk arrived (and `error_event` an error event, if one came)."""
     first = threading.Event()
     out["first"] = first
 
@@ -38,6 +39,8 @@ def stream_in_thread(server: Server, max_tokens: int, out: dict[str, Any], key: 
                         continue
                     chunk = json.loads(line[6:])
                     first.set()
+                    if "error" in chunk:
+                        out["error_event"] = chunk["error"]
                     for choice in chunk.get("choices") or []:
                         text += choice["delta"].get("content") or ""
                         out["finish"] = choice.get("finish_reason") or out.get("finish")
@@ -79,7 +82,7 @@ def test_sigterm_drains_then_stops_with_every_hold_settled(data_dir: Path) -> No
     with start_server("--drain-timeout", "60", data_dir=data_dir, port=port) as server:
         assert chat(server).status_code == 200  # warm
         out: dict[str, Any] = {}
-        thread = stream_in_thread(server, 200, out)
+        thread = stream_in_thread(server, 120, out)  # still running after the checks below
         assert out["first"].wait(60)
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.3)  # the signal is handled on the server's next loop turn
@@ -91,22 +94,33 @@ def test_sigterm_drains_then_stops_with_every_hold_settled(data_dir: Path) -> No
         assert ready.status_code == 503 and ready.json()["checks"]["accepting"] is False
         assert httpx.get(f"{server.base_url}/health").status_code == 200  # alive, only not taking work
         thread.join(60)
-        assert out["status"] == 200 and out["finish"] == "length" and out["usage"]["completion_tokens"] == 200
+        assert out["status"] == 200 and out["finish"] == "length" and out["usage"]["completion_tokens"] == 120, out
         server.process.wait(30)  # stops on its own once the stream ended
     with start_server(data_dir=data_dir) as server:
         assert balance(server)["open_holds"] == 0
 
 
-def test_drain_timeout_ends_long_streams_and_settles_them(data_dir: Path) -> None:
+def test_drain_timeout_ends_long_requests_and_settles_them(data_dir: Path) -> None:
     with start_server("--drain-timeout", "1", data_dir=data_dir) as server:
         before = balance(server)["balance_micro"]
         out: dict[str, Any] = {}
         thread = stream_in_thread(server, 2000, out)
-        assert out["first"].wait(60)
-        server.process.send_signal(signal.SIGTERM)
-        thread.join(60)
+        with ThreadPoolExecutor(1) as pool:
+            unstreamed = pool.submit(chat, server, max_tokens=2000, ignore_eos=True)
+            assert out["first"].wait(60)
+            deadline = time.monotonic() + 30
+            while server.engine_stats()["running"] < 2:  # both generating
+                assert time.monotonic() < deadline and not unstreamed.done()
+                time.sleep(0.02)
+            sent = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            thread.join(60)
+            assert error_code(unstreamed.result(), 503) == "shutting_down"
         assert not thread.is_alive() and out.get("finish") != "length"  # cut short, not run to its end
+        assert out["error_event"]["code"] == "shutting_down" and "error" not in out  # ended, not broken off
         server.process.wait(30)
+        assert time.monotonic() - sent < 5  # the drain's 1 s, not uvicorn's own 5 s wait on top
+        assert not [line for line in server.log_lines() if line["level"] == "error"]  # ended, not cancelled
     with start_server(data_dir=data_dir) as server:
         after = balance(server)
         assert after["open_holds"] == 0 and after["balance_micro"] < before  # charged for what it delivered

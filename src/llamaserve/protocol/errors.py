@@ -37,3 +37,13 @@ class APIError(Exception):
 
 def invalid(message: str, param: str | None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def shutting_down() -> APIError:
+    """A request still running when the server's drain ran out (a 503, or the error event ending its stream)."""
+    return APIError(
+        503,
+        "The server stopped before this request ended; retry on another replica",
+        type="server_unavailable",
+        code="shutting_down",
+    )

@@ -102,6 +102,9 @@ class Call:
     caller: Caller
     request_id: str
     disconnected: Callable[[], Awaitable[None]]  # returns once the client has closed the connection
+    # Set when the server stops while the request runs (its drain ran out): the request ends now, with a 503
+    # or, once streaming, a `shutting_down` error event.
+    server_stopping: asyncio.Event = field(default_factory=asyncio.Event)
     admission: Admission | None = None  # once admitted: the access log's model, backend, tokens and outcome
 
 

@@ -15,7 +15,7 @@ from llamaserve.engine import EngineOverloaded, InvalidPrompt, Output, RequestHa
 from llamaserve.engine.logprobs import TokenLogprob
 from llamaserve.engine.mtmd import Chunk
 from llamaserve.protocol.common import SamplingFields
-from llamaserve.protocol.errors import APIError, invalid
+from llamaserve.protocol.errors import APIError, invalid, shutting_down
 from llamaserve.serving.admission import Admission, Call, Gate
 from llamaserve.serving.reply import Reply
 
@@ -160,7 +160,7 @@ class ChoiceResult:
 
 async def collect(call: Call, handles: list[RequestHandle], n: int, admission: Admission) -> list[ChoiceResult]:
     """All outputs of all choices (request i's choice c at i * n + c); cancels generation if the client goes
-    away first, or when the request runs past the platform's request_timeout (504)."""
+    away first, when the request runs past the platform's request_timeout (504), or when the server stops (503)."""
     results = [ChoiceResult() for _ in range(len(handles) * n)]
 
     async def consume() -> None:
@@ -177,13 +177,15 @@ async def collect(call: Call, handles: list[RequestHandle], n: int, admission: A
 
     work = asyncio.create_task(consume())
     watch = asyncio.create_task(call.disconnected())
+    stopped = asyncio.create_task(call.server_stopping.wait())
     timeout = admission.timeout
     try:
-        done, _ = await asyncio.wait([work, watch], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([work, watch, stopped], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if not done:
             admission.status = "timeout"
     finally:
         watch.cancel()
+        stopped.cancel()
         if not work.done():
             work.cancel()
             for h in handles:  # frees their slots at the engine's next step; settles what they produced
@@ -192,6 +194,8 @@ async def collect(call: Call, handles: list[RequestHandle], n: int, admission: A
         raise APIError(
             504, f"the request took longer than {timeout}s and was stopped", type="timeout", code="request_timeout"
         )
+    if stopped in done and work not in done:
+        raise shutting_down()
     if work not in done:
         raise APIError(499, "the client closed the connection", code="client_closed_request")
     work.result()

@@ -3,8 +3,10 @@ and a serving Reply becomes a response."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -14,9 +16,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from llamaserve.billing.store import Caller
+from llamaserve.protocol.errors import shutting_down
 from llamaserve.serving.admission import Call
 from llamaserve.serving.directory import ModelDirectory
-from llamaserve.serving.reply import Reply
+from llamaserve.serving.reply import Reply, sse
 
 
 def models_of(request: Request) -> ModelDirectory:
@@ -28,20 +31,30 @@ def call_of(request: Request, caller: Caller) -> Call:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    call = Call(caller, request.state.request_id, disconnected)
+    call = Call(caller, request.state.request_id, disconnected, request.app.state.lifecycle.stopping)
     request.state.call = call  # the access log reads its admission
     return call
 
 
-def respond(reply: Reply) -> Response:
+def respond(reply: Reply, call: Call) -> Response:
     if reply.events is not None:
         return StreamingResponse(
-            reply.events,
+            _until_stopping(reply.events, call.server_stopping),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **reply.headers},
             background=BackgroundTask(_run_after, reply.after),
         )
     return AfterJSONResponse(reply.body, reply.headers, reply.after)
+
+
+async def _until_stopping(events: AsyncIterator[str], stopping: asyncio.Event) -> AsyncIterator[str]:
+    """The events, until the server stops while they run (its drain ran out): then an error event ends them."""
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        async for event in events:
+            yield event
+            if stopping.is_set():
+                yield sse(shutting_down().body.model_dump())
+                return
 
 
 async def _run_after(after: Callable[[], Any] | None) -> None:

@@ -25,7 +25,8 @@ router = APIRouter(route_class=InferenceRoute)
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: CallerDep) -> Any:
     serving = models_of(request).resolve(body.model, caller)
-    return respond(await serving.chat(body, call_of(request, caller)))
+    call = call_of(request, caller)
+    return respond(await serving.chat(body, call), call)
 
 
 class ServedModelRoute(APIRoute):

@@ -17,4 +17,5 @@ router = APIRouter(route_class=InferenceRoute)
 @router.post("/v1/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Any:
     serving = models_of(request).resolve(body.model, caller)
-    return respond(await serving.completion(body, call_of(request, caller)))
+    call = call_of(request, caller)
+    return respond(await serving.completion(body, call), call)

@@ -1,8 +1,9 @@
 """The server's life around the requests: limits on what a request may send, and a graceful stop.
 
 SIGTERM starts a drain: new requests get 503 with Retry-After (and /ready says 503, so a load balancer stops
-sending), requests in flight run to their end for up to the drain timeout, then the server stops; streams still
-open then are ended, their holds settled for what they delivered, and the store closed (the app's lifespan).
+sending), requests in flight run to their end for up to the drain timeout, then the server stops. Requests still
+running then end at once (`stopping`): a stream with a `shutting_down` error event, a non-streamed request with a
+503; their holds are settled for what they delivered, and the store closed (the app's lifespan).
 A second SIGTERM or Ctrl-C stops at once.
 """
 
@@ -19,6 +20,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # Paths that stay open while draining: probes and metrics must keep telling the truth until the end.
 PROBES = frozenset({"/health", "/ready", "/metrics"})
 
+# Seconds the requests still running when the drain ran out have to end themselves and settle, before uvicorn's
+# own shutdown cancels what is left.
+STOP_GRACE = 2.0
+
 
 @dataclass
 class Limits:
@@ -34,6 +39,7 @@ class Limits:
 class Lifecycle:
     limits: Limits = field(default_factory=Limits)
     draining: bool = False
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # the drain ran out: requests still running end
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -166,5 +172,7 @@ class DrainingServer(uvicorn.Server):
         self._drain = asyncio.get_running_loop().create_task(self._stop_after_drain(sig))
 
     async def _stop_after_drain(self, sig: int) -> None:
-        await self.lifecycle.wait_idle(self.lifecycle.limits.drain_timeout)
+        if not await self.lifecycle.wait_idle(self.lifecycle.limits.drain_timeout):
+            self.lifecycle.stopping.set()
+            await self.lifecycle.wait_idle(STOP_GRACE)
         super().handle_exit(sig, None)
