@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
-from tests.conftest import MODEL, start_server
+from tests.conftest import MODEL, Server, start_server
 
 POEM = "Write a short poem about the sea."
 REPEAT = "hello hello hello hello hello hello hello hello"  # a text prompt the model continues in kind
@@ -43,13 +43,23 @@ def piece(http: httpx.Client, token: int) -> str:
     return r.json()["prompt"]
 
 
+ADMIN = "parameters-admin"
+
+
+@pytest.fixture(scope="module")
+def cold_server() -> Iterator[Server]:
+    """Four slots: the most any of its tests runs at once (2 prompts × n=2)."""
+    with start_server("--parallel", "4", "--admin-key", ADMIN) as server:
+        yield server
+
+
 @pytest.fixture
-def cold_client() -> Iterator[openai.OpenAI]:
-    """A client of a fresh server. Outputs are compared only between requests that found the KV cache in the
-    same state: its cell layout changes the numerics (see docs/determinism.md). Four slots: the most any of its
-    tests runs at once (2 prompts × n=2)."""
-    with start_server("--parallel", "4") as server:
-        yield server.openai()
+def cold_client(cold_server: Server) -> openai.OpenAI:
+    """A client of a server whose KV cache is as a fresh start leaves it. Outputs are compared only between
+    requests that found the KV cache in the same state: its cell layout changes the numerics (see
+    docs/determinism.md)."""
+    cold_server.reset_prefix_cache(ADMIN)
+    return cold_server.openai()
 
 
 @pytest.fixture
@@ -272,3 +282,26 @@ def test_completions_prompt_token_id_lists(
     ids = http.post("/tokenize", json={"model": MODEL, "prompt": COMPLETION_PROMPT}).json()["tokens"]
     c = cold_client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=6, temperature=0)
     assert [ch.text for ch in c.choices] == [completion_greedy, completion_greedy]
+
+
+def test_a_reset_prefix_cache_answers_as_a_fresh_server(cold_server: Server) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": POEM}], "max_tokens": SAMPLED, "seed": 3}
+    with start_server("--parallel", "4") as fresh:
+        expected = fresh.http().post("/v1/chat/completions", json=body).json()
+    http = cold_server.http()
+    warm = http.post("/v1/chat/completions", json=body).json()
+    assert http.post("/v1/chat/completions", json=body).json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    cold_server.reset_prefix_cache(ADMIN)
+    after = http.post("/v1/chat/completions", json=body).json()
+    assert after["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # nothing cached any more
+    assert after["choices"] == expected["choices"] == warm["choices"]
+    reset = f"{cold_server.base_url}/admin/engine/reset-prefix-cache"
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with http.stream(
+        "POST", "/v1/chat/completions", json={**body, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    ) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()  # kept: a dropped iterator would close the stream
+        next(line for line in lines if '"content": "' in line and '"content": ""' not in line)  # generating
+        busy = httpx.post(reset, headers=admin)
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "engine_busy", busy.text

@@ -266,6 +266,7 @@ SWEEP: dict[tuple[str, str], Callable[[World], None]] = {
     ("GET", "/admin/accounts/{name}/keys"): admin_route("GET", "/admin/accounts/{name}/keys"),
     ("POST", "/admin/accounts/{name}/keys"): admin_route("POST", "/admin/accounts/{name}/keys", {}),
     ("POST", "/admin/keys/{prefix}/{action}"): admin_route("POST", "/admin/keys/{prefix}/{action}"),
+    ("POST", "/admin/engine/reset-prefix-cache"): admin_route("POST", "/admin/engine/reset-prefix-cache"),
     ("GET", "/auth/session"): public("/auth/session"),
     ("POST", "/auth/signup"): signup,
     ("POST", "/auth/login"): login,

@@ -138,7 +138,7 @@ class Engine:
         self.outstanding = 0  # sequences submitted and not yet consumed (touched on the event loop only)
         self._scheduler = Scheduler(model, self.config.n_seq_max)
         self._batch = Batch(self.config.n_batch)
-        # Commands to the engine thread: ("add", Request), ("abort", request id), ("wake", None).
+        # Commands to the engine thread: ("add", Request), ("abort", request id), ("reset", Future), ("wake", None).
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._ids = itertools.count()
         self._handles: dict[int, RequestHandle] = {}  # the event loop's: requests in flight, by id
@@ -220,6 +220,15 @@ class Engine:
         self._inbox.put(("add", request))
         return handle
 
+    async def reset_cache(self) -> bool:
+        """Forget the prefix cache, so the next requests find the KV cache as a fresh start leaves it (outputs
+        depend on its layout: docs/determinism.md). False while any request runs or waits."""
+        if not self.alive:
+            raise EngineOverloaded("the engine has stopped; see the server log")
+        done: Future[bool] = Future()
+        self._inbox.put(("reset", done))
+        return await asyncio.wrap_future(done)
+
     def _check_images(self, prompt: Prompt, params: SamplingParams) -> None:
         if self.projector is None:
             raise InvalidPrompt("this model takes no images (no projector is loaded)", "image_input_not_supported")
@@ -294,6 +303,8 @@ class Engine:
                     if seq.finish_reason is None:
                         seq.finish_reason = "abort"
                         self._scheduler.release(seq)
+            elif cmd == "reset":
+                arg.set_result(self._scheduler.reset_cache())
             try:
                 cmd, arg = self._inbox.get_nowait()
             except queue.Empty:

@@ -245,14 +245,16 @@ class LlamaModel:
         """Forget seq_id's cells at positions [start, end) (-1: open end)."""
         C.llama_memory_seq_rm(self.memory, seq_id, start, end)
 
+    def kv_clear(self) -> None:
+        """Forget every cell of every sequence, as at start (the buffers keep their stale values, which the
+        attention mask hides: no cost of clearing them)."""
+        C.llama_memory_clear(self.memory, False)
+
     def kv_copy(self, src: int, dst: int, end: int) -> None:
         """Give dst the KV of src's positions [0, end), without computing them. Slots live in separate streams,
         which llama.cpp copies whole (at the next decode); the copy is then cut back to `end`."""
         C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         C.llama_memory_seq_rm(self.memory, dst, end, -1)
-
-    def kv_clear(self) -> None:
-        C.llama_memory_clear(self.memory, True)
 
     # --- compute --------------------------------------------------------------------------------------------
     def decode(self, batch: Batch) -> int:

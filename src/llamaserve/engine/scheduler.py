@@ -135,6 +135,16 @@ class Scheduler:
         seq.cached_tokens = seq.tokens_before(shared)
         self.running.append(seq)
 
+    def reset_cache(self) -> bool:
+        """Forget every cached prefix, leaving the KV cache as a fresh start leaves it; only when no sequence runs
+        or waits (False otherwise): a running sequence's cells cannot go."""
+        if self.running or self.waiting:
+            return False
+        self.model.kv_clear()
+        for slot in self.slots:
+            slot.tokens = []
+        return True
+
     def release(self, seq: Sequence) -> None:
         """Take a running or waiting sequence out; its slot keeps its KV as prefix cache."""
         if seq.sampler is not None:

@@ -176,3 +176,8 @@ class UsageSummary(BaseModel):
     until: int
     data: list[UsageBucketView]
     keys: list[SummaryKey]
+
+
+class CacheReset(BaseModel):
+    model: str  # the local model whose prefix cache was emptied
+    reset: bool = True

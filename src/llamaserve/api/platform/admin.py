@@ -23,6 +23,7 @@ from llamaserve.billing.store import BalanceError, StoreError
 from llamaserve.protocol.account import (
     AccountList,
     AccountView,
+    CacheReset,
     CreditsGranted,
     KeyList,
     KeyState,
@@ -235,3 +236,16 @@ async def change_key(prefix: StoredText, action: Literal["enable", "disable", "r
     except StoreError as e:
         raise _not_found(e) from e
     return KeyState(prefix=key.prefix, enabled=key.enabled, revoked=key.revoked)
+
+
+@router.post("/engine/reset-prefix-cache")
+async def reset_prefix_cache(request: Request) -> CacheReset:
+    """Empty the local model's prefix cache, leaving its KV cache as a fresh start does: for benchmarks of cold
+    starts, and for outputs that must not depend on what ran before (docs/determinism.md). 409 while any request
+    runs or waits."""
+    local = request.app.state.models.local
+    if local is None:
+        raise APIError(404, "this server runs no local model", code="no_local_model")
+    if not await local.model.engine.reset_cache():
+        raise APIError(409, "requests are running or waiting; retry when the engine is idle", code="engine_busy")
+    return CacheReset(model=local.id)
