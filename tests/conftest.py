@@ -213,7 +213,8 @@ def _running(server: Server, graceful: bool) -> Iterator[None]:
 def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """A plain HTTP server on a loopback port, in a thread (fake upstreams, image hosts); yields its base URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # Polled every 50 ms for its shutdown (the default 0.5 s is a wait at every teardown).
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:

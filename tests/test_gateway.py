@@ -12,7 +12,9 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ ALIAS = "smol-alias"
 # Two engines side by side get one llama.cpp thread each, so their threads never outnumber the 2 cores of a test
 # machine: llama.cpp's threads spin while they wait for each other, and 4 on 2 cores stalled a burst past 60 s.
 ENGINE = ("--parallel", "2", "--threads", "1")
+# This module's prompts are short: a smaller KV cache than the default 4096 tokens a slot starts sooner.
+SMALL_ENGINE = (*ENGINE, "--ctx", "1024")
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 WEATHER = {
     "type": "function",
@@ -57,13 +61,15 @@ def registry(path: Path, models: list[dict[str, Any]]) -> Path:
         ]
         for url in m["upstreams"]:
             lines += ["[[models.backends]]", 'type = "upstream"', f'url = "{url}"', f'model = "{MODEL}"']
+            if "health_interval" in m:
+                lines.append(f"health_interval = {m['health_interval']}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 @pytest.fixture(scope="module")
 def engines() -> Iterator[list[Server]]:
-    with start_server(*ENGINE, command="engine") as a, start_server(*ENGINE, command="engine") as b:
+    with start_server(*SMALL_ENGINE, command="engine") as a, start_server(*SMALL_ENGINE, command="engine") as b:
         yield [a, b]
 
 
@@ -156,7 +162,7 @@ def test_tokenize_and_detokenize_are_asked_of_the_upstream(gateway: Server, engi
     [
         {"messages": MESSAGES, "max_tokens": 12, "temperature": 0},
         {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2},
-        {"messages": MESSAGES, "max_tokens": 60, "temperature": 0, "response_format": {"type": "json_object"}},
+        {"messages": MESSAGES, "max_tokens": 30, "temperature": 0, "response_format": {"type": "json_object"}},
         {"messages": MESSAGES, "max_tokens": 60, "temperature": 0, "tools": [WEATHER], "tool_choice": "required"},
         {"messages": MESSAGES, "max_tokens": 8, "temperature": 0.9, "seed": 7, "top_k": 20, "min_p": 0.05},
     ],
@@ -355,10 +361,41 @@ def silent_upstream() -> Iterator[str]:
     listener.close()
 
 
+class _Counting(BaseHTTPRequestHandler):
+    """An instant upstream that records which completions were asked of it."""
+
+    requests: list[str] = []  # their X-Request-Id: the gateway's request id, as a UUID
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).requests.append(self.headers.get("X-Request-Id", ""))
+        message = {"role": "assistant", "content": "Red."}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+        send_json(self, 200, {"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage})
+
+    def do_GET(self) -> None:  # noqa: N802
+        send_json(self, 200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def counting_upstream() -> Iterator[str]:
+    with serve_http(_Counting) as url:
+        yield f"{url}/v1"
+
+
 @pytest.fixture(scope="module")
 def faulty_gateway(
-    failing_upstream: str, silent_upstream: str, usage_less_upstream: str, tmp_path_factory: pytest.TempPathFactory
+    failing_upstream: str,
+    silent_upstream: str,
+    usage_less_upstream: str,
+    counting_upstream: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Server]:
+    """A gateway in front of the fake upstreams (and an admin key, to make accounts)."""
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     path = registry(
         tmp_path_factory.mktemp("faulty") / "llamaserve.toml",
@@ -367,9 +404,10 @@ def faulty_gateway(
             {"id": "hangs", "upstreams": [silent_upstream], "timeout": 1},
             {"id": "dead", "upstreams": [dead]},
             {"id": "no-usage", "upstreams": [usage_less_upstream]},
+            {"id": "counted", "upstreams": [counting_upstream]},
         ],
     )
-    with start_server("--config", str(path)) as server:
+    with start_server("--config", str(path), "--admin-key", "admin") as server:
         yield server
 
 
@@ -381,8 +419,13 @@ def test_upstream_failures(faulty_gateway: Server, model: str, status: int, code
     balance = lambda: httpx.get(f"{faulty_gateway.v1}/account/balance", headers=faulty_gateway.auth).json()  # noqa: E731
     before = balance()["balance_micro"]
     started = time.monotonic()
-    for stream in (False, True):
-        r = post(faulty_gateway, "/chat/completions", model=model, messages=MESSAGES, max_tokens=5, stream=stream)
+
+    def ask(stream: bool) -> httpx.Response:
+        return post(faulty_gateway, "/chat/completions", model=model, messages=MESSAGES, max_tokens=5, stream=stream)
+
+    with ThreadPoolExecutor(2) as pool:  # side by side: the two 504s wait out the model's timeout together
+        replies = list(pool.map(ask, (False, True)))
+    for r in replies:
         assert r.status_code == status, r.text
         error = r.json()["error"]
         assert error["code"] == code and set(error) == {"message", "type", "param", "code"}
@@ -415,84 +458,88 @@ def account_usage(server: Server) -> list[dict[str, Any]]:
     return httpx.get(f"{server.v1}/account/usage", headers=server.auth).json()["data"]
 
 
-class _Counting(BaseHTTPRequestHandler):
-    """An instant upstream that counts the completions asked of it."""
-
-    requests = 0
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        type(self).requests += 1
-        message = {"role": "assistant", "content": "Red."}
-        choice = {"index": 0, "message": message, "finish_reason": "stop"}
-        usage = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
-        send_json(self, 200, {"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage})
-
-    def do_GET(self) -> None:  # noqa: N802
-        send_json(self, 200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def test_a_refused_hold_stops_the_upstream_call(tmp_path: Path) -> None:
+def test_a_refused_hold_stops_the_upstream_call(faulty_gateway: Server) -> None:
     """The upstream call starts while the credits are held: a 402 cancels it, gives its slot back, charges
     nothing; the account's next requests wait for their hold and never reach the upstream."""
-    with serve_http(_Counting) as url:
-        path = registry(tmp_path / "llamaserve.toml", [{"id": "counted", "upstreams": [f"{url}/v1"]}])
-        with start_server("--config", str(path), "--admin-key", "admin") as gw:
-            admin = {"Authorization": "Bearer admin"}
-            r = httpx.post(f"{gw.base_url}/admin/accounts", json={"name": "poor", "credits": "0.0001"}, headers=admin)
-            assert r.status_code == 201, r.text
-            key = httpx.post(f"{gw.base_url}/admin/accounts/poor/keys", json={}, headers=admin).json()["key"]
-            refused = post(gw, "/chat/completions", key=key, model="counted", messages=MESSAGES, max_tokens=5)
-            assert refused.status_code == 402 and refused.json()["error"]["code"] == "insufficient_credits"
-            reached = _Counting.requests
-            assert reached <= 1
-            for stream in (False, True):
-                again = post(gw, "/chat/completions", key=key, model="counted", messages=MESSAGES, stream=stream)
-                assert again.status_code == 402, again.text
-            assert _Counting.requests == reached
-            account = httpx.get(f"{gw.v1}/account/balance", headers={"Authorization": f"Bearer {key}"}).json()
-            assert account["open_holds"] == 0 and account["balance_micro"] == 100
-            in_flight = [
-                s.value
-                for s in metric_samples(httpx.get(f"{gw.base_url}/metrics").text)
-                if s.name == "llamaserve_upstream_in_flight"
-            ]
-            assert in_flight == [0]
-            served = post(gw, "/chat/completions", model="counted", messages=MESSAGES, max_tokens=5)
-            assert served.status_code == 200 and _Counting.requests == reached + 1
+    gw = faulty_gateway
+    admin = {"Authorization": "Bearer admin"}
+    r = httpx.post(f"{gw.base_url}/admin/accounts", json={"name": "poor", "credits": "0.0001"}, headers=admin)
+    assert r.status_code == 201, r.text
+    key = httpx.post(f"{gw.base_url}/admin/accounts/poor/keys", json={}, headers=admin).json()["key"]
+    refused = post(gw, "/chat/completions", key=key, model="counted", messages=MESSAGES, max_tokens=5)
+    assert refused.status_code == 402 and refused.json()["error"]["code"] == "insufficient_credits"
+    for stream in (False, True):
+        again = post(gw, "/chat/completions", key=key, model="counted", messages=MESSAGES, stream=stream)
+        assert again.status_code == 402, again.text
+    account = httpx.get(f"{gw.v1}/account/balance", headers={"Authorization": f"Bearer {key}"}).json()
+    assert account["open_holds"] == 0 and account["balance_micro"] == 100
+    in_flight = [
+        s.value
+        for s in metric_samples(httpx.get(f"{gw.base_url}/metrics").text)
+        if s.name == "llamaserve_upstream_in_flight" and s.labels["model"] == "counted"
+    ]
+    assert in_flight == [0]
+    served = post(gw, "/chat/completions", model="counted", messages=MESSAGES, max_tokens=5)
+    assert served.status_code == 200
+    # The refused call may have reached the upstream before it was cancelled, and may land there a moment after
+    # the client had its 402 (so the upstream's count is not read then): the requests that waited for their hold
+    # never reached it, the next one did, once.
+    reached = list(_Counting.requests)
+    assert set(reached) <= {upstream_id(refused), upstream_id(served)}, reached
+    assert reached.count(upstream_id(refused)) <= 1 and reached.count(upstream_id(served)) == 1, reached
 
 
-def test_dead_engine_is_taken_out_and_probed_back_in(tmp_path: Path) -> None:
+def upstream_id(r: httpx.Response) -> str:
+    """The id a gateway's request carries upstream: its own, as a UUID."""
+    return str(uuid.UUID(r.headers["x-request-id"].removeprefix("req_")))
+
+
+def probe_verdict(gateway: Server, engine: Server) -> float:
+    """The gateway's health check's verdict on an engine of GATEWAY_MODEL: 1 in, 0 out."""
+    labels = {"backend": engine.v1, "model": GATEWAY_MODEL}
+    samples = metric_samples(httpx.get(f"{gateway.base_url}/metrics").text)
+    [value] = [s.value for s in samples if s.name == "llamaserve_upstream_healthy" and s.labels == labels]
+    return value
+
+
+def wait_for_verdict(gateway: Server, engine: Server, verdict: float, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while probe_verdict(gateway, engine) != verdict:
+        assert time.monotonic() < deadline, f"the health check did not find {engine.v1} {verdict} in {timeout} s"
+        time.sleep(0.05)
+
+
+def test_dead_engine_is_taken_out_and_probed_back_in(engines: list[Server], tmp_path: Path) -> None:
     """SIGKILL one engine: requests keep succeeding and, once the health check has seen it, go to the live one
-    only; start it again on its port: the probe brings it back and traffic returns to it."""
+    only; start it again on its port: the probe brings it back and traffic returns to it. (The live one is the
+    module's second engine; the probes run every 0.2 s.)"""
     port_a = free_port()
-    with (
-        start_server(*ENGINE, command="engine", port=port_a) as a,
-        start_server(*ENGINE, command="engine") as b,
-    ):
-        path = registry(tmp_path / "llamaserve.toml", [{"id": GATEWAY_MODEL, "upstreams": [a.v1, b.v1]}])
+    b = engines[1]
+    with start_server(*SMALL_ENGINE, command="engine", port=port_a) as a:
+        upstreams = [a.v1, b.v1]
+        path = registry(
+            tmp_path / "llamaserve.toml", [{"id": GATEWAY_MODEL, "upstreams": upstreams, "health_interval": 0.2}]
+        )
         with start_server("--config", str(path)) as gw:
             os.kill(a.process.pid, signal.SIGKILL)
             a.process.wait()
-            time.sleep(3)  # a health probe (every 2 s) has found it dead
-            before = b.engine_stats()["sequences_finished"]
+            wait_for_verdict(gw, a, 0)  # a health probe has found it dead
+            before = b.wait_idle()["sequences_finished"]
             for _ in range(4):
                 assert (
                     post(gw, "/chat/completions", model=GATEWAY_MODEL, messages=MESSAGES, max_tokens=2).status_code
                     == 200
                 )
             assert b.engine_stats()["sequences_finished"] - before == 4
-            with start_server(*ENGINE, command="engine", port=port_a) as revived:
-                time.sleep(3)  # probed back in
+            with start_server(*SMALL_ENGINE, command="engine", port=port_a) as revived:
+                wait_for_verdict(gw, revived, 1)  # probed back in
                 assert burst(gw, 6) == [200] * 6
                 assert revived.engine_stats()["sequences_finished"] >= 2
 
 
-def test_killed_engine_fails_over(tmp_path: Path) -> None:
-    with start_server(*ENGINE, command="engine") as a, start_server(*ENGINE, command="engine") as b:
+def test_killed_engine_fails_over(engines: list[Server], tmp_path: Path) -> None:
+    b = engines[1]  # the live one: the module's second engine
+    with start_server(*SMALL_ENGINE, command="engine") as a:
         path = registry(tmp_path / "llamaserve.toml", [{"id": GATEWAY_MODEL, "upstreams": [a.v1, b.v1]}])
         with start_server("--config", str(path)) as gw:
             assert (

@@ -20,9 +20,11 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, Server, free_port, send_json, serve_http, start_server
+from tests.forkserver import fork_server
 from tests.test_gateway import WEATHER, metric_samples
 
-ENGINE = ("--parallel", "2", "--threads", "1")  # beside other processes on a 2-core machine
+# Beside other processes on a 2-core machine; the prompts here are short, and a small KV cache starts sooner.
+ENGINE = ("--parallel", "2", "--threads", "1", "--ctx", "1024")
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 
 
@@ -212,24 +214,38 @@ runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 """
 
 
-def llama_cpp_server(port: int, log: Path) -> subprocess.Popen[bytes]:
-    """llama-cpp-python's OpenAI server on the embedded GGUF. By default a new request interrupts the one running;
-    a server behind a gateway must not do that."""
-    command = [sys.executable, "-c", LLAMA_CPP_SERVER, "--model", embedded_gguf(), "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--interrupt_requests", "false", "--n_threads", "1"]
-    command += ["--n_ctx", str(GGUF_CONTEXT)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, log.read_text(errors="replace")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "llama_cpp.server did not start in 120 s"
-        time.sleep(0.2)
+def llama_cpp_servers(ports: list[int], folder: Path) -> list[subprocess.Popen[bytes]]:
+    """llama-cpp-python's OpenAI server on the embedded GGUF, one on each port, started side by side (each is a
+    fresh interpreter that spends a second or more importing), once all answer. By default a new request
+    interrupts the one running; a server behind a gateway must not do that. One llama.cpp thread for prompts too
+    (its default is one a core): threads that outnumber the cores they get spin waiting for each other, and on a
+    busy 2-core machine a first short prompt took 1 to 7 s instead of 0.3 to 0.5 s."""
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = [folder / f"server-{i}.log" for i in range(len(ports))]
+    try:
+        for port, log in zip(ports, logs, strict=True):
+            command = [sys.executable, "-c", LLAMA_CPP_SERVER, "--model", embedded_gguf(), "--host", "127.0.0.1"]
+            command += ["--port", str(port), "--interrupt_requests", "false", "--n_threads", "1"]
+            command += ["--n_threads_batch", "1", "--n_ctx", str(GGUF_CONTEXT)]
+            with log.open("wb") as out:
+                processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 120
+        for process, port, log in zip(processes, ports, logs, strict=True):
+            while True:
+                assert process.poll() is None, log.read_text(errors="replace")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "llama_cpp.server did not start in 120 s"
+                time.sleep(0.05)
+    except BaseException:
+        for process in processes:
+            process.kill()
+            process.wait()
+        raise
+    return processes
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +254,7 @@ def third_party(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     as its tokenizer."""
     folder = tmp_path_factory.mktemp("third-party")
     ports = [free_port(), free_port()]
-    processes = [llama_cpp_server(port, folder / f"server-{i}.log") for i, port in enumerate(ports)]
+    processes = llama_cpp_servers(ports, folder)
     counted = {"tokenizer": embedded_gguf(), "chat_format": "template", "price_input": 1000, "price_output": 1000}
     backend = {"model": "smol", "health_interval": 0.2}
     path = write_registry(
@@ -502,14 +518,23 @@ def test_a_chat_body_to_an_unknown_model_path_is_model_not_found(misbehaving: Se
 def test_a_bad_registry_stops_the_start_saying_where(
     tmp_path: Path, backend: dict[str, Any], model: dict[str, Any], message: str
 ) -> None:
+    """`llamaserve serve` as a process of its own, forked from the tests' fork server (tests/forkserver.py) as the
+    test servers are: the same command line as `python -m llamaserve.cli`, without the second of imports a fresh
+    interpreter spends before it reads the registry."""
     path = tmp_path / "registry.toml"
     write_registry(
         path, [{"id": "m", **model, "backends": [{"url": "http://127.0.0.1:9/v1", "model": "m", **backend}]}]
     )
-    command = [sys.executable, "-m", "llamaserve.cli", "serve", "--config", str(path), "--data-dir", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    output = " ".join((done.stdout + done.stderr).split())
-    assert done.returncode == 2 and message in output and "models[0]" in output, output
+    log = tmp_path / "cli.log"  # its stdout and stderr
+    process = fork_server().start(["serve", "--config", str(path), "--data-dir", str(tmp_path)], dict(os.environ), log)
+    try:
+        returncode = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:  # it started serving instead
+            process.kill()
+            process.wait()
+    output = " ".join(log.read_text(errors="replace").split())
+    assert returncode == 2 and message in output and "models[0]" in output, output
 
 
 # --- endpoint paths and probes ---------------------------------------------------------------------------------
@@ -542,50 +567,75 @@ class _Recording(BaseHTTPRequestHandler):
         pass
 
 
-def test_endpoint_paths_model_field_and_probes(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def recording_upstream() -> Iterator[str]:
+    with serve_http(_Recording) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recording_gateway(recording_upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A gateway in front of the recording upstream, one for the module's tests of what goes upstream. Autouse:
+    it starts before the module's first test, so that the ~6 s its probes need to take out an upstream that
+    never answers in time (three timed-out probes, and a probe waits 2 s at least) go by while the other tests
+    run, not in test_endpoint_paths_model_field_and_probes."""
+    url = recording_upstream
+    models = [
+        {
+            "id": "segmind",
+            "backends": [
+                {
+                    "url": f"{url}/segmind/v1",
+                    "model": "llama-v3p1-405b-instruct",
+                    "chat_path": "llama-v3p1-405b-instruct",
+                    "send_model": False,
+                    "health_path": "",
+                }
+            ],
+        },
+        {
+            "id": "pinged",
+            "backends": [{"url": f"{url}/pinged/v1", "model": "m", "health_path": "ping", "health_interval": 0.2}],
+        },
+        {"id": "slow-once", "backends": [{"url": f"{url}/slow-once/v1", "model": "m", "health_interval": 0.1}]},
+        {"id": "always-slow", "backends": [{"url": f"{url}/always-slow/v1", "model": "m", "health_interval": 0.1}]},
+        {
+            "id": "limited",
+            "price_input": 1000,
+            "price_output": 1000,
+            "backends": [{"url": f"{url}/limited/v1", "model": "m", "health_path": ""}],
+        },
+        {"id": "clean", "backends": [{"url": f"{url}/clean/v1", "model": "m", "health_path": ""}]},
+    ]
+    path = write_registry(tmp_path_factory.mktemp("recording") / "llamaserve.toml", models)
+    with start_server("--config", str(path)) as gateway:
+        yield gateway
+
+
+def test_endpoint_paths_model_field_and_probes(recording_gateway: Server) -> None:
     """Segmind's path form upstream (its model in the path, none in the body), probes off, a probe path of one's
     own, and a busy upstream whose probe times out once stays in while one that never answers in time goes out."""
-    with serve_http(_Recording) as url:
-        models = [
-            {
-                "id": "segmind",
-                "backends": [
-                    {
-                        "url": f"{url}/segmind/v1",
-                        "model": "llama-v3p1-405b-instruct",
-                        "chat_path": "llama-v3p1-405b-instruct",
-                        "send_model": False,
-                        "health_path": "",
-                    }
-                ],
-            },
-            {
-                "id": "pinged",
-                "backends": [{"url": f"{url}/pinged/v1", "model": "m", "health_path": "ping", "health_interval": 0.2}],
-            },
-            {"id": "slow-once", "backends": [{"url": f"{url}/slow-once/v1", "model": "m", "health_interval": 0.1}]},
-            {"id": "always-slow", "backends": [{"url": f"{url}/always-slow/v1", "model": "m", "health_interval": 0.1}]},
-        ]
-        with start_server("--config", str(write_registry(tmp_path / "llamaserve.toml", models))) as gateway:
-            r = post(gateway, "/chat/completions", model="segmind", messages=MESSAGES, max_tokens=5, top_k=3)
-            assert r.status_code == 200 and r.json()["model"] == "segmind", r.text
-            [(_, path, body)] = [s for s in _Recording.seen if s[0] == "POST" and s[1].startswith("/segmind/")]
-            assert path == "/segmind/v1/llama-v3p1-405b-instruct" and "model" not in body
-            assert body["messages"] == MESSAGES and body["max_tokens"] == 5 and body["top_k"] == 3
-            time.sleep(7)  # past three timed-out probes of always-slow (2 s each)
+    gateway = recording_gateway
+    r = post(gateway, "/chat/completions", model="segmind", messages=MESSAGES, max_tokens=5, top_k=3)
+    assert r.status_code == 200 and r.json()["model"] == "segmind", r.text
+    [(_, path, body)] = [s for s in _Recording.seen if s[0] == "POST" and s[1].startswith("/segmind/")]
+    assert path == "/segmind/v1/llama-v3p1-405b-instruct" and "model" not in body
+    assert body["messages"] == MESSAGES and body["max_tokens"] == 5 and body["top_k"] == 3
 
-            def healthy(model: str) -> float:
-                samples = metric_samples(httpx.get(f"{gateway.base_url}/metrics").text)
-                [value] = [
-                    s.value for s in samples if s.name == "llamaserve_upstream_healthy" and s.labels["model"] == model
-                ]
-                return value
+    def healthy(model: str) -> float:
+        samples = metric_samples(httpx.get(f"{gateway.base_url}/metrics").text)
+        [value] = [s.value for s in samples if s.name == "llamaserve_upstream_healthy" and s.labels["model"] == model]
+        return value
 
-            assert healthy("slow-once") == 1 and healthy("always-slow") == 0 and healthy("segmind") == 1
-            gets = [s[1] for s in _Recording.seen if s[0] == "GET"]
-            assert not any(p.startswith("/segmind/") for p in gets)  # probes off
-            assert "/pinged/v1/ping" in gets and not any(p.startswith("/pinged/v1/models") for p in gets)
-            assert post(gateway, "/chat/completions", model="always-slow", messages=MESSAGES).status_code == 200
+    deadline = time.monotonic() + 30
+    while healthy("always-slow") != 0:  # out after three timed-out probes (2 s each) from the gateway's start
+        assert time.monotonic() < deadline, "always-slow is still in after 30 s"
+        time.sleep(0.05)
+    assert healthy("slow-once") == 1 and healthy("segmind") == 1
+    gets = [s[1] for s in _Recording.seen if s[0] == "GET"]
+    assert not any(p.startswith("/segmind/") for p in gets)  # probes off
+    assert "/pinged/v1/ping" in gets and not any(p.startswith("/pinged/v1/models") for p in gets)
+    assert post(gateway, "/chat/completions", model="always-slow", messages=MESSAGES).status_code == 200
 
 
 class _ForwardProxy(BaseHTTPRequestHandler):
@@ -610,9 +660,10 @@ class _ForwardProxy(BaseHTTPRequestHandler):
         pass
 
 
-def test_http_proxy_and_no_proxy_are_honoured(tmp_path: Path) -> None:
+def test_http_proxy_and_no_proxy_are_honoured(recording_upstream: str, tmp_path: Path) -> None:
     """HTTP_PROXY carries the hop to an upstream, except to the hosts NO_PROXY names."""
-    with serve_http(_Recording) as upstream, serve_http(_ForwardProxy) as proxy:
+    upstream = recording_upstream
+    with serve_http(_ForwardProxy) as proxy:
         port = upstream.rsplit(":", 1)[1]
         models = [
             {"id": "proxied", "backends": [{"url": f"{upstream}/proxied/v1", "model": "m", "health_path": ""}]},
@@ -630,54 +681,48 @@ def test_http_proxy_and_no_proxy_are_honoured(tmp_path: Path) -> None:
     assert any(s[1] == "/direct/v1/chat/completions" for s in _Recording.seen)
 
 
-def test_the_upstream_is_sent_the_limit_the_hold_was_sized_for(tmp_path: Path) -> None:
+def test_the_upstream_is_sent_the_limit_the_hold_was_sized_for(recording_gateway: Server) -> None:
     """One completion limit goes upstream, the one the hold was sized for: the default written in when none is
     given, max_completion_tokens as max_tokens (it wins over max_tokens, as on a local model)."""
-    with serve_http(_Recording) as url:
-        backend = {"url": f"{url}/limited/v1", "model": "m", "health_path": ""}
-        models = [{"id": "limited", "price_input": 1000, "price_output": 1000, "backends": [backend]}]
-        with start_server("--config", str(write_registry(tmp_path / "r.toml", models))) as gateway:
-            for limits, sent in [({}, 512), ({"max_completion_tokens": 7}, 7), ({"max_tokens": 9}, 9)] + [
-                ({"max_tokens": 9, "max_completion_tokens": 7}, 7)
-            ]:
-                r = post(gateway, "/chat/completions", model="limited", messages=MESSAGES, **limits)
-                assert r.status_code == 200, r.text
-                body = [s[2] for s in _Recording.seen if s[1].startswith("/limited/")][-1]
-                assert body["max_tokens"] == sent and "max_completion_tokens" not in body, (limits, body)
-            # 100,000 tokens at 1,000 credits a million is 100 credits: more than the 10 the account has.
-            r = post(gateway, "/chat/completions", model="limited", messages=MESSAGES, max_completion_tokens=100_000)
-            assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_credits", r.text
+    gateway = recording_gateway
+    for limits, sent in [({}, 512), ({"max_completion_tokens": 7}, 7), ({"max_tokens": 9}, 9)] + [
+        ({"max_tokens": 9, "max_completion_tokens": 7}, 7)
+    ]:
+        r = post(gateway, "/chat/completions", model="limited", messages=MESSAGES, **limits)
+        assert r.status_code == 200, r.text
+        body = [s[2] for s in _Recording.seen if s[1].startswith("/limited/")][-1]
+        assert body["max_tokens"] == sent and "max_completion_tokens" not in body, (limits, body)
+    # 100,000 tokens at 1,000 credits a million is 100 credits: more than the 10 the account has.
+    r = post(gateway, "/chat/completions", model="limited", messages=MESSAGES, max_completion_tokens=100_000)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_credits", r.text
 
 
-def test_fields_accepted_and_ignored_are_not_sent_upstream(tmp_path: Path) -> None:
+def test_fields_accepted_and_ignored_are_not_sent_upstream(recording_gateway: Server) -> None:
     """An engine written by others may refuse OpenAI fields it does not know: what we accept and ignore stays
     here, a `developer` message goes as `system`, stream_options goes only with a stream."""
-    with serve_http(_Recording) as url:
-        models = [{"id": "clean", "backends": [{"url": f"{url}/clean/v1", "model": "m", "health_path": ""}]}]
-        with start_server("--config", str(write_registry(tmp_path / "r.toml", models))) as gateway:
-            history = [
-                {"role": "developer", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]},
-                {"role": "assistant", "content": "Hello.", "refusal": None, "annotations": [], "audio": None,
-                 "function_call": None},
-                {"role": "user", "content": "Name a colour."},
-            ]  # fmt: skip
-            extra = {
-                "store": True,
-                "metadata": {"a": "b"},
-                "service_tier": "auto",
-                "verbosity": "low",
-                "prompt_cache_key": "k",
-                "safety_identifier": "s",
-                "stream_options": {"include_usage": True},
-            }
-            r = post(gateway, "/chat/completions", model="clean", messages=history, **extra)
-            assert r.status_code == 200, r.text
-            body = [s[2] for s in _Recording.seen if s[1].startswith("/clean/")][-1]
-            assert not set(extra) & set(body), body
-            assert body["messages"] == [
-                {"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
-                {"role": "assistant", "content": "Hello."},
-                {"role": "user", "content": "Name a colour."},
-            ]
+    history = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]},
+        {"role": "assistant", "content": "Hello.", "refusal": None, "annotations": [], "audio": None,
+         "function_call": None},
+        {"role": "user", "content": "Name a colour."},
+    ]  # fmt: skip
+    extra = {
+        "store": True,
+        "metadata": {"a": "b"},
+        "service_tier": "auto",
+        "verbosity": "low",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "stream_options": {"include_usage": True},
+    }
+    r = post(recording_gateway, "/chat/completions", model="clean", messages=history, **extra)
+    assert r.status_code == 200, r.text
+    body = [s[2] for s in _Recording.seen if s[1].startswith("/clean/")][-1]
+    assert not set(extra) & set(body), body
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Name a colour."},
+    ]
