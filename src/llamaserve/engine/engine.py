@@ -265,8 +265,9 @@ class Engine:
         idle = True
         try:
             while not self._stop.is_set():
-                # Wait for work when nothing runs, or when every running sequence waits for an image encoding
-                # (whose end puts a wake-up in the inbox).
+                # Wait for work when the last pass did none: nothing runs, or every running sequence waits for an
+                # image encoding (whose end puts a wake-up in the inbox). A pass that did work goes on at once, also
+                # when it finished the last running sequence: the waiting ones start in the slots it freed.
                 self._take_commands(block=idle)
                 drawn = self._take_masked()
                 started = sched.admit()
@@ -279,7 +280,7 @@ class Engine:
                 plan = sched.fill(self._batch, self.config.n_batch)
                 if plan:
                     self._step(plan)
-                idle = not sched.running or not (plan or decoded or drawn)
+                idle = not (plan or decoded or drawn)
                 self.stats.running, self.stats.waiting = len(sched.running), len(sched.waiting)
         except Exception:  # a bug here must not leave every client hanging
             log.exception("engine loop crashed")
