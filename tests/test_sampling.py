@@ -7,6 +7,7 @@ import asyncio
 import ctypes
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import llama_cpp as C
 import numpy as np
@@ -80,7 +81,9 @@ def test_seeded_draws_follow_the_grammar_and_repeat(embedded_llama: LlamaModel) 
 def test_a_plain_draw_has_the_masked_distribution(embedded_llama: LlamaModel) -> None:
     """The first token of a JSON reply, drawn 1000 times through the fast path, against the distribution of the
     grammar-masked logits computed here. The model would rather write prose, so most first draws are refused
-    and drawn again: the path that must not skew the result."""
+    and drawn again: the path that must not skew the result. The redraws (the grammar masks the whole
+    vocabulary, a few ms each) run on two threads, as the engine runs them on a thread of its own: each draw has
+    its own sampler, and the result does not depend on the order they run in."""
     grammar = GRAMMARS["json_object"]
     tokens = embedded_llama.tokenize(PROMPT, add_special=True)
     batch = Batch(64)
@@ -91,15 +94,23 @@ def test_a_plain_draw_has_the_masked_distribution(embedded_llama: LlamaModel) ->
         last = len(tokens) - 1  # the batch index whose logits came out
         expected = masked_distribution(embedded_llama, grammar, last)
         refused, counts = 0, Counter()
-        for seed in range(1000):
-            sampler = Sampler(embedded_llama, SamplingParams(seed=seed, grammar=grammar))
-            refused += not sampler._allowed(draw_unmasked(embedded_llama, seed, last))
-            token = sampler.sample(embedded_llama, last)
-            counts[token if token is not None else sampler.sample_masked()] += 1
-            sampler.free()
+        with ThreadPoolExecutor(2) as pool:
+            for start in range(0, 1000, 50):  # 50 samplers at a time (each holds a copy of the logits)
+                seeds = range(start, start + 50)
+                samplers = [Sampler(embedded_llama, SamplingParams(seed=seed, grammar=grammar)) for seed in seeds]
+                try:
+                    firsts = [sampler.sample(embedded_llama, last) for sampler in samplers]
+                    refused += firsts.count(None)  # the grammar refused the chain's own draw
+                    redraw = [sampler for sampler, first in zip(samplers, firsts, strict=True) if first is None]
+                    counts.update(first for first in firsts if first is not None)
+                    counts.update(pool.map(Sampler.sample_masked, redraw))
+                finally:
+                    for sampler in samplers:
+                        sampler.free()
     finally:
         batch.free()
     assert refused > 300  # the resampling path ran, often
+    assert sum(counts.values()) == 1000
     assert set(counts) <= set(np.flatnonzero(expected))  # never a token the grammar forbids
     top = np.argsort(expected)[::-1][:5]
     for token in top:  # each likely token's frequency within 4 standard errors of its probability
@@ -121,17 +132,6 @@ def masked_distribution(model: LlamaModel, grammar: str, index: int) -> np.ndarr
     logits[data["id"]] = data["logit"]
     p = np.exp(logits - logits.max())
     return p / p.sum()
-
-
-def draw_unmasked(model: LlamaModel, seed: int, index: int) -> int:
-    """The token the same seeded chain picks without a grammar: the fast path's first draw."""
-    sampler = Sampler(model, SamplingParams(seed=seed))
-    try:
-        token = sampler.sample(model, index)
-        assert token is not None  # no grammar: drawn at once
-        return token
-    finally:
-        sampler.free()
 
 
 def test_a_costly_grammar_does_not_hold_up_other_sequences(embedded_llama: LlamaModel) -> None:
