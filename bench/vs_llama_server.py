@@ -27,6 +27,7 @@ ubatch), and ratios for those pairs: what is the engine and what its defaults.
     .venv/bin/python bench/vs_llama_server.py                      # 3 repetitions, c=1,4,16 and shared
     .venv/bin/python bench/vs_llama_server.py --reps 5 --like-with-like
     .venv/bin/python bench/vs_llama_server.py --llama-server ~/llama.cpp/build/bin/llama-server
+    .venv/bin/python bench/vs_llama_server.py --variant='--batch 64'   # a third row: ours with other settings
 
 Not part of CI: it takes tens of minutes, wants a quiet machine (llama.cpp's threads spin at barriers, so any other
 busy process skews every figure), and the first run builds llama-server.
@@ -386,6 +387,11 @@ def pairs_of(targets: list[Target]) -> list[tuple[Target, Target, str]]:
     if THEIRS_OUR_SETTINGS in targets:
         pairs.append((OURS, THEIRS_OUR_SETTINGS, "same settings: batch 128, no flash attention"))
         pairs.append((OURS_BIG_BATCH, THEIRS, "same ubatch 512; theirs flash attention auto"))
+    pairs += [
+        (t, THEIRS, "theirs with its defaults")
+        for t in targets
+        if t.kind == "llamaserve" and t not in (OURS, OURS_BIG_BATCH)  # the --variant ones
+    ]
     return pairs
 
 
@@ -436,6 +442,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also llama-server with our settings (-fa off -b 128 -ub 128) and llamaserve with its batch (512)",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="also llamaserve with these extra arguments, e.g. --variant='--batch 64' (repeatable)",
+    )
     p.add_argument("--llama-server", metavar="PATH", help="a prebuilt llama-server (default: build and cache one)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write every repetition's figures here")
     return p.parse_args(argv)
@@ -454,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     targets = [OURS, THEIRS]
     if args.like_with_like:
         targets += [OURS_BIG_BATCH, THEIRS_OUR_SETTINGS]
+    targets += [Target(f"llamaserve {extra}", "llamaserve", tuple(extra.split())) for extra in args.variant]
     results: Results = {}
     if args.clients:
         print(f"concurrency workloads {args.clients}, {args.reps} repetitions ...", flush=True)
