@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -115,6 +115,14 @@ class Server:
             if time.monotonic() > deadline:
                 raise AssertionError(f"engine still busy after {timeout}s: {stats}")
             time.sleep(0.05)
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """Poll `condition()` until it holds (a fixed sleep would be too short on a slow machine, too long on others)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
+        time.sleep(0.05)
 
 
 # What the servers' starts and stops cost the run (printed at its end): the suite's time is everyone's.

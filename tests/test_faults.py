@@ -21,7 +21,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MODEL, Server, free_port, postgres_database, redis_url, start_server
+from tests.conftest import MODEL, Server, free_port, postgres_database, redis_url, start_server, wait_for
 from tests.forkserver import fork_server
 from tests.test_gateway import ENGINE, GATEWAY_MODEL, metric_samples, registry
 
@@ -99,14 +99,6 @@ def servers_at_once(*starts: AbstractContextManager[Server]) -> Iterator[list[Se
         if failure is not None:
             raise failure
         yield servers
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 30) -> None:
-    """Poll `condition()` until it holds (a fixed sleep would be too short on a slow machine, too long on others)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
-        time.sleep(0.05)
 
 
 class Stream:

@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.conftest import MODEL, Server, free_port, send_json, serve_http, start_server
+from tests.conftest import MODEL, Server, free_port, send_json, serve_http, start_server, wait_for
 
 GATEWAY_MODEL = "smol-gateway"
 ALIAS = "smol-alias"
@@ -502,11 +502,8 @@ def probe_verdict(gateway: Server, engine: Server) -> float:
     return value
 
 
-def wait_for_verdict(gateway: Server, engine: Server, verdict: float, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while probe_verdict(gateway, engine) != verdict:
-        assert time.monotonic() < deadline, f"the health check did not find {engine.v1} {verdict} in {timeout} s"
-        time.sleep(0.05)
+def wait_for_verdict(gateway: Server, engine: Server, verdict: float) -> None:
+    wait_for(lambda: probe_verdict(gateway, engine) == verdict, f"the health check finding {engine.v1} {verdict}")
 
 
 def test_dead_engine_is_taken_out_and_probed_back_in(engines: list[Server], tmp_path: Path) -> None:

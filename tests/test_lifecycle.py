@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MODEL, Server, free_port, start_server
+from tests.conftest import MODEL, Server, free_port, start_server, wait_for
 
 MESSAGES = [{"role": "user", "content": "Count from one to one hundred."}]
 
@@ -108,10 +108,8 @@ def test_drain_timeout_ends_long_requests_and_settles_them(data_dir: Path) -> No
         with ThreadPoolExecutor(1) as pool:
             unstreamed = pool.submit(chat, server, max_tokens=2000, ignore_eos=True)
             assert out["first"].wait(60)
-            deadline = time.monotonic() + 30
-            while server.engine_stats()["running"] < 2:  # both generating
-                assert time.monotonic() < deadline and not unstreamed.done()
-                time.sleep(0.02)
+            wait_for(lambda: unstreamed.done() or server.engine_stats()["running"] == 2, "both generating")
+            assert not unstreamed.done(), unstreamed.result().text
             sent = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             thread.join(60)
