@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,24 +72,74 @@ def started(command: list[str], env: dict[str, str] | None = None) -> Iterator[s
         stop(proc)
 
 
+@contextlib.contextmanager
+def postgres_database(server: str) -> Iterator[str]:
+    """A fresh database on the PostgreSQL server at `server` (dropped afterwards); yields its SQLAlchemy URL."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    name = f"llamaserve_bench_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server).set(drivername="postgresql+asyncpg", database=name).render_as_string(False)
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextlib.contextmanager
+def gateway(
+    config: Path, store: str, accounts: int, args: argparse.Namespace, source: str | None = None
+) -> Iterator[Target]:
+    """`llamaserve serve --config CONFIG` on STORE (sqlite, postgres, postgres+redis), with ACCOUNTS accounts of
+    the unlimited plan, each with a key."""
+    with contextlib.ExitStack() as stack:
+        data = stack.enter_context(tempfile.TemporaryDirectory())
+        options = ["--data-dir", data]
+        if store.startswith("postgres"):
+            options += ["--database-url", stack.enter_context(postgres_database(args.postgres_url))]
+        redis = ["--redis-url", args.redis_url] if store.endswith("+redis") else []
+        base = stack.enter_context(process("serve", "--config", str(config), *options, *redis, source=source))
+        keys = [(Path(data) / "default.key").read_text().strip()]
+        for i in range(1, accounts):
+            cli("accounts", "create", f"bench-{i}", "--plan", "unlimited", "--credits", "1000000", *options)
+            keys.append(cli("keys", "create", f"bench-{i}", *options).splitlines()[-1].strip())
+        yield f"{base}/v1/chat/completions", "smol", [{"Authorization": f"Bearer {key}"} for key in keys]
+
+
+def cli(*args: str) -> str:
+    """`llamaserve ARGS`'s output."""
+    return subprocess.run(
+        [sys.executable, "-m", "llamaserve.cli", *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, stream: bool) -> float:
+async def one(client: httpx.AsyncClient, url: str, model: str, stream: bool, headers: dict[str, str]) -> float:
     started = time.perf_counter()
     if stream:
-        async with client.stream("POST", url, json={**BODY, "model": model, "stream": True}) as r:
+        async with client.stream("POST", url, json={**BODY, "model": model, "stream": True}, headers=headers) as r:
             async for _ in r.aiter_lines():
                 pass
     else:
-        r = await client.post(url, json={**BODY, "model": model})
-    assert r.status_code == 200, r.status_code
+        r = await client.post(url, json={**BODY, "model": model}, headers=headers)
+    assert r.status_code == 200, (r.status_code, r.read())
     return (time.perf_counter() - started) * 1000
 
 
-Target = tuple[str, str, dict[str, str]]  # chat completions URL, model name there, headers
+# Chat completions URL, model name there, and the headers of each account (client i sends as account i mod n).
+Target = tuple[str, str, list[dict[str, str]]]
 
 
 async def run(targets: dict[str, Target], n: int, concurrency: int, stream: bool, block: int) -> dict[str, list[float]]:
@@ -96,18 +147,21 @@ async def run(targets: dict[str, Target], n: int, concurrency: int, stream: bool
     targets taking turns (in a rotating order). In blocks, what a server does after a reply (settling, logging)
     meets its own next request, as with a client of its own, and not another target's."""
     lat: dict[str, list[float]] = {name: [] for name in targets}
-    clients = {name: httpx.AsyncClient(timeout=60, headers=h) for name, (_, _, h) in targets.items()}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    clients = {name: httpx.AsyncClient(timeout=60, limits=limits) for name in targets}
     names = list(targets)
     try:
-        for name in names:  # warm-up: connections, first decode
-            await one(clients[name], targets[name][0], targets[name][1], stream)
+        for name in names:  # warm-up: connections, first decode, every account's key
+            url, model, accounts = targets[name]
+            await asyncio.gather(*(one(clients[name], url, model, stream, h) for h in accounts))
         step = concurrency * block
         for turn, start in enumerate(range(0, n, step)):
             for name in names[turn % len(names) :] + names[: turn % len(names)]:
-                url, model, _ = targets[name]
+                url, model, accounts = targets[name]
                 for at in range(start, min(start + step, n), concurrency):
                     batch = min(concurrency, n - at)
-                    lat[name] += await asyncio.gather(*(one(clients[name], url, model, stream) for _ in range(batch)))
+                    sends = (one(clients[name], url, model, stream, accounts[i % len(accounts)]) for i in range(batch))
+                    lat[name] += await asyncio.gather(*sends)
     finally:
         for c in clients.values():
             await c.aclose()
@@ -161,7 +215,16 @@ def main() -> None:
     p.add_argument("--modes", default="non-stream,stream", help="comma-separated: non-stream, stream")
     p.add_argument("--clients", default="1,8", help="comma-separated concurrencies")
     p.add_argument("--block", type=int, default=10, help="rounds in a row to one target before the next takes over")
+    p.add_argument(
+        "--store", default="sqlite", help="comma-separated: sqlite, postgres, postgres+redis (a gateway on each)"
+    )
+    p.add_argument("--accounts", type=int, default=1, help="accounts the clients send as, in turn (one key each)")
+    p.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres", help="for --store")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="for --store postgres+redis")
     args = p.parse_args()
+    stores = args.store.split(",")
+    if unknown := set(stores) - {"sqlite", "postgres", "postgres+redis"}:
+        p.error(f"--store: unknown {', '.join(sorted(unknown))}")
     modes = [{"non-stream": False, "stream": True}[m] for m in args.modes.split(",")]
     concurrencies = [int(c) for c in args.clients.split(",")]
     floor_clients = (args.floor_clients or "aiohttp").split(",") if args.floor or args.floor_clients else []
@@ -180,32 +243,30 @@ def main() -> None:
             f'[[models]]\nid = "smol"\n[[models.backends]]\ntype = "upstream"\nurl = "{engine}/v1"\nmodel = "{model}"\n'
         )
         with contextlib.ExitStack() as running:
-            gateway = running.enter_context(process("serve", "--config", str(config), "--data-dir", tmp))
-            key = (Path(tmp) / "default.key").read_text().strip()
-            targets: dict[str, Target] = {
-                "direct": (f"{engine}/v1/chat/completions", model, {}),
-                "gateway": (f"{gateway}/v1/chat/completions", "smol", {"Authorization": f"Bearer {key}"}),
-            }
-            if args.before:
-                data = running.enter_context(tempfile.TemporaryDirectory())
-                before = running.enter_context(
-                    process("serve", "--config", str(config), "--data-dir", data, source=args.before)
-                )
-                auth = {"Authorization": f"Bearer {(Path(data) / 'default.key').read_text().strip()}"}
-                targets["gateway-before"] = (f"{before}/v1/chat/completions", "smol", auth)
+            targets: dict[str, Target] = {"direct": (f"{engine}/v1/chat/completions", model, [{}])}
+            for store in stores:
+                name = "gateway" if len(stores) == 1 else f"gateway-{store}"
+                targets[name] = running.enter_context(gateway(config, store, args.accounts, args))
+                if args.before:
+                    before = gateway(config, store, args.accounts, args, source=args.before)
+                    targets[f"{name}-before"] = running.enter_context(before)
             script = str(Path(__file__).parent / "passthrough.py")
             for client in floor_clients:
                 floor = running.enter_context(
                     started([sys.executable, script, "--upstream", engine, "--client", client])
                 )
-                targets[f"passthrough-{client}"] = (f"{floor}/v1/chat/completions", model, {})
+                targets[f"passthrough-{client}"] = (f"{floor}/v1/chat/completions", model, [{}])
             if litellm is not None:
                 fd, name = tempfile.mkstemp(prefix="gateway_bench_litellm_", suffix=".log")  # kept for reading
                 os.close(fd)
                 log = Path(name)
                 print(f"litellm {litellm.version()} ({' '.join(litellm.command)}), its log: {log}", flush=True)
                 peer, master_key = running.enter_context(proxy(litellm, engine, model, "smol", log))
-                targets["litellm"] = (f"{peer}/v1/chat/completions", "smol", {"Authorization": f"Bearer {master_key}"})
+                targets["litellm"] = (
+                    f"{peer}/v1/chat/completions",
+                    "smol",
+                    [{"Authorization": f"Bearer {master_key}"}],
+                )
             report(targets, args.requests, modes, concurrencies, args.block)
 
 

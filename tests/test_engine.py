@@ -316,3 +316,39 @@ def test_a_free_slot_goes_to_the_tenant_running_the_fewest(embedded_llama: Llama
 
     started = asyncio.run(run())
     assert started["A1"] <= started["B1"] < started["A2"] <= started["A3"], started
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_a_split_prompt_gives_the_same_logits_unless_flash_attention_is_on(flash_attn: bool) -> None:
+    """The default's guarantee that a cached prefix answers as a fresh run does (determinism.md), and what
+    `--flash-attn` costs: with it, the last prompt token's logits depend on where the prompt was split."""
+    import numpy as np
+
+    from llamaserve.config import resolve_model
+    from llamaserve.engine import ContextConfig
+    from llamaserve.engine.llama import Batch
+
+    path, _ = resolve_model(None)
+    config = ContextConfig(n_ctx_seq=512, n_seq_max=1, n_batch=256, n_threads=2, flash_attn=flash_attn)
+    model = LlamaModel(str(path), config)
+    tokens = model.tokenize(SYSTEM * 2, add_special=True)[:400]
+    batch = Batch(256)
+
+    def last_logits(cut: int) -> np.ndarray:
+        """The prompt decoded in chunks of at most 256 tokens, one ending at `cut`."""
+        model.kv_clear()
+        for part in (range(0, cut), range(cut, len(tokens))):
+            for start in range(part.start, part.stop, 256):
+                batch.clear()
+                for pos in range(start, min(start + 256, part.stop)):
+                    batch.add(tokens[pos], pos, 0, pos == len(tokens) - 1)
+                assert model.decode(batch) == 0
+        return np.ctypeslib.as_array(model.logits(batch.size - 1)).copy()
+
+    try:
+        whole = last_logits(0)
+        gaps = [float(np.abs(whole - last_logits(cut)).max()) for cut in (100, 300, len(tokens) - 1)]
+    finally:
+        batch.free()
+        model.close()
+    assert (max(gaps) > 0.1) if flash_attn else gaps == [0, 0, 0], gaps

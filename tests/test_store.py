@@ -10,10 +10,12 @@ import asyncio
 import datetime as dt
 import hashlib
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -324,6 +326,23 @@ async def test_settling_twice_changes_nothing(store: Store) -> None:
     assert await store.settle(hold, 0, None, key.id) is False
     assert await all_rows(store) == rows
     assert await balance(store, account.id) == 85
+
+
+@pytest.mark.anyio
+async def test_a_settlement_that_cannot_be_recorded_changes_nothing(store: Store) -> None:
+    """A settlement is one transaction: its usage row refused (a request id used before), its release, charge and
+    ledger rows do not happen either, and the hold stays open for a later settlement."""
+    account = await new_account(store, credits=100)
+    _, key = await store.create_key("acme")
+    first, second = await store.hold(account.id, 40, "r1"), await store.hold(account.id, 30, "r2")
+    assert first is not None and second is not None
+    assert await store.settle(first, 15, usage("r1"), key.id) is True
+    rows = await all_rows(store)
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.UniqueViolationError)):
+        await store.settle(second, 10, usage("r1"), key.id)
+    assert await all_rows(store) == rows
+    assert await store.settle(second, 10, usage("r2"), key.id) is True
+    assert await balance(store, account.id) == 100 - 15 - 10 == await store.ledger_sum(account.id)
 
 
 @pytest.mark.anyio

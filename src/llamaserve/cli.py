@@ -68,6 +68,14 @@ Threads = Annotated[int, typer.Option(help="CPU threads for llama.cpp.")]
 Parallel = Annotated[int, typer.Option(help="Sequences generated at once (engine slots).")]
 Ctx = Annotated[int, typer.Option(help="Context of each slot in tokens (KV memory: ctx × parallel).")]
 Batch = Annotated[int, typer.Option(help="Most tokens per engine step (decode + prompt chunks).")]
+FlashAttn = Annotated[
+    bool,
+    typer.Option(
+        "--flash-attn/--no-flash-attn",
+        help="llama.cpp's flash attention: faster, but a prompt served from the prefix cache may then answer "
+        "differently from the same prompt computed afresh (docs/determinism.md).",
+    ),
+]
 MaxQueue = Annotated[int, typer.Option(help="Requests that may wait for a slot; more get 503.")]
 Mmproj = Annotated[
     str | None,
@@ -129,6 +137,7 @@ def serve(
     parallel: Parallel = 16,
     ctx: Ctx = 4096,
     batch: Batch = 128,
+    flash_attn: FlashAttn = False,
     max_queue: MaxQueue = 1024,
     chat_format: Format = ChatFormatName.auto,
     data_dir: DataDir = None,
@@ -240,6 +249,7 @@ def serve(
         max_queue,
         chat_format=chat_format.value,
         mmproj=mmproj,
+        flash_attn=flash_attn,
     )
     images = _image_limits(image_allow, image_max_mb)
     limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout, header_timeout, max_connections)
@@ -268,6 +278,7 @@ def engine(
     parallel: Parallel = 16,
     ctx: Ctx = 4096,
     batch: Batch = 128,
+    flash_attn: FlashAttn = False,
     max_queue: MaxQueue = 1024,
     chat_format: Format = ChatFormatName.auto,
     image_allow: ImageAllow = None,
@@ -298,6 +309,7 @@ def engine(
         max_queue,
         chat_format=chat_format.value,
         mmproj=mmproj,
+        flash_attn=flash_attn,
     )
     limits = _limits(max_body_mb, body_timeout, drain_timeout, write_timeout, header_timeout, max_connections)
     images = _image_limits(image_allow, image_max_mb)

@@ -53,6 +53,7 @@ class ServeConfig:
     default_max_tokens: int = 512  # chat completions, as the seed documents
     chat_format: str = "auto"  # "llama3" (Meta's format, built in), "template" (the GGUF's), or "auto": detect
     mmproj: str | None = None  # a vision projector GGUF for the model (llama.cpp's mtmd): the model takes images
+    flash_attn: bool = False  # faster, but a cached prefix no longer gives bit-identical output (docs/determinism.md)
 
 
 def default_data_dir() -> Path:

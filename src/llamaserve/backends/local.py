@@ -24,7 +24,11 @@ class LocalModel(ChatRenderer):
         llama = LlamaModel(
             str(path),
             ContextConfig(
-                n_ctx_seq=config.ctx, n_seq_max=config.parallel, n_batch=config.batch, n_threads=config.threads
+                n_ctx_seq=config.ctx,
+                n_seq_max=config.parallel,
+                n_batch=config.batch,
+                n_threads=config.threads,
+                flash_attn=config.flash_attn,
             ),
             on_progress=on_progress,
         )

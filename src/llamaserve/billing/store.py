@@ -1,8 +1,9 @@
 """The account store: accounts, keys, credits (holds and the ledger) and usage, on SQLAlchemy 2 (async).
 
-SQLite (a file in the data directory, WAL) by default; PostgreSQL (asyncpg) for several gateway replicas. The
-credit operations are single conditional UPDATEs inside one transaction each, so concurrent requests can never
-take a balance below zero: a hold succeeds only if `balance >= amount` at the moment it is taken.
+SQLite (a file in the data directory, WAL) by default; PostgreSQL (asyncpg) for several gateway replicas. A hold
+is a conditional UPDATE of the balance with its hold and ledger rows in one transaction, so concurrent requests can
+never take a balance below zero: a hold succeeds only if `balance >= amount` at the moment it is taken. On
+PostgreSQL the per-request transactions are one statement each (billing/postgres.py).
 
 Durability: grants, keys and accounts are on disk when their call returns. The per-request transactions (holds
 and settlements) skip the wait for the disk, so it stays off every request's path: on SQLite they commit with
@@ -16,16 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import asyncpg
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -46,6 +49,7 @@ from sqlalchemy.sql.elements import TextClause
 from llamaserve.billing.keys import generate_key, hash_secret, parse_key, secret_matches
 from llamaserve.billing.models import Account, ApiKey, Gateway, Hold, LedgerEntry, UsageRecord, WebSession
 from llamaserve.billing.passwords import new_session_token, token_hash
+from llamaserve.billing.postgres import PostgresRequests
 
 T = TypeVar("T")
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)  # last_used_at is a hint; don't write on every request
@@ -145,9 +149,12 @@ def database_unavailable(exc: BaseException) -> bool:
             or isinstance(exc, (OperationalError, InterfaceError))
             or sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
         )
-    # No pooled connection came free; the driver failed to connect (asyncpg raises these unwrapped); SQLite busy
-    # or its file out of reach on the per-request connection (sqlite3's own errors, unwrapped).
-    return isinstance(exc, (PoolTimeout, ConnectionError, TimeoutError, sqlite3.OperationalError))
+    if isinstance(exc, asyncpg.PostgresError):  # the per-request statements' own driver (billing/postgres.py)
+        return str(exc.sqlstate or "").startswith(_UNAVAILABLE_SQLSTATES)
+    # No pooled connection came free; the driver failed to connect or lost its connection (asyncpg raises these
+    # unwrapped); SQLite busy or its file out of reach on the per-request connection (sqlite3's own errors).
+    unreachable = (PoolTimeout, OSError, TimeoutError, asyncpg.InterfaceError, sqlite3.OperationalError)
+    return isinstance(exc, unreachable)
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -175,6 +182,8 @@ class Store:
             self._sqlite = SqliteWriter(self.engine.url.database or "")
         # SQLite has one writer at a time; queue writers here instead of failing with "database is locked".
         self._write_lock = asyncio.Lock()
+        # PostgreSQL: the per-request statements, one round trip each, on asyncpg directly.
+        self._postgres: PostgresRequests | None = None if self.is_sqlite else PostgresRequests(url)
 
     async def ping(self) -> None:
         """Raises unless the database answers (readiness probes)."""
@@ -194,6 +203,8 @@ class Store:
         await self.engine.dispose()
         if self._sqlite is not None:
             await self._sqlite.close()
+        if self._postgres is not None:
+            await self._postgres.close()
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncSession]:
@@ -377,10 +388,13 @@ class Store:
         if parsed is None:
             raise AuthError(401, "Incorrect API key format: keys look like ls-<prefix>_<secret>", "invalid_api_key")
         prefix, secret = parsed
-        async with self._sessions() as s:
-            # Plain columns, not ORM objects: a found row then costs about what a missing one does (the time to
-            # answer tells no one which prefixes exist), and the secret is hashed and compared either way.
-            row = (await s.execute(_KEY_CHECK.where(ApiKey.prefix == prefix))).first()
+        # Plain columns, not ORM objects: a found row then costs about what a missing one does (the time to
+        # answer tells no one which prefixes exist), and the secret is hashed and compared either way.
+        if self._postgres is not None:
+            row: Any = await self._postgres.key(prefix)
+        else:
+            async with self._sessions() as s:
+                row = (await s.execute(_KEY_CHECK.where(ApiKey.prefix == prefix))).first()
         matches = secret_matches(secret, row.secret_hash if row is not None else _NO_KEY_HASH)
         if row is None or not matches or row.revoked:
             raise AuthError(401, "Incorrect API key provided (unknown or revoked)", "invalid_api_key")
@@ -393,7 +407,8 @@ class Store:
         if row.last_used_at is None or _now() - _aware(row.last_used_at) > LAST_USED_RESOLUTION:
             async with self._write() as w:
                 await w.execute(update(ApiKey).where(ApiKey.id == row.key_id).values(last_used_at=_now()))
-        allowed = tuple(row.allowed_models) if row.allowed_models else None
+        models = json.loads(row.allowed_models) if isinstance(row.allowed_models, str) else row.allowed_models
+        allowed = tuple(models) if models else None
         return Caller(row.key_id, prefix, row.account_id, row.account_name, row.plan, allowed)
 
     # --- dashboard sessions ---------------------------------------------------------------------------------
@@ -475,6 +490,8 @@ class Store:
         """Reserve `amount` for a request; returns the hold's id, or None if the balance cannot cover it."""
         if amount < 0:
             raise ValueError(f"a hold cannot be negative ({amount})")
+        if self._postgres is not None:
+            return await self._postgres.hold(account_id, amount, request_id, self.instance, _now())
         return await self._transaction(_hold, account_id, amount, request_id, self.instance)
 
     async def settle(self, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
@@ -483,7 +500,14 @@ class Store:
 
         On SQLite the settlement waits (up to DEFER_SECONDS) for the next hold and goes to the database thread
         with it: a request's settlement then runs while the next request waits for its engine, not while that
-        request is being read, checked and sent (the thread's work slows the event loop's: they share the GIL)."""
+        request is being read, checked and sent (the thread's work slows the event loop's: they share the GIL).
+        On PostgreSQL it is one statement, committed when this returns."""
+        if self._postgres is not None:
+            recorded = astuple(usage) if usage is not None else None  # in Usage's field order
+            settled, known = await self._postgres.settle(hold_id, charge, key_id, _now(), recorded)
+            if not known:
+                raise StoreError(f"no hold {hold_id}")
+            return settled
         return await self._transaction(_settle, hold_id, charge, usage, key_id, defer=True)
 
     async def _transaction(self, work: Callable[..., T], *args: Any, defer: bool = False) -> T:
@@ -587,8 +611,9 @@ class Store:
         return [UsageBucket(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6])) for r in rows]
 
 
-# The per-request statements, as SQL text: on SQLite they go straight to the driver (sqlite3 takes these :named
-# parameters), which skips all of SQLAlchemy's per-statement work; elsewhere through SQLAlchemy (compiled once).
+# SQLite's per-request statements, as SQL text: they go straight to the driver (sqlite3 takes these :named
+# parameters), which skips all of SQLAlchemy's per-statement work. PostgreSQL has its own (billing/postgres.py);
+# the heartbeat's go through SQLAlchemy there.
 _TAKE = text("UPDATE accounts SET balance = balance - :amount WHERE id = :account_id AND balance >= :amount")
 _OPEN_HOLD = text(
     "INSERT INTO holds (account_id, request_id, amount, status, owner, created_at) "

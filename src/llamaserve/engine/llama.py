@@ -37,6 +37,7 @@ class ContextConfig:
     n_seq_max: int = 16  # sequence slots
     n_batch: int = 128  # tokens per llama_decode call
     n_threads: int = max(1, os.cpu_count() or 1)
+    flash_attn: bool = False  # faster prefill, but a prompt's logits then depend on how it was split (see below)
 
 
 class LlamaError(RuntimeError):
@@ -90,10 +91,11 @@ class LlamaModel:
         # 1024 cells, instead of referencing the cells.
         ctx_params.kv_unified = False
         ctx_params.no_perf = True
-        # Flash attention off: with it, a prompt's logits depend on how it was split into batches (measured:
-        # 0.8 apart for one prompt in one batch vs two), so prefix-cache hits would change outputs. Without
+        # Flash attention off by default: with it, a prompt's logits depend on how it was split into batches
+        # (measured: 0.8 apart for one prompt in one batch vs two), so prefix-cache hits change outputs. Without
         # it, prefill is split-invariant and a cached prefix gives bit-identical results.
-        ctx_params.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        on = C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        ctx_params.flash_attn_type = on if config.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = C.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             C.llama_model_free(self.model)
