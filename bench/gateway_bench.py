@@ -8,6 +8,11 @@ own cost, without the engine's noise (nor its competition for the cores).
     .venv/bin/python bench/gateway_bench.py --requests 200
     .venv/bin/python bench/gateway_bench.py --engine stub --floor --requests 1000
 
+`--store sqlite,postgres,postgres+redis` runs a gateway on each store (PostgreSQL: a fresh database on the server
+`--postgres-url` names, dropped afterwards; Redis: `--redis-url`), side by side; `--accounts N` gives each
+gateway N accounts (unlimited plan, one key each) and the clients send as them in turn: one account's requests all
+update one balance row, N accounts' spread over N.
+
 `--before DIR` adds a gateway run from another checkout (`git worktree add DIR REV`), so a change's cost is
 measured against the code before it in the same run. `--floor` adds bench/passthrough.py beside the gateway: a bare
 forwarder (no keys, validation or credits), the least a second HTTP round trip costs on this machine.
