@@ -151,7 +151,16 @@ def test_security_says_who_may_call_what(spec: dict[str, Any]) -> None:
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
             security = op.get("security")
-            keyed = ("/v1/chat", "/v1/completions", "/v1/models", "/v1/account", "/tokenize", "/detokenize")
+            keyed = (
+                "/v1/chat",
+                "/v1/completions",
+                "/v1/models",
+                "/v1/account",
+                "/v1/files",
+                "/v1/batches",
+                "/tokenize",
+                "/detokenize",
+            )
             if path.startswith(keyed) or path == "/v1/{model}":
                 assert security == [{"apiKey": []}], path
             elif path.startswith("/admin"):

@@ -8,6 +8,7 @@ how it keeps accounts apart."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ class Account:
     visitor: Visitor  # logged in to the dashboard
     request_ids: set[str] = field(default_factory=set)
     balance_micro: int = 0  # after its own requests
+    file_id: str = ""  # a batch input file
+    batch_id: str = ""  # a batch of it, completed
 
 
 @dataclass
@@ -69,8 +72,36 @@ def make_account(server: Server, name: str) -> Account:
         )
         assert r.status_code == 200, r.text
         account.request_ids.add(r.headers["x-request-id"])
+    run_batch(server, account)
     account.balance_micro = settled(server, account)["balance_micro"]
     return account
+
+
+BATCH_LINE = {
+    "custom_id": "one",
+    "method": "POST",
+    "url": "/v1/chat/completions",
+    "body": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+}
+
+
+def upload(server: Server, key: str) -> httpx.Response:
+    files = {"file": ("in.jsonl", json.dumps(BATCH_LINE).encode())}
+    return httpx.post(f"{server.v1}/files", files=files, data={"purpose": "batch"}, headers=bearer(key), timeout=60)
+
+
+def run_batch(server: Server, account: Account) -> None:
+    """A batch of one line, run to its end: the account's file, batch, output file and one more usage record."""
+    client = httpx.Client(base_url=server.v1, headers=bearer(account.key), timeout=60)
+    account.file_id = upload(server, account.key).json()["id"]
+    body = {"input_file_id": account.file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    account.batch_id = client.post("/batches", json=body).json()["id"]
+    deadline = time.monotonic() + 60
+    while (batch := client.get(f"/batches/{account.batch_id}").json())["status"] != "completed":
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.05)
+    output = client.get(f"/files/{batch['output_file_id']}/content").json()
+    account.request_ids.add(output["response"]["request_id"])
 
 
 def settled(server: Server, account: Account) -> dict[str, Any]:
@@ -95,7 +126,8 @@ def refused(r: httpx.Response, *statuses: int) -> None:
 def no_trace_of_b(world: World, r: httpx.Response) -> None:
     """Nothing of B's in a response: not its name, email, key prefix or request ids."""
     text = r.text
-    for secret in (world.b.name, world.b.email, world.b.prefix, *world.b.request_ids):
+    b = world.b
+    for secret in (b.name, b.email, b.prefix, b.file_id, b.batch_id, *b.request_ids):
         assert secret not in text, (r.request.url, secret)
 
 
@@ -163,6 +195,40 @@ def usage(world: World) -> None:
         ids = {item["request_id"] for item in r.json()["data"]}
         assert ids and not ids & world.b.request_ids, params
         no_trace_of_b(world, r)
+
+
+def upload_file(world: World) -> None:
+    r = upload(world.server, world.a.key)
+    assert r.status_code == 200, r.text
+    no_trace_of_b(world, r)
+
+
+def list_files(world: World) -> None:
+    r = world.key_get("/v1/files")
+    assert world.a.file_id in r.text
+    no_trace_of_b(world, r)
+
+
+def list_batches(world: World) -> None:
+    r = world.key_get("/v1/batches")
+    assert world.a.batch_id in r.text
+    no_trace_of_b(world, r)
+
+
+def create_batch(world: World) -> None:
+    """B's input file is as absent as a file that does not exist."""
+    body = {"input_file_id": world.b.file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    refused(world.key_send("POST", "/v1/batches", body), 404)
+
+
+def b_object(method: str, path: str) -> Callable[[World], None]:
+    """B's file or batch in the path: 404, exactly as for one that does not exist."""
+
+    def probe(world: World) -> None:
+        url = path.format(file_id=world.b.file_id, batch_id=world.b.batch_id)
+        refused(world.key_send(method, url), 404)
+
+    return probe
 
 
 def admin_route(method: str, path: str, body: Any = None) -> Callable[[World], None]:
@@ -257,6 +323,15 @@ SWEEP: dict[tuple[str, str], Callable[[World], None]] = {
     ("POST", "/detokenize"): key_post("/detokenize", {"tokens": [1, 2]}),
     ("GET", "/v1/account/balance"): balance,
     ("GET", "/v1/account/usage"): usage,
+    ("POST", "/v1/files"): upload_file,
+    ("GET", "/v1/files"): list_files,
+    ("GET", "/v1/files/{file_id}"): b_object("GET", "/v1/files/{file_id}"),
+    ("GET", "/v1/files/{file_id}/content"): b_object("GET", "/v1/files/{file_id}/content"),
+    ("DELETE", "/v1/files/{file_id}"): b_object("DELETE", "/v1/files/{file_id}"),
+    ("POST", "/v1/batches"): create_batch,
+    ("GET", "/v1/batches"): list_batches,
+    ("GET", "/v1/batches/{batch_id}"): b_object("GET", "/v1/batches/{batch_id}"),
+    ("POST", "/v1/batches/{batch_id}/cancel"): b_object("POST", "/v1/batches/{batch_id}/cancel"),
     ("GET", "/admin/accounts"): admin_route("GET", "/admin/accounts"),
     ("POST", "/admin/accounts"): admin_route("POST", "/admin/accounts", {"name": "mallory"}),
     ("PATCH", "/admin/accounts/{name}"): admin_route("PATCH", "/admin/accounts/{name}", {"status": "suspended"}),
@@ -306,6 +381,9 @@ def test_b_is_unchanged_after_the_sweep(world: World) -> None:
     assert settled(world.server, b)["balance_micro"] == b.balance_micro
     usage = httpx.get(f"{world.server.v1}/account/usage", headers=bearer(b.key)).json()["data"]
     assert {item["request_id"] for item in usage} == b.request_ids
+    assert httpx.get(f"{world.server.v1}/files/{b.file_id}", headers=bearer(b.key)).status_code == 200
+    batch = httpx.get(f"{world.server.v1}/batches/{b.batch_id}", headers=bearer(b.key)).json()
+    assert batch["status"] == "completed" and batch["cancelling_at"] is None
     [key] = b.visitor.get("/v1/dashboard/keys").json()["data"]
     assert (key["prefix"], key["enabled"], key["revoked"], key["name"]) == (b.prefix, True, False, "bob's key")
     account = b.visitor.get("/v1/dashboard/account").json()

@@ -176,6 +176,21 @@ def serve(
             min=0, help="Active API keys an account may create from its dashboard (admins may add more); 0: no limit."
         ),
     ] = 20,
+    batch_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Batch lines run at once (OpenAI's Batch API); default: half the local engine's --parallel slots, "
+            "so live requests keep the rest (4 with no local model).",
+        ),
+    ] = None,
+    batch_discount: Annotated[
+        float, typer.Option(min=0, max=1, help="Off the models' prices for batch lines (0.5: half price).")
+    ] = 0.5,
+    batch_window: Annotated[
+        float,
+        typer.Option(min=1, help='Seconds a batch may run before it expires (its "24h" window; less for small sites).'),
+    ] = 24 * 3600,
     max_concurrent_per_account: Annotated[
         int,
         typer.Option(
@@ -222,6 +237,9 @@ def serve(
         max_keys_per_account=max_keys_per_account,
         max_concurrent_per_account=max_concurrent_per_account,
         cors_origins=tuple(cors_origin or ()),
+        batch_concurrency=batch_concurrency,
+        batch_discount=batch_discount,
+        batch_window=batch_window,
     )
     registry = None
     if config_file is not None:

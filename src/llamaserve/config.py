@@ -77,6 +77,9 @@ class PlatformConfig:
     signup: bool = True  # the dashboard lets anyone create an account (with starter_credits); False: admins do
     signups_per_hour: int = 5  # sign-ups one client address may make in an hour; 0: no limit
     max_keys_per_account: int = 20  # active keys an account may hold (the dashboard refuses more; admins may)
+    batch_concurrency: int | None = None  # batch lines run at once; None: half the local engine's slots (or 4)
+    batch_discount: float = 0.5  # off the models' prices for batch lines
+    batch_window: float = 24 * 3600  # seconds a batch may take before it expires ("24h")
 
     @property
     def url(self) -> str:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from llamaserve.api import openapi
-from llamaserve.api.openai import chat, completions, models
+from llamaserve.api.openai import batches, chat, completions, files, models
 from llamaserve.api.platform import account, admin, dashboard
 from llamaserve.api.runtime import errors
 from llamaserve.api.runtime.lifecycle import Lifecycle, LifecycleMiddleware
@@ -24,6 +24,7 @@ from llamaserve.api.runtime.observe import GatewayMetrics, ObserveMiddleware, St
 from llamaserve.backends.counting import TokenCounter
 from llamaserve.backends.local import LocalModel
 from llamaserve.backends.upstream import Router, Upstream
+from llamaserve.billing.batches import BatchStore
 from llamaserve.billing.bootstrap import open_store, stale_hold_age
 from llamaserve.billing.limits import make_limiter
 from llamaserve.billing.pricing import Price
@@ -31,6 +32,7 @@ from llamaserve.chat.images import ImageLimits
 from llamaserve.config import PlatformConfig
 from llamaserve.registry import Registry
 from llamaserve.serving.admission import Gate, Platform
+from llamaserve.serving.batches import BatchRunner
 from llamaserve.serving.directory import ModelDirectory
 from llamaserve.serving.local import LocalServing
 from llamaserve.serving.upstream import UpstreamServing
@@ -106,6 +108,18 @@ def _model_directory(
     return ModelDirectory(local, aliases, upstreams, registry, created)
 
 
+def _batch_runner(
+    platform: Platform, config: PlatformConfig, directory: ModelDirectory, model: LocalModel | None
+) -> BatchRunner:
+    """The runner of batch lines: by default half the local engine's slots (live requests keep the rest)."""
+    concurrency = config.batch_concurrency
+    if concurrency is None:
+        concurrency = max(1, model.config.parallel // 2) if model is not None else 4
+    return BatchRunner(
+        platform, BatchStore(platform.store), directory, concurrency, config.batch_discount, config.batch_window
+    )
+
+
 def create_app(
     model: LocalModel | None,
     platform_config: PlatformConfig | None,
@@ -129,11 +143,18 @@ def create_app(
             upstream_model.router.start_health_checks()
         if model is not None:
             model.start(asyncio.get_running_loop())
+        running_batches = None
+        if platform is not None and platform_config is not None:
+            app.state.batches = _batch_runner(platform, platform_config, directory, model)
+            running_batches = asyncio.get_running_loop().create_task(app.state.batches.run())
         try:
             yield
         finally:
             if beating is not None:
                 beating.cancel()
+            if running_batches is not None:
+                running_batches.cancel()
+                await app.state.batches.stop()
             for upstream_model in directory.upstreams:
                 await upstream_model.router.close()
             if model is not None:
@@ -177,6 +198,8 @@ def create_app(
     if platform_config is not None:
         app.include_router(account.router)
         app.include_router(admin.router)
+        app.include_router(files.router)
+        app.include_router(batches.router)
         dashboard.install(app, platform_config)  # the web UI at /, and the APIs it calls
     app.include_router(chat.by_path_router)  # POST /v1/{model}: last, so every other /v1 route comes first
     openapi.install(app, accounts=platform_config is not None)  # /openapi.json, true to what the routes do

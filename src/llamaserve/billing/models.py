@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, false
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MICRO = 1_000_000  # micro-credits per credit
@@ -135,3 +135,74 @@ class WebSession(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     # The playground's key for this session (revoked with the session).
     playground_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+
+
+class File(Base):
+    """An uploaded file (`purpose` batch: a batch's JSONL input) or one a batch made (batch_output). The content
+    is in the database, so every replica serves it."""
+
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # file-<hex>
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), nullable=False)
+    purpose: Mapped[str] = mapped_column(String(32), nullable=False)
+    filename: Mapped[str] = mapped_column(String(255), nullable=False)
+    bytes: Mapped[int] = mapped_column(Integer, nullable=False)
+    content: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[dt.datetime] = _now()
+
+    __table_args__ = (Index("ix_files_account_created", "account_id", "created_at"),)
+
+
+class Batch(Base):
+    """A batch job: an input file's requests, run when the engines have room, answered in an output file (and
+    an error file for the lines that failed). Statuses as OpenAI's: validating → in_progress → finalizing →
+    completed; failed, expired, cancelling → cancelled."""
+
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # batch_<hex>
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), nullable=False)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), nullable=False)  # its lines run as this key
+    endpoint: Mapped[str] = mapped_column(String(64), nullable=False)
+    input_file_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    completion_window: Mapped[str] = mapped_column(String(16), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    output_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
+    errors: Mapped[list[dict[str, object]] | None] = mapped_column(JSON, nullable=True)  # why it failed
+    total: Mapped[int] = mapped_column(Integer, nullable=False)
+    completed: Mapped[int] = mapped_column(Integer, nullable=False)
+    failed: Mapped[int] = mapped_column(Integer, nullable=False)
+    cost: Mapped[int] = mapped_column(BigInteger, nullable=False)  # micro-credits charged for its lines so far
+    created_at: Mapped[dt.datetime] = _now()
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    in_progress_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finalizing_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    failed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    expired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    cancelling_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        Index("ix_batches_account_created", "account_id", "created_at"),
+        Index("ix_batches_status", "status"),
+    )
+
+
+class BatchLine(Base):
+    """One request of a batch: pending → running (claimed by a gateway, `owner`) → done, with its output line
+    (OpenAI's shape) written in the same transaction as its charge."""
+
+    __tablename__ = "batch_lines"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), nullable=False)
+    line: Mapped[int] = mapped_column(Integer, nullable=False)  # its place in the input file, from 0
+    custom_id: Mapped[str] = mapped_column(String(512), nullable=False)
+    body: Mapped[str] = mapped_column(Text, nullable=False)  # the request body, JSON
+    status: Mapped[str] = mapped_column(String(16), nullable=False)  # pending | running | done
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the gateway running it
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)  # its line of the output or error file
+    failed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+
+    __table_args__ = (Index("ix_batch_lines_batch_status", "batch_id", "status"),)

@@ -26,6 +26,11 @@ class Price:
             "output_credits_per_million_tokens": self.output_per_million / MICRO,
         }
 
+    def discounted(self, discount: float) -> Price:
+        """This price less `discount` (0.5: half price), rounded down per million tokens."""
+        keep = 1 - discount
+        return Price(int(self.input_per_million * keep), int(self.output_per_million * keep))
+
     def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
         """Micro-credits for a request, rounded up: never a free fraction."""
         total = prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million

@@ -207,7 +207,7 @@ class Store:
             await self._postgres.close()
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncSession]:
+    async def write(self) -> AsyncIterator[AsyncSession]:
         """A write transaction: committed on success, rolled back on error."""
         if self.is_sqlite:
             await self._write_lock.acquire()
@@ -219,7 +219,7 @@ class Store:
                 self._write_lock.release()
 
     @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncSession]:
+    async def read(self) -> AsyncIterator[AsyncSession]:
         """A session for reads of balances, holds and usage: they see every settlement this process has made,
         those still waiting for company to the database thread (see `settle`) included."""
         if self._sqlite is not None:
@@ -241,7 +241,7 @@ class Store:
         """An account; with an email and a password hash it can log in to the dashboard."""
         exists = StoreError(f"an account named {name!r} already exists")
         try:
-            async with self._write() as s:
+            async with self.write() as s:
                 if await s.scalar(select(Account.id).where(Account.name == name)) is not None:
                     raise exists
                 if email is not None and await s.scalar(select(Account.id).where(Account.email == email)) is not None:
@@ -264,18 +264,18 @@ class Store:
         return account
 
     async def list_accounts(self) -> list[Account]:
-        async with self._read() as s:
+        async with self.read() as s:
             return list(await s.scalars(select(Account).order_by(Account.id)))
 
     async def account(self, name: str) -> Account:
-        async with self._read() as s:
+        async with self.read() as s:
             account = await s.scalar(select(Account).where(Account.name == name))
         if account is None:
             raise StoreError(f"no account named {name!r}")
         return account
 
     async def account_by_id(self, account_id: int) -> Account:
-        async with self._read() as s:
+        async with self.read() as s:
             account = await s.get(Account, account_id)
         if account is None:
             raise StoreError(f"no account with id {account_id}")
@@ -300,7 +300,7 @@ class Store:
         if not values:  # nothing to change (an UPDATE with no SET is not SQL)
             return await self.account(name)
         try:
-            async with self._write() as s:
+            async with self.write() as s:
                 result = await s.execute(update(Account).where(Account.name == name).values(**values))
                 if result.rowcount == 0:  # type: ignore[attr-defined]
                     raise StoreError(f"no account named {name!r}")
@@ -334,7 +334,7 @@ class Store:
             allowed_models=allowed_models,
             expires_at=expires_at,
         )
-        async with self._write() as s:
+        async with self.write() as s:
             if max_active is not None:
                 # The account's row locked first: concurrent creations count one after the other.
                 await s.execute(select(Account.id).where(Account.id == account.id).with_for_update())
@@ -375,7 +375,7 @@ class Store:
         query = update(ApiKey).where(ApiKey.prefix == prefix)
         if account_id is not None:
             query = query.where(ApiKey.account_id == account_id)
-        async with self._write() as s:
+        async with self.write() as s:
             result = await s.execute(query.values(**values))
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 raise StoreError(f"no key with prefix {prefix!r}")
@@ -396,7 +396,22 @@ class Store:
             async with self._sessions() as s:
                 row = (await s.execute(_KEY_CHECK.where(ApiKey.prefix == prefix))).first()
         matches = secret_matches(secret, row.secret_hash if row is not None else _NO_KEY_HASH)
-        if row is None or not matches or row.revoked:
+        if row is None or not matches:
+            raise AuthError(401, "Incorrect API key provided (unknown or revoked)", "invalid_api_key")
+        return await self._caller(row, prefix)
+
+    async def caller_of_key(self, key_id: int) -> Caller:
+        """The caller a key stands for now, by its id (a batch's lines run as the key that created it); AuthError
+        as from `authenticate` if it has been revoked, disabled or has expired, or its account suspended."""
+        async with self._sessions() as s:
+            row = (await s.execute(_KEY_CHECK.add_columns(ApiKey.prefix).where(ApiKey.id == key_id))).first()
+        if row is None:
+            raise AuthError(401, "Incorrect API key provided (unknown or revoked)", "invalid_api_key")
+        return await self._caller(row, row.prefix)
+
+    async def _caller(self, row: Any, prefix: str) -> Caller:
+        """The caller behind a key's row (its secret checked), or AuthError for a key or account not in use."""
+        if row.revoked:
             raise AuthError(401, "Incorrect API key provided (unknown or revoked)", "invalid_api_key")
         if row.expires_at is not None and _aware(row.expires_at) <= _now():
             raise AuthError(401, f"API key ls-{prefix}_... has expired", "invalid_api_key")
@@ -405,7 +420,7 @@ class Store:
         if row.status != "active":
             raise AuthError(403, f"account {row.account_name!r} is {row.status}", "account_suspended")
         if row.last_used_at is None or _now() - _aware(row.last_used_at) > LAST_USED_RESOLUTION:
-            async with self._write() as w:
+            async with self.write() as w:
                 await w.execute(update(ApiKey).where(ApiKey.id == row.key_id).values(last_used_at=_now()))
         models = json.loads(row.allowed_models) if isinstance(row.allowed_models, str) else row.allowed_models
         allowed = tuple(models) if models else None
@@ -417,7 +432,7 @@ class Store:
         have expired, of anyone, are deleted on the way."""
         token = new_session_token()
         now = _now()
-        async with self._write() as s:
+        async with self.write() as s:
             await s.execute(delete(WebSession).where(WebSession.expires_at < now))
             s.add(WebSession(account_id=account_id, token_hash=token_hash(token), expires_at=now + lifetime))
         return token
@@ -438,7 +453,7 @@ class Store:
 
     async def end_session(self, token: str) -> None:
         """Log out: the session is deleted and its playground key revoked."""
-        async with self._write() as s:
+        async with self.write() as s:
             session = await s.scalar(select(WebSession).where(WebSession.token_hash == token_hash(token)))
             if session is None:
                 return
@@ -454,7 +469,7 @@ class Store:
             raise StoreError("no such session")
         session, account = found
         full, key = await self.create_key(account.name, "playground", expires_at=_aware(session.expires_at))
-        async with self._write() as s:
+        async with self.write() as s:
             # The session's key as of now, under a lock: concurrent calls each revoke the one before them (a
             # previous key read before this transaction let 5 of 8 concurrent ones outlive the log-out).
             current = select(WebSession.playground_key_id).where(WebSession.id == session.id).with_for_update()
@@ -471,7 +486,7 @@ class Store:
     async def grant(self, account_name: str, amount: int, note: str = "grant") -> int:
         """Add (or, negative, remove) credits; returns the new balance."""
         account = await self.account(account_name)
-        async with self._write() as s:
+        async with self.write() as s:
             await self._grant(s, account.id, amount, note)
         return (await self.account(account_name)).balance
 
@@ -492,7 +507,7 @@ class Store:
             raise ValueError(f"a hold cannot be negative ({amount})")
         if self._postgres is not None:
             return await self._postgres.hold(account_id, amount, request_id, self.instance, _now())
-        return await self._transaction(_hold, account_id, amount, request_id, self.instance)
+        return await self.transaction(_hold, account_id, amount, request_id, self.instance)
 
     async def settle(self, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
         """Release a hold and charge what was used (at most the hold), with the usage record, in one
@@ -508,9 +523,9 @@ class Store:
             if not known:
                 raise StoreError(f"no hold {hold_id}")
             return settled
-        return await self._transaction(_settle, hold_id, charge, usage, key_id, defer=True)
+        return await self.transaction(settle_hold, hold_id, charge, usage, key_id, defer=True)
 
-    async def _transaction(self, work: Callable[..., T], *args: Any, defer: bool = False) -> T:
+    async def transaction(self, work: Callable[..., T], *args: Any, defer: bool = False) -> T:
         """Run `work(statements, *args)` in one write transaction. These run on every request: on SQLite the
         whole transaction goes to the database thread in one hop (with any others asked for meanwhile), on sqlite3
         itself; elsewhere it runs on the async connection through SQLAlchemy's sync facade."""
@@ -522,7 +537,7 @@ class Store:
     async def heartbeat(self) -> None:
         """Say this process is alive (the owner of its open holds); call more often than `dead_after` below, and
         before taking the first hold."""
-        await self._transaction(_beat, self.instance)
+        await self.transaction(_beat, self.instance)
 
     async def release_stale_holds(self, older_than: dt.timedelta, dead_after: dt.timedelta | None = None) -> int:
         """Release holds left open by a process that died mid-request (charging nothing: what it produced was
@@ -540,7 +555,7 @@ class Store:
         for hold_id in ids:
             settled += await self.settle(hold_id, 0, None, key_id=0)
         if dead_after is not None:  # forget processes dead for long (their holds are released by now)
-            async with self._write() as w:
+            async with self.write() as w:
                 await w.execute(delete(Gateway).where(Gateway.heartbeat_at < now - 10 * dead_after))
         return settled
 
@@ -548,11 +563,11 @@ class Store:
         query = select(func.count()).select_from(Hold).where(Hold.status == "open")
         if account_id is not None:
             query = query.where(Hold.account_id == account_id)
-        async with self._read() as s:
+        async with self.read() as s:
             return int(await s.scalar(query) or 0)
 
     async def ledger_sum(self, account_id: int) -> int:
-        async with self._read() as s:
+        async with self.read() as s:
             total = await s.scalar(select(func.sum(LedgerEntry.amount)).where(LedgerEntry.account_id == account_id))
         return int(total or 0)
 
@@ -575,7 +590,7 @@ class Store:
             query = query.where(UsageRecord.created_at < until)
         if model is not None:
             query = query.where(UsageRecord.model == model)
-        async with self._read() as s:
+        async with self.read() as s:
             return list(await s.scalars(query.order_by(UsageRecord.id.desc()).limit(limit)))
 
     async def usage_summary(
@@ -606,7 +621,7 @@ class Store:
             .group_by(start, UsageRecord.model, ApiKey.prefix)
             .order_by(start)
         )
-        async with self._read() as s:
+        async with self.read() as s:
             rows = (await s.execute(query)).all()
         return [UsageBucket(int(r[0]), r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6])) for r in rows]
 
@@ -665,7 +680,7 @@ def _hold(run: Statements, account_id: int, amount: int, request_id: str, owner:
     return hold_id
 
 
-def _settle(run: Statements, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
+def settle_hold(run: Statements, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
     now = _now()
     row = run(_CLOSE_HOLD, {"hold_id": hold_id, "now": now}).fetchone()
     if row is None:

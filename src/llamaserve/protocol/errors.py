@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from pydantic import BaseModel
+
+UNSUPPORTED = "unsupported_parameter"  # the error code of a known field whose value would change the output here
 
 
 class ErrorDetail(BaseModel):
@@ -47,3 +52,62 @@ def shutting_down() -> APIError:
         type="server_unavailable",
         code="shutting_down",
     )
+
+
+# Pydantic puts the union member it tried into an error's location; those are not parameter names.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "text", "image_url"}
+
+
+_LOCATIONS = {"body", "query", "path", "header", "cookie"}  # where FastAPI found a parameter: not part of its name
+
+
+def param_name(loc: Sequence[Any]) -> str | None:
+    """('body', 'messages', 0, 'role') → 'messages[0].role'; ('query', 'limit') → 'limit'."""
+    name = ""
+    for part in loc[1:] if loc and loc[0] in _LOCATIONS else loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif "[" in str(part) or "-" in str(part) or str(part) in _TYPE_TAGS:
+            continue
+        else:
+            name += f".{part}" if name else str(part)
+    return name or None
+
+
+def _validation_message(err: dict[str, Any], param: str | None) -> str:
+    if err.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}"
+    if err.get("type") in ("json_invalid", "model_attributes_type") and not param:
+        return "The request body is not valid JSON (or not a JSON object)."
+    if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+        return "The request body is empty: send a JSON object."
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"Invalid value for '{param}': {msg}" if param else msg
+
+
+def _within(param: str | None, outer: str | None) -> bool:
+    if outer is None or param == outer:
+        return True
+    return param is not None and param.startswith((f"{outer}.", f"{outer}["))
+
+
+def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report. A value that fits no member of a union fails once per member: `content` with an
+    image part is "not a valid string" and, as a list, has a bad URL inside. Of the first parameter's failures
+    (itself or within it), one from a member whose type matched says what is wrong, and the deepest says where."""
+    if not errors:
+        return {"msg": "invalid request", "loc": ()}
+    outer = param_name(errors[0].get("loc", ()))
+    related = [e for e in errors if _within(param_name(e.get("loc", ())), outer)]
+    telling = [e for e in related if not str(e.get("type", "")).endswith(("_type", "_parsing"))]
+    return max(telling, key=lambda e: len(e.get("loc", ()))) if telling else errors[0]
+
+
+def validation_detail(errors: list[dict[str, Any]]) -> ErrorDetail:
+    """The 400 error of a body that failed validation (pydantic's errors), naming the parameter."""
+    first = _most_telling(errors)
+    # A JSON syntax error's location is a character offset, not a parameter.
+    param = None if first.get("type") == "json_invalid" else param_name(first.get("loc", ()))
+    kind = first.get("type")
+    code = {"extra_forbidden": "unrecognized_argument", UNSUPPORTED: UNSUPPORTED}.get(str(kind), "invalid_value")
+    return ErrorDetail(message=_validation_message(first, param), type="invalid_request_error", param=param, code=code)

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
 from llamaserve.chat.grammar import MAX_MAX_COUNT, MAX_MIN_COUNT
+from llamaserve.protocol.errors import UNSUPPORTED
 
 
 def _first_unencodable(text: str) -> int | None:
@@ -204,9 +205,6 @@ def json_size_at_most(limit: int, what: str) -> Callable[[Any], Any]:
         return value
 
     return check
-
-
-UNSUPPORTED = "unsupported_parameter"  # the error code of a known field whose value would change the output here
 
 
 def unsupported(reason: str) -> Any:

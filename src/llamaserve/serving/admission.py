@@ -106,6 +106,10 @@ class Call:
     # or, once streaming, a `shutting_down` error event.
     server_stopping: asyncio.Event = field(default_factory=asyncio.Event)
     admission: Admission | None = None  # once admitted: the access log's model, backend, tokens and outcome
+    # A batch line's discount off the model's price; None: a live request. A batch line counts against no live
+    # rate limit, and its settlement is handed to the batch runner (`Admission.handed_over`), which writes it
+    # in one transaction with the line's output.
+    batch_discount: float | None = None
 
 
 def check_model_allowed(caller: Caller, model_id: str) -> None:
@@ -144,6 +148,8 @@ class Admission:
     completion_tokens: int | None = None  # known once finished
     outcome: str | None = None  # the settled status: ok, cancelled, error, timeout, rejected
     holding: asyncio.Task[None] | None = None  # the hold being placed beside the upstream call (hold_beside)
+    # A batch line's: its settlement (charge, usage) once it has ended, for the batch runner to write.
+    handed_over: asyncio.Future[tuple[int, Usage]] | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -202,9 +208,10 @@ class Admission:
         self.hold_amount = self.price.cost(self.prompt_tokens, self.reserved_tokens)
         hold_id = await platform.store.hold(self.caller.account_id, self.hold_amount, self.request_id)
         if hold_id is None:
-            platform.short_of_credits[self.caller.account_id] = time.monotonic() + SHORT_OF_CREDITS_SECONDS
-            plan = platform.plan(self.caller.plan)
-            await platform.limiter.refund(self.caller.limit_key, plan, self.prompt_tokens + self.reserved_tokens)
+            if self.handed_over is None:  # a live request: its rate-limit tokens back, its account's next wait
+                platform.short_of_credits[self.caller.account_id] = time.monotonic() + SHORT_OF_CREDITS_SECONDS
+                plan = platform.plan(self.caller.plan)
+                await platform.limiter.refund(self.caller.limit_key, plan, self.prompt_tokens + self.reserved_tokens)
             balance = (await platform.store.account_by_id(self.caller.account_id)).balance
             raise APIError(
                 402,
@@ -216,7 +223,8 @@ class Admission:
                 headers=self.headers,
             )
         self.hold_id = hold_id
-        platform.active[self.caller.account_id] += 1  # until settled
+        if self.handed_over is None:  # batch lines do not count against the live concurrency cap
+            platform.active[self.caller.account_id] += 1  # until settled
 
     def settle_on_close(self, handles: list[RequestHandle]) -> None:
         """Settle once every handle has closed (finished, failed, or cancelled by a departed client)."""
@@ -253,6 +261,10 @@ class Admission:
         self.completion_tokens, self.outcome = completion_tokens, self.status or status
         if self.platform is None or not self.hold_id:  # nothing held: nothing to settle
             return
+        if self.handed_over is not None:
+            if not self.handed_over.done():
+                self.handed_over.set_result(self._settlement(completion_tokens, self.status or status))
+            return
         self.platform.active[self.caller.account_id] -= 1
         if not self.platform.active[self.caller.account_id]:
             del self.platform.active[self.caller.account_id]
@@ -260,11 +272,11 @@ class Admission:
         self.platform.settling.add(task)
         task.add_done_callback(self.platform.settling.discard)
 
-    async def _charge(self, completion_tokens: int, status: str) -> None:
-        platform = self.platform
-        assert platform is not None
+    def _settlement(self, completion_tokens: int, status: str) -> tuple[int, Usage]:
+        """What to charge (at most the hold) and the usage record."""
+        assert self.platform is not None
         # A request the engine refused (e.g. a prompt longer than the context) computed nothing: it costs nothing.
-        price = self.price or platform.price
+        price = self.price or self.platform.price
         charge = 0 if status == "rejected" else price.cost(self.prompt_tokens, completion_tokens)
         if charge > self.hold_amount:  # the store charges at most the hold: say loudly that the bound was short
             log.warning(
@@ -273,15 +285,16 @@ class Admission:
                 charge,
                 self.hold_amount,
             )
+        latency_ms = int((time.monotonic() - self.started) * 1000)
         usage = Usage(
-            self.request_id,
-            self.model_id,
-            self.prompt_tokens,
-            completion_tokens,
-            status,
-            int((time.monotonic() - self.started) * 1000),
-            self.estimated,
+            self.request_id, self.model_id, self.prompt_tokens, completion_tokens, status, latency_ms, self.estimated
         )
+        return min(charge, self.hold_amount), usage
+
+    async def _charge(self, completion_tokens: int, status: str) -> None:
+        platform = self.platform
+        assert platform is not None
+        charge, usage = self._settlement(completion_tokens, status)
         try:
             await self._write_settlement(charge, usage)
             unused = self.reserved_tokens - completion_tokens
@@ -351,16 +364,19 @@ class Gate:
                 None, caller, call.request_id, model_id, prompt_tokens, completion_tokens, 0, UNLIMITED
             )
             return call.admission
-        if platform.active[caller.account_id] >= platform.max_concurrent_per_account:
-            raise APIError(
-                429,
-                f"Too many concurrent requests: this account has {platform.max_concurrent_per_account} open, the "
-                "most allowed; wait for one to finish",
-                type="rate_limit_error",
-                code="too_many_concurrent_requests",
-                headers={"Retry-After": "1"},
-            )
-        decision = await _acquire(platform, caller, prompt_tokens + completion_tokens)
+        if call.batch_discount is not None:  # a batch line: no live limits; the discounted price
+            decision, price = UNLIMITED, (price or platform.price).discounted(call.batch_discount)
+        else:
+            if platform.active[caller.account_id] >= platform.max_concurrent_per_account:
+                raise APIError(
+                    429,
+                    f"Too many concurrent requests: this account has {platform.max_concurrent_per_account} open, "
+                    "the most allowed; wait for one to finish",
+                    type="rate_limit_error",
+                    code="too_many_concurrent_requests",
+                    headers={"Retry-After": "1"},
+                )
+            decision = await _acquire(platform, caller, prompt_tokens + completion_tokens)
         admission = Admission(
             platform,
             caller,
@@ -372,6 +388,8 @@ class Gate:
             decision,
             price or platform.price,
         )
+        if call.batch_discount is not None:
+            admission.handed_over = asyncio.get_running_loop().create_future()
         call.admission = admission
         if hold:
             await admission.hold()

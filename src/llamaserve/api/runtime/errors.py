@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,14 +15,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
 from llamaserve.billing.store import database_unavailable
-from llamaserve.protocol.errors import APIError, ErrorDetail, ErrorResponse
-from llamaserve.protocol.validation import UNSUPPORTED
+from llamaserve.protocol.errors import APIError, ErrorDetail, ErrorResponse, validation_detail
 
 log = logging.getLogger(__name__)
-
-# Pydantic puts the union member it tried into an error's location; those are not parameter names.
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "text", "image_url"}
-
 
 # Codes of the errors Starlette and FastAPI raise themselves (unknown route, wrong method, unparsable body).
 _HTTP_CODES = {400: "invalid_body", 405: "method_not_allowed", 413: "request_too_large"}
@@ -40,61 +35,9 @@ def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | N
     return ErrorJSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status, headers=headers)
 
 
-_LOCATIONS = {"body", "query", "path", "header", "cookie"}  # where FastAPI found a parameter: not part of its name
-
-
-def param_name(loc: Sequence[Any]) -> str | None:
-    """('body', 'messages', 0, 'role') → 'messages[0].role'; ('query', 'limit') → 'limit'."""
-    name = ""
-    for part in loc[1:] if loc and loc[0] in _LOCATIONS else loc:
-        if isinstance(part, int):
-            name += f"[{part}]"
-        elif "[" in str(part) or "-" in str(part) or str(part) in _TYPE_TAGS:
-            continue
-        else:
-            name += f".{part}" if name else str(part)
-    return name or None
-
-
-def _validation_message(err: dict[str, Any], param: str | None) -> str:
-    if err.get("type") == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {param}"
-    if err.get("type") in ("json_invalid", "model_attributes_type") and not param:
-        return "The request body is not valid JSON (or not a JSON object)."
-    if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
-        return "The request body is empty: send a JSON object."
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"Invalid value for '{param}': {msg}" if param else msg
-
-
-def _within(param: str | None, outer: str | None) -> bool:
-    if outer is None or param == outer:
-        return True
-    return param is not None and param.startswith((f"{outer}.", f"{outer}["))
-
-
-def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    """The error to report. A value that fits no member of a union fails once per member: `content` with an
-    image part is "not a valid string" and, as a list, has a bad URL inside. Of the first parameter's failures
-    (itself or within it), one from a member whose type matched says what is wrong, and the deepest says where."""
-    if not errors:
-        return {"msg": "invalid request", "loc": ()}
-    outer = param_name(errors[0].get("loc", ()))
-    related = [e for e in errors if _within(param_name(e.get("loc", ())), outer)]
-    telling = [e for e in related if not str(e.get("type", "")).endswith(("_type", "_parsing"))]
-    return max(telling, key=lambda e: len(e.get("loc", ()))) if telling else errors[0]
-
-
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = _most_telling(list(exc.errors()))
-    # A JSON syntax error's location is a character offset, not a parameter.
-    param = None if first.get("type") == "json_invalid" else param_name(first.get("loc", ()))
-    kind = first.get("type")
-    code = {"extra_forbidden": "unrecognized_argument", UNSUPPORTED: UNSUPPORTED}.get(str(kind), "invalid_value")
-    detail = ErrorDetail(
-        message=_validation_message(first, param), type="invalid_request_error", param=param, code=code
-    )
-    request.state.error_code = code  # for the access log and the error counter
+    detail = validation_detail(list(exc.errors()))
+    request.state.error_code = detail.code  # for the access log and the error counter
     return error_response(400, detail)
 
 

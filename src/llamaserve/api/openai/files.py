@@ -1,0 +1,105 @@
+"""OpenAI's Files API, for batch input files and the output and error files batches make: upload, list, get,
+download, delete. An account sees only its own files; another's are as absent (404)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi.responses import Response
+
+from llamaserve.api.platform.keys import CallerDep
+from llamaserve.billing.batches import BatchStore, QuotaError
+from llamaserve.billing.models import File
+from llamaserve.billing.store import StoreError
+from llamaserve.protocol.batches import FileDeleted, FileList, FileObject
+from llamaserve.protocol.errors import APIError, invalid
+from llamaserve.serving.batches import jsonl_objects
+
+router = APIRouter()
+FILES_QUOTA = 1 << 30  # bytes an account's files may hold in the store (outputs included)
+
+
+def batch_store(request: Request) -> BatchStore:
+    return request.app.state.batches.batches
+
+
+def file_object(file: File) -> FileObject:
+    return FileObject(
+        id=file.id,
+        bytes=file.bytes,
+        created_at=seconds(file.created_at),
+        filename=file.filename,
+        purpose=file.purpose,
+    )
+
+
+def not_found(e: StoreError, param: str) -> APIError:
+    return APIError(404, str(e), param=param, code="not_found")
+
+
+@router.post("/v1/files", response_model=FileObject, summary="Upload a batch input file (JSONL)")
+async def upload_file(
+    request: Request, caller: CallerDep, file: UploadFile, purpose: Annotated[str, Form(max_length=32)]
+) -> FileObject:
+    if purpose != "batch":
+        raise invalid(f"purpose {purpose!r} is not kept here: upload batch input files (purpose 'batch')", "purpose")
+    content = await file.read()
+    await asyncio.to_thread(jsonl_objects, content)  # a batch file or a 400 now, not at its batch's creation
+    name = (file.filename or "upload.jsonl")[:255]
+    try:
+        stored = await batch_store(request).create_file(caller.account_id, purpose, name, content, FILES_QUOTA)
+    except QuotaError as e:
+        raise invalid(f"{e}: delete files you no longer need", "file", code="files_quota_exceeded") from e
+    return file_object(stored)
+
+
+@router.get("/v1/files", response_model=FileList)
+async def list_files(
+    request: Request,
+    caller: CallerDep,
+    purpose: Annotated[str | None, Query(max_length=32)] = None,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+) -> FileList:
+    try:
+        files = await batch_store(request).files(caller.account_id, purpose, after, limit + 1)
+    except StoreError as e:
+        raise not_found(e, "after") from e
+    data = [file_object(f) for f in files[:limit]]
+    first, last = (data[0].id, data[-1].id) if data else (None, None)
+    return FileList(data=data, first_id=first, last_id=last, has_more=len(files) > limit)
+
+
+@router.get("/v1/files/{file_id}", response_model=FileObject)
+async def get_file(file_id: str, request: Request, caller: CallerDep) -> FileObject:
+    try:
+        return file_object(await batch_store(request).file(caller.account_id, file_id))
+    except StoreError as e:
+        raise not_found(e, "file_id") from e
+
+
+@router.get("/v1/files/{file_id}/content", response_class=Response, summary="A file's content")
+async def file_content(file_id: str, request: Request, caller: CallerDep) -> Response:
+    try:
+        file = await batch_store(request).file(caller.account_id, file_id, with_content=True)
+    except StoreError as e:
+        raise not_found(e, "file_id") from e
+    return Response(file.content, media_type="application/jsonl")
+
+
+@router.delete("/v1/files/{file_id}", response_model=FileDeleted)
+async def delete_file(file_id: str, request: Request, caller: CallerDep) -> FileDeleted:
+    try:
+        await batch_store(request).delete_file(caller.account_id, file_id)
+    except StoreError as e:
+        raise not_found(e, "file_id") from e
+    return FileDeleted(id=file_id)
+
+
+def seconds(t: dt.datetime | None) -> int | None:
+    if t is None:
+        return None
+    return int((t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp())
