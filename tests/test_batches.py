@@ -229,6 +229,36 @@ def test_when_credits_run_out_the_rest_fail_insufficient_credits() -> None:
         assert balance["open_holds"] == 0 and 0 <= balance["balance_micro"] < 20
 
 
+def test_a_batch_past_the_accounts_queued_tokens_fails_validation() -> None:
+    # Each line may use about 60 tokens (its body's bytes / 4 + max_tokens 6): 10 of them fit 1000, 30 do not.
+    with start_server("--batch-queued-tokens", "1000", "--batch-concurrency", "1") as server:
+        client = server.openai()
+        refused = run_batch(client, [chat_line(f"t{i}") for i in range(30)])
+        assert refused.status == "failed" and refused.failed_at and refused.errors is not None
+        assert [e.code for e in refused.errors.data or []] == ["token_limit_exceeded"]
+        assert refused.output_file_id is None and refused.error_file_id is None
+        assert wait_ended(client, run_batch(client, [chat_line(f"f{i}") for i in range(10)]).id).status == "completed"
+
+
+def test_a_models_own_batch_discount_prices_its_lines(tmp_path: Path) -> None:
+    from llamaserve.config import resolve_model
+
+    registry = tmp_path / "models.toml"
+    registry.write_text(
+        f'[[models]]\nid = "{MODEL}"\nprice_input = 2\nprice_output = 4\nbatch_discount = 0.75\n'
+        f'[[models.backends]]\ntype = "local"\npath = "{resolve_model(None)[0]}"\n'
+    )
+    with start_server("--config", str(registry), "--parallel", "2") as server:
+        client = server.openai()
+        done = wait_ended(client, run_batch(client, [chat_line("cheap")]).id)
+        [answer] = lines_of(client, done.output_file_id).values()
+        tokens = answer["response"]["body"]["usage"]
+        record = usage_costs(server)[answer["response"]["request_id"]]
+        # A quarter of 2 and 4 credits per million tokens: 500,000 and 1,000,000 micro-credits per million.
+        expected = math.ceil((tokens["prompt_tokens"] * 500_000 + tokens["completion_tokens"] * 1_000_000) / 1e6)
+        assert record["cost_micro"] == expected
+
+
 # --- durable and shared ------------------------------------------------------------------------------------------
 def balance(server: Server, api_key: str | None = None) -> dict[str, Any]:
     with server.http(api_key) as http:
@@ -257,6 +287,7 @@ def wait_completed_lines(client: openai.OpenAI, batch_id: str, at_least: int) ->
     )
 
 
+@pytest.mark.slow
 def test_a_gateway_killed_mid_batch_answers_and_charges_every_line_once_after_restart(tmp_path: Path) -> None:
     port, custom_ids = free_port(), [f"k{i}" for i in range(12)]
     with start_server("--batch-concurrency", "2", data_dir=tmp_path, port=port) as server:
@@ -273,6 +304,7 @@ def test_a_gateway_killed_mid_batch_answers_and_charges_every_line_once_after_re
         assert_each_line_answered_and_charged_once(server, done, custom_ids, before)
 
 
+@pytest.mark.slow
 def test_two_replicas_on_postgres_share_a_batch_and_finish_it_when_one_is_killed() -> None:
     custom_ids = [f"r{i}" for i in range(16)]
     with postgres_database() as url, start_server("--database-url", url, "--batch-concurrency", "1") as first:

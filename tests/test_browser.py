@@ -1,11 +1,13 @@
 """The dashboard in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright; no browser
 download): sign up, log out and in, create a key, disable it and see the API refuse it (403), enable it and see the
 API accept it, chat in the playground with streamed output, find that request in the usage page with its tokens
-and cost, the admin view, log out. A screenshot of each page goes to tests/artifacts/dashboard/ (or
-$LLAMASERVE_TEST_ARTIFACTS/dashboard/). Without Chromium or Playwright the test is skipped, except under CI=1."""
+and cost, a batch made with the key listed there with its output to download, the admin view, log out. A
+screenshot of each page goes to tests/artifacts/dashboard/ (or $LLAMASERVE_TEST_ARTIFACTS/dashboard/). Without
+Chromium or Playwright the test is skipped, except under CI=1."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.conftest import MODEL, Server, start_server, unavailable
+from tests.conftest import MODEL, Server, start_server, unavailable, wait_for
 from tests.test_dashboard import ADMIN_EMAIL, ADMIN_PASSWORD, PRICES, create_admin
 
 if TYPE_CHECKING:
@@ -77,6 +79,23 @@ def log_in(page: Page, email: str, password: str) -> None:
     page.fill("#password", password)
     page.click("#submit")
     page.wait_for_url(re.compile(r"/$"))
+
+
+def run_one_line_batch(server: Server, key: str) -> str:
+    """A completed batch of one chat line, made with `key`; its id."""
+    line = {
+        "custom_id": "one",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    }
+    with httpx.Client(base_url=server.v1, headers={"Authorization": f"Bearer {key}"}, timeout=60) as api:
+        files = {"file": ("in.jsonl", json.dumps(line).encode())}
+        file_id = api.post("/files", files=files, data={"purpose": "batch"}).json()["id"]
+        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        batch_id = api.post("/batches", json=body).json()["id"]
+        wait_for(lambda: api.get(f"/batches/{batch_id}").json()["status"] == "completed", "the batch", 60)
+    return batch_id
 
 
 def test_dashboard_end_to_end(server: Server, page: Page) -> None:
@@ -173,6 +192,16 @@ def test_dashboard_end_to_end(server: Server, page: Page) -> None:
     page.select_option("#group", "key")
     assert page.evaluate("Chart.getChart(document.getElementById('chart')).data.datasets.length") == 2
     shot(page, "05-usage")
+
+    # A batch of one line through the Batch API, with the key: listed on the usage page, its output downloadable.
+    batch = run_one_line_batch(server, key)
+    page.click("#refresh")
+    row = page.locator(f'#batches tr[data-batch-id="{batch}"]')
+    expect(row).to_contain_text("completed")
+    expect(row).to_contain_text("1 / 1")
+    with page.expect_download() as download:
+        row.locator("a", has_text="output").click()
+    assert json.loads(Path(download.value.path()).read_text())["custom_id"] == "one"
 
     # The admin view, for the admin only: grant credits, disable the account (its key is refused), enable it.
     page.goto("/admin")

@@ -280,6 +280,18 @@ def dashboard_change(method: str, path: str, body: Any = None) -> Callable[[Worl
     return probe
 
 
+def dashboard_batches(world: World) -> None:
+    dashboard_get("/v1/dashboard/batches")(world)
+    assert [b["id"] for b in world.a.visitor.get("/v1/dashboard/batches").json()["data"]] == [world.a.batch_id]
+
+
+def dashboard_file(world: World) -> None:
+    """A's own file downloads; B's is 404, as one that does not exist; an API key is no session."""
+    assert world.a.visitor.get(f"/v1/dashboard/files/{world.a.file_id}/content").status_code == 200
+    refused(world.a.visitor.get(f"/v1/dashboard/files/{world.b.file_id}/content"), 404)
+    refused(world.key_get(f"/v1/dashboard/files/{world.a.file_id}/content"), 401)
+
+
 def new_key(world: World) -> None:
     r = world.a.visitor.post("/v1/dashboard/keys", {"name": "new"})
     assert r.status_code == 201 and r.json()["account"] == world.a.name
@@ -358,6 +370,8 @@ SWEEP: dict[tuple[str, str], Callable[[World], None]] = {
     ("POST", "/v1/dashboard/playground/key"): playground_key,
     ("GET", "/v1/dashboard/usage"): dashboard_usage,
     ("GET", "/v1/dashboard/usage/summary"): dashboard_get("/v1/dashboard/usage/summary"),
+    ("GET", "/v1/dashboard/batches"): dashboard_batches,
+    ("GET", "/v1/dashboard/files/{file_id}/content"): dashboard_file,
     ("GET", "/health"): public("/health"),
     ("GET", "/ready"): public("/ready"),
     ("GET", "/metrics"): public("/metrics"),

@@ -191,6 +191,14 @@ def serve(
         float,
         typer.Option(min=1, help='Seconds a batch may run before it expires (its "24h" window; less for small sites).'),
     ] = 24 * 3600,
+    batch_queued_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Tokens (estimated: prompt bytes / 4 + max_tokens) an account's unfinished batch lines may add up "
+            "to; a batch past it fails with token_limit_exceeded.",
+        ),
+    ] = 20_000_000,
     max_concurrent_per_account: Annotated[
         int,
         typer.Option(
@@ -240,6 +248,7 @@ def serve(
         batch_concurrency=batch_concurrency,
         batch_discount=batch_discount,
         batch_window=batch_window,
+        batch_queued_tokens=batch_queued_tokens,
     )
     registry = None
     if config_file is not None:

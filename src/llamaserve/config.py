@@ -80,6 +80,7 @@ class PlatformConfig:
     batch_concurrency: int | None = None  # batch lines run at once; None: half the local engine's slots (or 4)
     batch_discount: float = 0.5  # off the models' prices for batch lines
     batch_window: float = 24 * 3600  # seconds a batch may take before it expires ("24h")
+    batch_queued_tokens: int = 20_000_000  # estimated tokens an account's unfinished batch lines may add up to
 
     @property
     def url(self) -> str:

@@ -9,6 +9,7 @@ which prices, and on which backends.
     price_output = 3.5
     capabilities = ["tools", "json", "logprobs"]
     timeout = 120               # seconds to the first byte before 504
+    batch_discount = 0.5        # off the price for batch lines (default: the server's --batch-discount)
 
     [[models.backends]]
     type = "upstream"           # an OpenAI-compatible server: vLLM, `llamaserve engine`, ...
@@ -50,7 +51,7 @@ CAPABILITIES = frozenset({"tools", "json", "vision", "logprobs"})
 
 MODEL_KEYS = frozenset(
     {"id", "aliases", "context_length", "price_input", "price_output", "capabilities", "timeout", "backends"}
-    | {"tokenizer", "chat_format"}
+    | {"tokenizer", "chat_format", "batch_discount"}
 )
 LOCAL_KEYS = frozenset({"type", "path", "mmproj"})
 UPSTREAM_KEYS = frozenset(
@@ -105,6 +106,7 @@ class ModelSpec:
     backends: tuple[BackendSpec, ...]
     tokenizer: str | None = None  # a GGUF whose vocabulary counts the tokens an upstream does not report
     chat_format: str = "template"  # how that tokenizer's prompts are rendered: llama3 | template
+    batch_discount: float | None = None  # off its price for batch lines; None: the server's --batch-discount
     where: str = field(default="", compare=False)  # its place in the registry file, for messages
 
     def card(self, created: int) -> dict[str, Any]:
@@ -207,6 +209,9 @@ def _model(m: dict[str, Any], where: str, base: Path) -> ModelSpec:
         raise RegistryError(f"{where}.chat_format: must be one of {', '.join(CHAT_FORMATS)}")
     if "chat_format" in m and tokenizer is None:
         raise RegistryError(f"{where}.chat_format: goes with a tokenizer (it says how that tokenizer's prompts look)")
+    discount = _typed(m, "batch_discount", float, None, where) if "batch_discount" in m else None
+    if discount is not None and not 0 <= discount <= 1:
+        raise RegistryError(f"{where}.batch_discount: must be between 0 and 1 (0.5: half price)")
     return ModelSpec(
         id=m["id"],
         aliases=tuple(m.get("aliases", [])),
@@ -217,6 +222,7 @@ def _model(m: dict[str, Any], where: str, base: Path) -> ModelSpec:
         backends=backends,
         tokenizer=tokenizer,
         chat_format=chat_format,
+        batch_discount=discount,
         where=where,
     )
 

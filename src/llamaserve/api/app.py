@@ -116,7 +116,13 @@ def _batch_runner(
     if concurrency is None:
         concurrency = max(1, model.config.parallel // 2) if model is not None else 4
     return BatchRunner(
-        platform, BatchStore(platform.store), directory, concurrency, config.batch_discount, config.batch_window
+        platform,
+        BatchStore(platform.store),
+        directory,
+        concurrency,
+        config.batch_discount,
+        config.batch_window,
+        config.batch_queued_tokens,
     )
 
 

@@ -41,6 +41,7 @@ class NewLine:
     custom_id: str
     body: str  # JSON
     output: str | None = None
+    tokens: int = 0  # what it may use, estimated (for the account's limit on queued batch tokens)
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,10 @@ class BatchStore:
         completion_window: str,
         metadata: dict[str, str] | None,
         lines: Sequence[NewLine],
+        errors: list[dict[str, Any]] | None = None,
     ) -> Batch:
-        """A batch in progress, its lines stored (those refused already, done and failed)."""
+        """A batch in progress, its lines stored (those refused already, done and failed); with `errors`, a batch
+        that failed validation, with no lines."""
         now = _now()
         refused = sum(1 for line in lines if line.output is not None)
         batch = Batch(
@@ -151,12 +154,22 @@ class BatchStore:
             in_progress_at=now,
             expires_at=now + window,
         )
+        if errors is not None:
+            batch.status, batch.errors, batch.failed_at, batch.in_progress_at, batch.failed = (
+                "failed",
+                errors,
+                now,
+                None,
+                0,
+            )
+            lines = []
         rows = [
             {
                 "batch_id": batch.id,
                 "line": i,
                 "custom_id": line.custom_id,
                 "body": line.body,
+                "tokens": line.tokens,
                 "status": "pending" if line.output is None else "done",
                 "output": line.output,
                 "failed": line.output is not None,
@@ -169,6 +182,16 @@ class BatchStore:
             if rows:
                 await s.execute(BatchLine.__table__.insert(), rows)
         return batch
+
+    async def queued_tokens(self, account_id: int) -> int:
+        """The estimated tokens of the account's batch lines not yet done."""
+        query = (
+            select(func.sum(BatchLine.tokens))
+            .join(Batch, Batch.id == BatchLine.batch_id)
+            .where(Batch.account_id == account_id, BatchLine.status != "done")
+        )
+        async with self.store.read() as s:
+            return int(await s.scalar(query) or 0)
 
     async def batch(self, account_id: int, batch_id: str) -> Batch:
         async with self.store.read() as s:

@@ -200,6 +200,7 @@ class BatchLine(Base):
     line: Mapped[int] = mapped_column(Integer, nullable=False)  # its place in the input file, from 0
     custom_id: Mapped[str] = mapped_column(String(512), nullable=False)
     body: Mapped[str] = mapped_column(Text, nullable=False)  # the request body, JSON
+    tokens: Mapped[int] = mapped_column(Integer, nullable=False)  # its estimate: prompt bytes / 4 + max_tokens × n
     status: Mapped[str] = mapped_column(String(16), nullable=False)  # pending | running | done
     owner: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the gateway running it
     output: Mapped[str | None] = mapped_column(Text, nullable=True)  # its line of the output or error file

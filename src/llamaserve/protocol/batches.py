@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from llamaserve.billing.models import Batch, File
+from llamaserve.billing.pricing import format_credits
 from llamaserve.protocol.validation import StoredText
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -104,3 +107,44 @@ class BatchList(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+def file_object(file: File) -> FileObject:
+    return FileObject(
+        id=file.id,
+        bytes=file.bytes,
+        created_at=seconds(file.created_at) or 0,
+        filename=file.filename,
+        purpose=file.purpose,
+    )
+
+
+def batch_object(batch: Batch) -> BatchObject:
+    return BatchObject(
+        id=batch.id,
+        endpoint=batch.endpoint,
+        errors=BatchErrors(data=batch.errors) if batch.errors else None,
+        input_file_id=batch.input_file_id,
+        completion_window=batch.completion_window,
+        status=batch.status,
+        output_file_id=batch.output_file_id,
+        error_file_id=batch.error_file_id,
+        created_at=seconds(batch.created_at) or 0,
+        in_progress_at=seconds(batch.in_progress_at),
+        expires_at=seconds(batch.expires_at),
+        finalizing_at=seconds(batch.finalizing_at),
+        completed_at=seconds(batch.completed_at),
+        failed_at=seconds(batch.failed_at),
+        expired_at=seconds(batch.expired_at),
+        cancelling_at=seconds(batch.cancelling_at),
+        cancelled_at=seconds(batch.cancelled_at),
+        request_counts=RequestCounts(total=batch.total, completed=batch.completed, failed=batch.failed),
+        metadata=batch.metadata_,
+        cost=format_credits(batch.cost),
+    )
+
+
+def seconds(t: dt.datetime | None) -> int | None:
+    if t is None:
+        return None
+    return int((t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp())

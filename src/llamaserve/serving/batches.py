@@ -21,8 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from llamaserve.billing.batches import BatchStore, ClaimedLine, NewLine, Settlement
 from llamaserve.billing.store import AuthError
-from llamaserve.protocol.chat import ChatCompletionRequest
-from llamaserve.protocol.completions import CompletionRequest
+from llamaserve.protocol.chat import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest
+from llamaserve.protocol.completions import DEFAULT_COMPLETION_MAX_TOKENS, CompletionRequest
 from llamaserve.protocol.errors import APIError, ErrorDetail, ErrorResponse, invalid, validation_detail
 from llamaserve.serving.admission import ANONYMOUS, DEAD_AFTER, Call, Platform
 from llamaserve.serving.directory import ModelDirectory
@@ -33,6 +33,7 @@ ORPHAN_SWEEP_SECONDS = 5.0  # how often lines of gateways that stopped are put b
 
 MAX_LINES = 50_000  # requests in one batch (OpenAI's limit)
 MAX_CUSTOM_ID = 512
+DEFAULT_MAX_TOKENS = {"/v1/chat/completions": DEFAULT_CHAT_MAX_TOKENS, "/v1/completions": DEFAULT_COMPLETION_MAX_TOKENS}
 REQUESTS: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
@@ -47,6 +48,7 @@ class BatchRunner:
     concurrency: int  # lines this gateway runs at once
     discount: float  # off the models' prices
     window_seconds: float = 24 * 3600  # a batch's completion window ("24h"; shorter for tests or small sites)
+    max_queued_tokens: int = 20_000_000  # estimated tokens an account's batch lines not yet done may add up to
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     running: dict[int, tuple[asyncio.Task[None], Call]] = field(default_factory=dict)  # by line id
     _swept_at: float = 0.0
@@ -109,6 +111,7 @@ class BatchRunner:
             call.caller = await self.platform.store.caller_of_key(line.key_id)
             request = await asyncio.to_thread(_request, line.endpoint, line.body)
             serving = self.models.resolve(request.model, call.caller)  # type: ignore[attr-defined]
+            call.batch_discount = self._discount(serving.id)
             if line.endpoint == "/v1/chat/completions":
                 reply = await serving.chat(request, call)  # type: ignore[arg-type]
             else:
@@ -122,6 +125,11 @@ class BatchRunner:
             return e.status, ErrorResponse(error=detail).model_dump()
         except APIError as e:
             return e.status, e.body.model_dump()
+
+    def _discount(self, model_id: str) -> float:
+        """The model's batch discount (its registry entry's), else the server's."""
+        spec = self.models.registry.resolve(model_id) if self.models.registry is not None else None
+        return spec.batch_discount if spec is not None and spec.batch_discount is not None else self.discount
 
     async def _settlement(self, call: Call, line: ClaimedLine) -> Settlement | None:
         """The line's charge, once its generation has ended (None: it held nothing)."""
@@ -191,10 +199,21 @@ def input_lines(content: bytes, endpoint: str) -> list[NewLine]:
         elif not isinstance(body, dict):
             refusal = invalid("body must be a JSON object: the request", "body")
         if refusal is None:
-            lines.append(NewLine(custom_id, json.dumps(body, ensure_ascii=False)))
+            text = json.dumps(body, ensure_ascii=False)
+            lines.append(NewLine(custom_id, text, tokens=_estimate(text, body, endpoint)))
         else:
             lines.append(NewLine(custom_id, "{}", output_line(custom_id, refusal.status, refusal.body.model_dump())))
     return lines
+
+
+def _estimate(text: str, body: dict[str, Any], endpoint: str) -> int:
+    """The tokens a line may use, before it is rendered: its body's bytes / 4 for the prompt, plus max_tokens
+    (the endpoint's default when absent) for each of its n choices."""
+    default = DEFAULT_MAX_TOKENS[endpoint]
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default))
+    n = body.get("n", 1)
+    out = (max_tokens if isinstance(max_tokens, int) else default) * (n if isinstance(n, int) and n > 0 else 1)
+    return len(text.encode()) // 4 + max(0, out)
 
 
 def output_line(custom_id: str, status: int, body: dict[str, Any], request_id: str | None = None) -> str:

@@ -9,41 +9,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from llamaserve.api.openai.files import batch_store, not_found, seconds
+from llamaserve.api.openai.files import batch_store, not_found
 from llamaserve.api.platform.keys import CallerDep
-from llamaserve.billing.models import Batch
-from llamaserve.billing.pricing import format_credits
 from llamaserve.billing.store import StoreError
-from llamaserve.protocol.batches import BatchErrors, BatchList, BatchObject, BatchRequest, RequestCounts
+from llamaserve.protocol.batches import BatchList, BatchObject, BatchRequest, batch_object
 from llamaserve.protocol.errors import invalid
 from llamaserve.serving.batches import BatchRunner, input_lines
 
 router = APIRouter()
-
-
-def batch_object(batch: Batch) -> BatchObject:
-    return BatchObject(
-        id=batch.id,
-        endpoint=batch.endpoint,
-        errors=BatchErrors(data=batch.errors) if batch.errors else None,
-        input_file_id=batch.input_file_id,
-        completion_window=batch.completion_window,
-        status=batch.status,
-        output_file_id=batch.output_file_id,
-        error_file_id=batch.error_file_id,
-        created_at=seconds(batch.created_at) or 0,
-        in_progress_at=seconds(batch.in_progress_at),
-        expires_at=seconds(batch.expires_at),
-        finalizing_at=seconds(batch.finalizing_at),
-        completed_at=seconds(batch.completed_at),
-        failed_at=seconds(batch.failed_at),
-        expired_at=seconds(batch.expired_at),
-        cancelling_at=seconds(batch.cancelling_at),
-        cancelled_at=seconds(batch.cancelled_at),
-        request_counts=RequestCounts(total=batch.total, completed=batch.completed, failed=batch.failed),
-        metadata=batch.metadata_,
-        cost=format_credits(batch.cost),
-    )
 
 
 @router.post("/v1/batches", response_model=BatchObject)
@@ -57,6 +30,14 @@ async def create_batch(body: BatchRequest, request: Request, caller: CallerDep) 
         raise invalid(f"file {file.id} is a batch's {file.purpose}, not a batch input file", "input_file_id")
     lines = await asyncio.to_thread(input_lines, file.content, body.endpoint)
     window = dt.timedelta(seconds=runner.window_seconds)
+    queued, adding = await runner.batches.queued_tokens(caller.account_id), sum(line.tokens for line in lines)
+    errors = None
+    if queued + adding > runner.max_queued_tokens:  # as OpenAI: the batch is made, and fails validation
+        message = (
+            f"Enqueued token limit reached: this batch's requests may use about {adding} tokens and the account's "
+            f"batches not yet done {queued}, of {runner.max_queued_tokens} allowed; wait for them to finish"
+        )
+        errors = [{"code": "token_limit_exceeded", "message": message, "param": None, "line": None}]
     batch = await runner.batches.create_batch(
         caller.account_id,
         caller.key_id,
@@ -66,6 +47,7 @@ async def create_batch(body: BatchRequest, request: Request, caller: CallerDep) 
         body.completion_window,
         body.metadata,
         lines,
+        errors,
     )
     runner.wake.set()
     return batch_object(batch)

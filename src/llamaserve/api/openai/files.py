@@ -4,7 +4,6 @@ download, delete. An account sees only its own files; another's are as absent (4
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile
@@ -12,9 +11,8 @@ from fastapi.responses import Response
 
 from llamaserve.api.platform.keys import CallerDep
 from llamaserve.billing.batches import BatchStore, QuotaError
-from llamaserve.billing.models import File
 from llamaserve.billing.store import StoreError
-from llamaserve.protocol.batches import FileDeleted, FileList, FileObject
+from llamaserve.protocol.batches import FileDeleted, FileList, FileObject, file_object
 from llamaserve.protocol.errors import APIError, invalid
 from llamaserve.serving.batches import jsonl_objects
 
@@ -24,16 +22,6 @@ FILES_QUOTA = 1 << 30  # bytes an account's files may hold in the store (outputs
 
 def batch_store(request: Request) -> BatchStore:
     return request.app.state.batches.batches
-
-
-def file_object(file: File) -> FileObject:
-    return FileObject(
-        id=file.id,
-        bytes=file.bytes,
-        created_at=seconds(file.created_at),
-        filename=file.filename,
-        purpose=file.purpose,
-    )
 
 
 def not_found(e: StoreError, param: str) -> APIError:
@@ -97,9 +85,3 @@ async def delete_file(file_id: str, request: Request, caller: CallerDep) -> File
     except StoreError as e:
         raise not_found(e, "file_id") from e
     return FileDeleted(id=file_id)
-
-
-def seconds(t: dt.datetime | None) -> int | None:
-    if t is None:
-        return None
-    return int((t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp())

@@ -12,6 +12,7 @@ in the page's memory. Its requests are ordinary API requests: limited, held, set
 from __future__ import annotations
 
 import datetime as dt
+import re
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -47,6 +48,7 @@ from llamaserve.protocol.account import (
     UsageBucketView,
     UsageSummary,
 )
+from llamaserve.protocol.batches import BatchList, batch_object
 from llamaserve.protocol.common import StrictModel
 from llamaserve.protocol.errors import APIError, invalid
 from llamaserve.protocol.validation import StoredText
@@ -194,6 +196,29 @@ async def usage(
         item = usage_item(r).model_dump()
         items.append(DashboardUsageItem(**item, key=key.prefix if key else None, key_name=key.name if key else None))
     return DashboardUsageList(data=items, totals=usage_totals(records))
+
+
+@router.get("/batches")
+async def batches(
+    request: Request, logged_in: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> BatchList:
+    """The account's batches, newest first, as GET /v1/batches gives them (the usage page's table)."""
+    found = await request.app.state.batches.batches.batches(logged_in.account.id, None, limit + 1)
+    data = [batch_object(b) for b in found[:limit]]
+    first, last = (data[0].id, data[-1].id) if data else (None, None)
+    return BatchList(data=data, first_id=first, last_id=last, has_more=len(found) > limit)
+
+
+@router.get("/files/{file_id}/content", response_class=Response)
+async def file_content(file_id: str, request: Request, logged_in: SessionDep) -> Response:
+    """One of the account's files, to download (a batch's output or error file)."""
+    try:
+        file = await request.app.state.batches.batches.file(logged_in.account.id, file_id, with_content=True)
+    except StoreError as e:
+        raise APIError(404, str(e), param="file_id", code="not_found") from e
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", file.filename) or "file.jsonl"  # nothing of it can break the header
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    return Response(file.content, media_type="application/jsonl", headers=headers)
 
 
 @router.get("/usage/summary")

@@ -69,6 +69,7 @@ def upgrade() -> None:
         sa.Column("line", sa.Integer(), nullable=False),
         sa.Column("custom_id", sa.String(512), nullable=False),
         sa.Column("body", sa.Text(), nullable=False),
+        sa.Column("tokens", sa.Integer(), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("owner", sa.String(32), nullable=True),
         sa.Column("output", sa.Text(), nullable=True),

@@ -92,13 +92,34 @@ function recentRow(r) {
   );
 }
 
+function fileLink(id, label) {
+  return id ? el("a", { href: `/v1/dashboard/files/${id}/content`, download: "" }, label) : null;
+}
+
+function batchRow(b) {
+  const counts = b.request_counts;
+  const files = [fileLink(b.output_file_id, "output"), fileLink(b.error_file_id, "errors")].filter(Boolean);
+  return el(
+    "tr",
+    { "data-batch-id": b.id },
+    el("td", {}, time(b.created_at)),
+    el("td", {}, b.id),
+    el("td", {}, el("span", { class: `badge ${b.status}` }, b.status)),
+    el("td", { class: "num" }, `${number(counts.completed + counts.failed)} / ${number(counts.total)}`),
+    el("td", { class: "num" }, number(counts.failed)),
+    el("td", { class: "num cost" }, b.cost),
+    el("td", {}, ...files.flatMap((a, i) => (i ? [" · ", a] : [a]))),
+  );
+}
+
 async function load() {
   const range = RANGES[document.getElementById("range").value];
   const since = Math.floor(Date.now() / 1000) - range.seconds;
-  const [account, sum, recent] = await Promise.all([
+  const [account, sum, recent, batches] = await Promise.all([
     get("/v1/dashboard/account"),
     get(`/v1/dashboard/usage/summary?since=${since}&bucket=${range.bucket}`),
     get("/v1/dashboard/usage?limit=50"),
+    get("/v1/dashboard/batches"),
   ]);
   document.getElementById("balance").textContent = account.balance;
   const rpm = account.requests_per_minute ? `${account.requests_per_minute} requests/min` : "no rate limit";
@@ -108,6 +129,8 @@ async function load() {
   draw();
   document.querySelector("#recent tbody").replaceChildren(...recent.data.map(recentRow));
   document.getElementById("recent-empty").hidden = recent.data.length > 0;
+  document.querySelector("#batches tbody").replaceChildren(...batches.data.map(batchRow));
+  document.getElementById("batches-empty").hidden = batches.data.length > 0;
 }
 
 controls[0].addEventListener("change", () => attempt(load));
