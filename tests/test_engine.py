@@ -352,3 +352,40 @@ def test_a_split_prompt_gives_the_same_logits_unless_flash_attention_is_on(flash
         batch.free()
         model.close()
     assert (max(gaps) > 0.1) if flash_attn else gaps == [0, 0, 0], gaps
+
+
+def test_a_background_request_waits_while_a_live_one_runs(embedded_llama: LlamaModel) -> None:
+    """A batch line (background) already generating yields every step to a live request that arrives: it makes
+    no progress until the live one has finished, then goes on where it stopped."""
+
+    async def run() -> tuple[list[float], float, float]:
+        engine = Engine(embedded_llama)
+        engine.start(asyncio.get_running_loop())
+        try:
+            params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+            prompt = embedded_llama.tokenize("Count slowly:", add_special=True)
+            background = engine.submit(prompt, params, tenant="a", background=True)
+            stamps: list[float] = []
+
+            async def read_background() -> None:
+                async for out in background.outputs():
+                    stamps.extend([time.perf_counter()] * len(out.token_ids))
+
+            reading = asyncio.ensure_future(read_background())
+            while len(stamps) < 4:
+                await asyncio.sleep(0.005)
+            live = engine.submit(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), tenant="a")
+            live_started = time.perf_counter()
+            async for _ in live.outputs():
+                pass
+            live_ended = time.perf_counter()
+            await reading
+            return stamps, live_started, live_ended
+        finally:
+            engine.stop()
+
+    stamps, live_started, live_ended = asyncio.run(run())
+    assert len(stamps) == 24
+    # At most the step in flight when the live request came; none while it ran.
+    during = [t for t in stamps if live_started < t <= live_ended]
+    assert len(during) <= 1, (len(during), live_started, live_ended)

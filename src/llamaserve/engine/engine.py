@@ -189,10 +189,11 @@ class Engine:
         n: int = 1,
         request_id: str = "",
         tenant: str = "",
+        background: bool = False,
     ) -> RequestHandle:
         """Queue a request of n choices; iterate `handle.outputs()` for its text. Call on the event loop. The
         prompt is token ids, or chunks (token lists and images from the projector, in order). `tenant`: whose
-        request, for a fair share of the slots."""
+        request, for a fair share of the slots. `background`: a batch line, run only while no live request is."""
         p = Prompt.of(prompt)
         if not p.tokens:
             raise InvalidPrompt("the prompt is empty: give at least one token", "empty_prompt")
@@ -212,7 +213,7 @@ class Engine:
             )
         key = next(self._ids)
         handle = RequestHandle(key, request_id or f"req-{key}", p.n_tokens, n, self)
-        request = Request(key, tenant, time.perf_counter())
+        request = Request(key, tenant, time.perf_counter(), background=background)
         max_new = min(params.max_tokens, self.max_model_len - p.n_tokens)
         request.sequences = [Sequence(request, i, p, params, max_new) for i in range(n)]
         self.outstanding += n
@@ -268,7 +269,7 @@ class Engine:
                 # Wait for work when the last pass did none: nothing runs, or every running sequence waits for an
                 # image encoding (whose end puts a wake-up in the inbox). A pass that did work goes on at once, also
                 # when it finished the last running sequence: the waiting ones start in the slots it freed.
-                self._take_commands(block=idle)
+                self._take_commands(block=idle, timeout=sched.idle_timeout(0.5))
                 drawn = self._take_masked()
                 started = sched.admit()
                 if started:
@@ -291,9 +292,9 @@ class Engine:
         for seq in started:
             self.metrics.queue_wait.observe(now - seq.request.submitted)
 
-    def _take_commands(self, block: bool) -> None:
+    def _take_commands(self, block: bool, timeout: float) -> None:
         try:
-            cmd, arg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            cmd, arg = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:

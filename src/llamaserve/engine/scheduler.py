@@ -10,6 +10,10 @@ behind it. Two more rules:
 - One prefill per prefix: a sequence whose prompt shares a long prefix with a prompt still being prefilled waits
   until that prefill has computed it, then copies its KV (llama_memory_seq_cp) instead of recomputing it. This
   is what makes n > 1, and a burst of requests with one system prompt, prefill their prompt once.
+- Background sequences (batch lines) come last: admitted after every waiting live one, and in a step only when no
+  live sequence has run or waited for LIVE_GRACE. On a CPU a step costs about as much per sequence it carries, so
+  a batch sharing steps would slow live streams in proportion (measured: 8 batch lines took a live client from
+  101 to 13 tokens/s); held back, they keep their slots and KV and go on where they stopped (nothing recomputed).
 
 Images: a prompt chunk stops at the sequence's next image, which the engine decodes on its own (a batch holds
 tokens or embeddings, never both); the sequence takes no part in batches until it has. A reused prefix never
@@ -19,12 +23,17 @@ ends inside an image.
 from __future__ import annotations
 
 import heapq
+import math
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
 from llamaserve.engine.llama import Batch, LlamaModel
 from llamaserve.engine.sequence import Sequence, Slot
 
+# Background sequences wait this long after the last live one ran or waited: a client sending its requests back to
+# back finds the engine free, not in the middle of a batch's step.
+LIVE_GRACE = 0.05
 # Wait for an in-flight prefill only when it would save at least this many tokens of compute.
 MIN_SHARED_PREFILL = 16
 # A reused prefix stops this many tokens short of the prompt's end, so the last prompt tokens are computed as a
@@ -62,6 +71,7 @@ class Scheduler:
         self.slots = [Slot(i) for i in range(n_slots)]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.live_at = -math.inf  # monotonic time a live (not background) sequence last ran or waited
 
     # --- admission ------------------------------------------------------------------------------------------
     def admit(self) -> list[Sequence]:
@@ -70,15 +80,16 @@ class Scheduler:
         free = [s for s in self.slots if s.seq is None]
         if not free or not self.waiting:
             return started
-        running = Counter(seq.request.tenant for seq in self.running)
-        queues: dict[str, deque[tuple[int, Sequence]]] = {}  # each tenant's waiting sequences, in arrival order
+        running = Counter(_tenant(seq) for seq in self.running)
+        queues: dict[tuple[str, bool], deque[tuple[int, Sequence]]] = {}  # each tenant's waiting, in arrival order
         for position, seq in enumerate(self.waiting):
-            queues.setdefault(seq.request.tenant, deque()).append((position, seq))
-        # Tenants by (sequences running, arrival of their first waiting sequence): the next to start is first.
-        turns = [(running[tenant], queue[0][0], tenant) for tenant, queue in queues.items()]
+            queues.setdefault(_tenant(seq), deque()).append((position, seq))
+        # Tenants by (background, sequences running, arrival of their first waiting sequence): the next to start is
+        # first. A tenant's background sequences count as a tenant of their own.
+        turns = [(tenant[1], running[tenant], queue[0][0], tenant) for tenant, queue in queues.items()]
         heapq.heapify(turns)
         while turns and free:
-            count, _, tenant = heapq.heappop(turns)
+            background, count, _, tenant = heapq.heappop(turns)
             queue = queues[tenant]
             _, seq = queue.popleft()
             target = free[0]
@@ -90,8 +101,23 @@ class Scheduler:
                 free.pop(0)
                 count += 1
             if queue:
-                heapq.heappush(turns, (count, queue[0][0], tenant))
+                heapq.heappush(turns, (background, count, queue[0][0], tenant))
         return started
+
+    # --- background sequences -------------------------------------------------------------------------------
+    def _background_held(self) -> bool:
+        """Whether background sequences sit out the next step: a live sequence runs or waits, or did within
+        LIVE_GRACE."""
+        now = time.monotonic()
+        if any(not seq.request.background for seq in (*self.running, *self.waiting)):
+            self.live_at = now
+        return now - self.live_at < LIVE_GRACE
+
+    def idle_timeout(self, longest: float) -> float:
+        """How long an idle engine may wait for commands: until held background sequences may run again."""
+        if not any(seq.request.background for seq in self.running):
+            return longest
+        return min(longest, max(0.001, self.live_at + LIVE_GRACE - time.monotonic()))
 
     def _best_prefix(self, seq: Sequence, target: Slot) -> tuple[Slot | None, int]:
         """The slot whose KV holds the longest prefix of this prompt (all but its last RECOMPUTE tokens),
@@ -177,7 +203,9 @@ class Scheduler:
         """One token for every generating sequence, then prompt chunks (oldest first, each up to its next image)
         while the budget lasts; laid out in slot order, so that consecutive slots share one compute pass."""
         counts: dict[int, int] = {}
-        for seq in sorted(self.running, key=lambda s: s.prefilling):  # stable: admission order within each
+        held = self._background_held()
+        runnable = [seq for seq in self.running if not (held and seq.request.background)]
+        for seq in sorted(runnable, key=lambda s: s.prefilling):  # stable: admission order within each
             if budget <= 0:
                 break
             counts[id(seq)] = n = min(seq.pending, budget)  # 0: an image is due
@@ -201,3 +229,8 @@ class Scheduler:
                     index = i
             plan.append(Scheduled(seq, start, count, index, first))
         return plan
+
+
+def _tenant(seq: Sequence) -> tuple[str, bool]:
+    """Whose sequence, for a fair share of the slots: an account's background sequences apart from its live ones."""
+    return seq.request.tenant, seq.request.background

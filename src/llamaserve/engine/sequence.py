@@ -52,6 +52,7 @@ class Request:
     tenant: str  # an account: free slots go first to the tenant running the fewest
     submitted: float  # perf_counter
     sequences: list[Sequence] = field(default_factory=list)
+    background: bool = False  # a batch line: it runs only while no live request does (scheduler.LIVE_GRACE)
 
     @property
     def finished(self) -> bool:

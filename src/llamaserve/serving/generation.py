@@ -103,7 +103,8 @@ def submit(
     handles: list[RequestHandle] = []
     try:
         for prompt in prompts:
-            handles.append(model.engine.submit(prompt, params, n, tenant=admission.caller.limit_key))
+            tenant, background = admission.caller.limit_key, admission.handed_over is not None  # a batch line
+            handles.append(model.engine.submit(prompt, params, n, tenant=tenant, background=background))
     except (InvalidPrompt, EngineOverloaded) as e:
         for h in handles:
             h.close()
