@@ -79,6 +79,7 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/auth/login"): (401, 403, 429),
     ("PATCH", "/v1/dashboard/keys/{prefix}"): (404,),
     ("POST", "/v1/dashboard/keys/{prefix}/revoke"): (404,),
+    ("GET", "/v1/dashboard/files/{file_id}/content"): (404,),
 }
 SECURITY_SCHEMES = {
     "apiKey": {
