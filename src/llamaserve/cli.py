@@ -199,6 +199,10 @@ def serve(
             "to; a batch past it fails with token_limit_exceeded.",
         ),
     ] = 20_000_000,
+    idempotency_hours: Annotated[
+        float,
+        typer.Option(min=0.001, help="Hours a request's Idempotency-Key and its response are kept for retries."),
+    ] = 24.0,
     max_concurrent_per_account: Annotated[
         int,
         typer.Option(
@@ -249,6 +253,7 @@ def serve(
         batch_discount=batch_discount,
         batch_window=batch_window,
         batch_queued_tokens=batch_queued_tokens,
+        idempotency_hours=idempotency_hours,
     )
     registry = None
     if config_file is not None:

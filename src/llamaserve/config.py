@@ -81,6 +81,7 @@ class PlatformConfig:
     batch_discount: float = 0.5  # off the models' prices for batch lines
     batch_window: float = 24 * 3600  # seconds a batch may take before it expires ("24h")
     batch_queued_tokens: int = 20_000_000  # estimated tokens an account's unfinished batch lines may add up to
+    idempotency_hours: float = 24.0  # how long a request's Idempotency-Key and its response are kept
 
     @property
     def url(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -26,12 +27,13 @@ from llamaserve.backends.local import LocalModel
 from llamaserve.backends.upstream import Router, Upstream
 from llamaserve.billing.batches import BatchStore
 from llamaserve.billing.bootstrap import open_store, stale_hold_age
+from llamaserve.billing.idempotency import IdempotencyStore
 from llamaserve.billing.limits import make_limiter
 from llamaserve.billing.pricing import Price
 from llamaserve.chat.images import ImageLimits
 from llamaserve.config import PlatformConfig
 from llamaserve.registry import Registry
-from llamaserve.serving.admission import Gate, Platform
+from llamaserve.serving.admission import DEAD_AFTER, Gate, Platform
 from llamaserve.serving.batches import BatchRunner
 from llamaserve.serving.directory import ModelDirectory
 from llamaserve.serving.local import LocalServing
@@ -126,6 +128,16 @@ def _batch_runner(
     )
 
 
+async def _purge_every_minute(keys: IdempotencyStore) -> None:
+    """Expired idempotency keys go, with their responses."""
+    while True:
+        await asyncio.sleep(60)
+        try:
+            await keys.purge()
+        except Exception as e:  # the database out of reach: next time
+            log.warning("purging idempotency keys: %s", e)
+
+
 def create_app(
     model: LocalModel | None,
     platform_config: PlatformConfig | None,
@@ -149,10 +161,13 @@ def create_app(
             upstream_model.router.start_health_checks()
         if model is not None:
             model.start(asyncio.get_running_loop())
-        running_batches = None
+        running_batches = purging = None
         if platform is not None and platform_config is not None:
             app.state.batches = _batch_runner(platform, platform_config, directory, model)
             running_batches = asyncio.get_running_loop().create_task(app.state.batches.run())
+            lifetime = dt.timedelta(hours=platform_config.idempotency_hours)
+            app.state.idempotency = IdempotencyStore(platform.store, lifetime, DEAD_AFTER)
+            purging = asyncio.get_running_loop().create_task(_purge_every_minute(app.state.idempotency))
         try:
             yield
         finally:
@@ -161,6 +176,10 @@ def create_app(
             if running_batches is not None:
                 running_batches.cancel()
                 await app.state.batches.stop()
+            if purging is not None:
+                purging.cancel()
+            for stream in list(app.state.idempotent_streams):  # streams whose clients left, still generating
+                stream.cancel()
             for upstream_model in directory.upstreams:
                 await upstream_model.router.close()
             if model is not None:
@@ -178,6 +197,8 @@ def create_app(
     app.state.gate = Gate(None)  # until the lifespan opens the platform
     app.state.models = ModelDirectory(None, (), [], None, 0)  # until the lifespan has the models
     app.state.started = int(time.time())
+    app.state.idempotency = None  # with a platform: its IdempotencyStore (api/openai/idempotency.py)
+    app.state.idempotent_streams = set()  # streams with an Idempotency-Key, consumed by tasks of their own
     errors.install(app, unknown_path=chat.unknown_model_by_path)
     app.state.lifecycle = lifecycle or Lifecycle()
     app.add_middleware(LifecycleMiddleware, lifecycle=app.state.lifecycle)

@@ -41,7 +41,8 @@ STATUS_TEXT = {
     402: "The balance cannot cover the request's worst case (insufficient_credits).",
     403: "Not allowed: key disabled, account suspended, model not allowed, not an admin, or a failed CSRF check.",
     404: "Not found (for another account's things too: they are not revealed to exist).",
-    409: "Conflicts with the present state: it exists already, or the engine is busy (engine_busy).",
+    409: "Conflicts with the present state: it exists already, the engine is busy (engine_busy), or a request "
+    "with the same Idempotency-Key still runs (idempotency_key_in_use).",
     413: "The body is larger than the server takes (`--max-body-mb`; request_too_large).",
     429: "Over a rate limit (`Retry-After` says when to come back).",
     500: "A bug or an engine failure; the message carries the request id, never a traceback.",
@@ -50,7 +51,7 @@ STATUS_TEXT = {
     "unreachable (database_unavailable) or the server is shutting down (shutting_down).",
     504: "Ran past the request timeout (request_timeout) or an upstream's (upstream_timeout).",
 }
-INFERENCE = (402, 404, 429, 502, 503, 504)
+INFERENCE = (402, 404, 409, 429, 502, 503, 504)  # 409: an Idempotency-Key still in use
 # The errors particular to a route, beyond 400 (input), 401/403 (credentials) and 500 (any).
 ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("POST", "/v1/chat/completions"): INFERENCE,
@@ -59,12 +60,12 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("GET", "/v1/models/{model_id}"): (404,),
     ("POST", "/tokenize"): (404, 429),
     ("POST", "/detokenize"): (404, 429),
-    ("POST", "/v1/files"): (413,),
+    ("POST", "/v1/files"): (409, 413, 429),
     ("GET", "/v1/files"): (404,),
     ("GET", "/v1/files/{file_id}"): (404,),
     ("GET", "/v1/files/{file_id}/content"): (404,),
     ("DELETE", "/v1/files/{file_id}"): (404,),
-    ("POST", "/v1/batches"): (404,),
+    ("POST", "/v1/batches"): (404, 409, 429),
     ("GET", "/v1/batches"): (404,),
     ("GET", "/v1/batches/{batch_id}"): (404,),
     ("POST", "/v1/batches/{batch_id}/cancel"): (404,),

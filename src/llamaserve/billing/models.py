@@ -7,9 +7,23 @@ in the same transaction, so the balance always equals the sum of its ledger.
 
 from __future__ import annotations
 
+import builtins  # the files tables have a column named bytes: the type is builtins.bytes there
 import datetime as dt
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, false
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MICRO = 1_000_000  # micro-credits per credit
@@ -147,7 +161,7 @@ class File(Base):
     purpose: Mapped[str] = mapped_column(String(32), nullable=False)
     filename: Mapped[str] = mapped_column(String(255), nullable=False)
     bytes: Mapped[int] = mapped_column(Integer, nullable=False)
-    content: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    content: Mapped[builtins.bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[dt.datetime] = _now()
 
     __table_args__ = (Index("ix_files_account_created", "account_id", "created_at"),)
@@ -207,3 +221,27 @@ class BatchLine(Base):
     failed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
 
     __table_args__ = (Index("ix_batch_lines_batch_status", "batch_id", "status"),)
+
+
+class IdempotencyRecord(Base):
+    """A request sent with an Idempotency-Key (per account), while it runs (`owner`: the gateway running it) and
+    then with its response, kept until `expires_at` so that a retry gets it again."""
+
+    __tablename__ = "idempotency_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), nullable=False)
+    key: Mapped[str] = mapped_column(String(255), nullable=False)
+    request_hash: Mapped[str] = mapped_column(String(64), nullable=False)  # SHA-256 of its path and JSON body
+    status: Mapped[str] = mapped_column(String(16), nullable=False)  # running | done
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    stream: Mapped[bool] = mapped_column(Boolean, nullable=False)  # the response is SSE events
+    response: Mapped[builtins.bytes | None] = mapped_column(LargeBinary, nullable=True)
+    bytes: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+    __table_args__ = (
+        UniqueConstraint("account_id", "key", name="uq_idempotency_keys_account_key"),
+        Index("ix_idempotency_keys_expires", "expires_at"),
+    )

@@ -8,19 +8,27 @@ import datetime as dt
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
 
+from llamaserve.api.openai.calls import call_of
 from llamaserve.api.openai.files import batch_store, not_found
+from llamaserve.api.openai.idempotency import idempotent
 from llamaserve.api.platform.keys import CallerDep
-from llamaserve.billing.store import StoreError
+from llamaserve.billing.store import Caller, StoreError
 from llamaserve.protocol.batches import BatchList, BatchObject, BatchRequest, batch_object
 from llamaserve.protocol.errors import invalid
 from llamaserve.serving.batches import BatchRunner, input_lines
+from llamaserve.serving.reply import Reply
 
 router = APIRouter()
 
 
 @router.post("/v1/batches", response_model=BatchObject)
-async def create_batch(body: BatchRequest, request: Request, caller: CallerDep) -> BatchObject:
+async def create_batch(body: BatchRequest, request: Request, caller: CallerDep) -> Response:
+    return await idempotent(request, call_of(request, caller), lambda: _create(body, request, caller))
+
+
+async def _create(body: BatchRequest, request: Request, caller: Caller) -> Reply:
     runner: BatchRunner = request.app.state.batches
     try:
         file = await runner.batches.file(caller.account_id, body.input_file_id, with_content=True)
@@ -50,7 +58,7 @@ async def create_batch(body: BatchRequest, request: Request, caller: CallerDep) 
         errors,
     )
     runner.wake.set()
-    return batch_object(batch)
+    return Reply({}, body=batch_object(batch).model_dump())
 
 
 @router.get("/v1/batches/{batch_id}", response_model=BatchObject)

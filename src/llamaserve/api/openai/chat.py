@@ -13,7 +13,8 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
-from llamaserve.api.openai.calls import call_of, models_of, respond
+from llamaserve.api.openai.calls import call_of, models_of
+from llamaserve.api.openai.idempotency import idempotent
 from llamaserve.api.openai.inference import InferenceRoute, json_body
 from llamaserve.api.platform.keys import CallerDep, require_caller
 from llamaserve.protocol.chat import ChatCompletion, ChatCompletionRequest, PathChatRequest
@@ -26,7 +27,7 @@ router = APIRouter(route_class=InferenceRoute)
 async def chat_completions(body: ChatCompletionRequest, request: Request, caller: CallerDep) -> Any:
     serving = models_of(request).resolve(body.model, caller)
     call = call_of(request, caller)
-    return respond(await serving.chat(body, call), call)
+    return await idempotent(request, call, lambda: serving.chat(body, call))
 
 
 class ServedModelRoute(APIRoute):

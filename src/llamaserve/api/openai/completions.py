@@ -6,7 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from llamaserve.api.openai.calls import call_of, models_of, respond
+from llamaserve.api.openai.calls import call_of, models_of
+from llamaserve.api.openai.idempotency import idempotent
 from llamaserve.api.openai.inference import InferenceRoute
 from llamaserve.api.platform.keys import CallerDep
 from llamaserve.protocol.completions import Completion, CompletionRequest
@@ -18,4 +19,4 @@ router = APIRouter(route_class=InferenceRoute)
 async def completions(body: CompletionRequest, request: Request, caller: CallerDep) -> Any:
     serving = models_of(request).resolve(body.model, caller)
     call = call_of(request, caller)
-    return respond(await serving.completion(body, call), call)
+    return await idempotent(request, call, lambda: serving.completion(body, call))

@@ -4,17 +4,21 @@ download, delete. An account sees only its own files; another's are as absent (4
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 
+from llamaserve.api.openai.calls import call_of
+from llamaserve.api.openai.idempotency import idempotent
 from llamaserve.api.platform.keys import CallerDep
 from llamaserve.billing.batches import BatchStore, QuotaError
 from llamaserve.billing.store import StoreError
 from llamaserve.protocol.batches import FileDeleted, FileList, FileObject, file_object
 from llamaserve.protocol.errors import APIError, invalid
 from llamaserve.serving.batches import jsonl_objects
+from llamaserve.serving.reply import Reply
 
 router = APIRouter()
 FILES_QUOTA = 1 << 30  # bytes an account's files may hold in the store (outputs included)
@@ -31,17 +35,22 @@ def not_found(e: StoreError, param: str) -> APIError:
 @router.post("/v1/files", response_model=FileObject, summary="Upload a batch input file (JSONL)")
 async def upload_file(
     request: Request, caller: CallerDep, file: UploadFile, purpose: Annotated[str, Form(max_length=32)]
-) -> FileObject:
+) -> Response:
     if purpose != "batch":
         raise invalid(f"purpose {purpose!r} is not kept here: upload batch input files (purpose 'batch')", "purpose")
     content = await file.read()
-    await asyncio.to_thread(jsonl_objects, content)  # a batch file or a 400 now, not at its batch's creation
     name = (file.filename or "upload.jsonl")[:255]
-    try:
-        stored = await batch_store(request).create_file(caller.account_id, purpose, name, content, FILES_QUOTA)
-    except QuotaError as e:
-        raise invalid(f"{e}: delete files you no longer need", "file", code="files_quota_exceeded") from e
-    return file_object(stored)
+
+    async def upload() -> Reply:
+        await asyncio.to_thread(jsonl_objects, content)  # a batch file or a 400 now, not at its batch's creation
+        try:
+            stored = await batch_store(request).create_file(caller.account_id, purpose, name, content, FILES_QUOTA)
+        except QuotaError as e:
+            raise invalid(f"{e}: delete files you no longer need", "file", code="files_quota_exceeded") from e
+        return Reply({}, body=file_object(stored).model_dump())
+
+    identity = hashlib.sha256(content).hexdigest().encode() + b"\n" + purpose.encode() + b"\n" + name.encode()
+    return await idempotent(request, call_of(request, caller), upload, identity)
 
 
 @router.get("/v1/files", response_model=FileList)

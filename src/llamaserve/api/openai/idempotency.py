@@ -37,8 +37,11 @@ STORED_BYTES_PER_ACCOUNT = 256 * 1024 * 1024  # responses an account's live keys
 REPLAYED = {"Idempotent-Replayed": "true"}
 
 
-async def idempotent(request: Request, call: Call, serve: Callable[[], Awaitable[Reply]]) -> Response:
-    """`serve()`'s reply as a response; with an Idempotency-Key, at most once per key (see the module)."""
+async def idempotent(
+    request: Request, call: Call, serve: Callable[[], Awaitable[Reply]], content: bytes | None = None
+) -> Response:
+    """`serve()`'s reply as a response; with an Idempotency-Key, at most once per key (see the module). `content`:
+    what identifies the request when its body is no JSON (an upload), else the JSON body does."""
     key = request.headers.get(HEADER)
     keys: IdempotencyStore | None = getattr(request.app.state, "idempotency", None)
     if key is None or keys is None:
@@ -46,7 +49,7 @@ async def idempotent(request: Request, call: Call, serve: Callable[[], Awaitable
     if not 0 < len(key) <= MAX_KEY or not key.isprintable() or not key.isascii():
         raise invalid(f"{HEADER} must be 1 to {MAX_KEY} printable ASCII characters", HEADER)
     account = call.caller.account_id
-    digest = await _request_hash(request)
+    digest = await _request_hash(request, content)
     platform = request.app.state.gate.platform
     deadline = time.monotonic() + (platform.request_timeout if platform is not None else 600)
     while True:
@@ -93,13 +96,15 @@ async def idempotent(request: Request, call: Call, serve: Callable[[], Awaitable
     return _teed(request, reply, keys, account, key, call)
 
 
-async def _request_hash(request: Request) -> str:
+async def _request_hash(request: Request, content: bytes | None) -> str:
     """The request as sent: its path and its JSON body, keys sorted (the same body in another layout is the same)."""
-    raw = await request.body()
-    try:
-        canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
-    except ValueError:
-        canonical = raw
+    canonical = content
+    if canonical is None:
+        raw = await request.body()
+        try:
+            canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+        except ValueError:
+            canonical = raw
     return hashlib.sha256(request.url.path.encode() + b"\n" + canonical).hexdigest()
 
 
@@ -153,4 +158,3 @@ def _teed(request: Request, reply: Reply, keys: IdempotencyStore, account: int, 
 
 async def _never() -> None:
     await asyncio.Event().wait()
-
