@@ -11,7 +11,8 @@ own cost, without the engine's noise (nor its competition for the cores).
 `--store sqlite,postgres,postgres+redis` runs a gateway on each store (PostgreSQL: a fresh database on the server
 `--postgres-url` names, dropped afterwards; Redis: `--redis-url`), side by side; `--accounts N` gives each
 gateway N accounts (unlimited plan, one key each) and the clients send as them in turn: one account's requests all
-update one balance row, N accounts' spread over N.
+update one balance row, N accounts' spread over N. `--idempotency` adds each gateway again as "<name>-keyed", every
+request with a new `Idempotency-Key`: what keeping a response for retries costs a request.
 
 `--before DIR` adds a gateway run from another checkout (`git worktree add DIR REV`), so a change's cost is
 measured against the code before it in the same run. `--floor` adds bench/passthrough.py beside the gateway: a bare
@@ -52,6 +53,7 @@ from litellm_proxy import LiteLLM, proxy  # noqa: E402
 from serve_bench import free_port, stop, wait_healthy  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
+FRESH = "<fresh>"  # an Idempotency-Key header to be replaced by a new key on each request
 BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
 
 
@@ -132,6 +134,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, stream: bool, headers: dict[str, str]) -> float:
+    if headers.get("Idempotency-Key") == FRESH:
+        headers = {**headers, "Idempotency-Key": uuid.uuid4().hex}
     started = time.perf_counter()
     if stream:
         async with client.stream("POST", url, json={**BODY, "model": model, "stream": True}, headers=headers) as r:
@@ -224,6 +228,9 @@ def main() -> None:
         "--store", default="sqlite", help="comma-separated: sqlite, postgres, postgres+redis (a gateway on each)"
     )
     p.add_argument("--accounts", type=int, default=1, help="accounts the clients send as, in turn (one key each)")
+    p.add_argument(
+        "--idempotency", action="store_true", help="also each gateway with a new Idempotency-Key on every request"
+    )
     p.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres", help="for --store")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="for --store postgres+redis")
     args = p.parse_args()
@@ -252,6 +259,9 @@ def main() -> None:
             for store in stores:
                 name = "gateway" if len(stores) == 1 else f"gateway-{store}"
                 targets[name] = running.enter_context(gateway(config, store, args.accounts, args))
+                if args.idempotency:  # the same gateway, each request with a new Idempotency-Key
+                    url, served, accounts = targets[name]
+                    targets[f"{name}-keyed"] = (url, served, [{**h, "Idempotency-Key": FRESH} for h in accounts])
                 if args.before:
                     before = gateway(config, store, args.accounts, args, source=args.before)
                     targets[f"{name}-before"] = running.enter_context(before)

@@ -178,8 +178,10 @@ def create_app(
                 await app.state.batches.stop()
             if purging is not None:
                 purging.cancel()
-            for stream in list(app.state.idempotent_streams):  # streams whose clients left, still generating
-                stream.cancel()
+            streams = list(app.state.idempotent_streams)  # keyed streams still generating (clients gone)
+            for stream in streams:
+                stream.cancel()  # their keys freed: a retry runs afresh
+            await asyncio.gather(*streams, return_exceptions=True)
             for upstream_model in directory.upstreams:
                 await upstream_model.router.close()
             if model is not None:

@@ -148,3 +148,17 @@ def seconds(t: dt.datetime | None) -> int | None:
     if t is None:
         return None
     return int((t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp())
+
+
+def file_page(files: list[File], limit: int) -> FileList:
+    """A page of files, from up to `limit` + 1 of them (one more says there are more)."""
+    data = [file_object(f) for f in files[:limit]]
+    first, last = (data[0].id, data[-1].id) if data else (None, None)
+    return FileList(data=data, first_id=first, last_id=last, has_more=len(files) > limit)
+
+
+def batch_page(batches: list[Batch], limit: int) -> BatchList:
+    """A page of batches, from up to `limit` + 1 of them (one more says there are more)."""
+    data = [batch_object(b) for b in batches[:limit]]
+    first, last = (data[0].id, data[-1].id) if data else (None, None)
+    return BatchList(data=data, first_id=first, last_id=last, has_more=len(batches) > limit)

@@ -15,7 +15,7 @@ from llamaserve.api.openai.files import batch_store, not_found
 from llamaserve.api.openai.idempotency import idempotent
 from llamaserve.api.platform.keys import CallerDep
 from llamaserve.billing.store import Caller, StoreError
-from llamaserve.protocol.batches import BatchList, BatchObject, BatchRequest, batch_object
+from llamaserve.protocol.batches import BatchList, BatchObject, BatchRequest, batch_object, batch_page
 from llamaserve.protocol.errors import invalid
 from llamaserve.serving.batches import BatchRunner, input_lines
 from llamaserve.serving.reply import Reply
@@ -80,9 +80,7 @@ async def list_batches(
         batches = await batch_store(request).batches(caller.account_id, after, limit + 1)
     except StoreError as e:
         raise not_found(e, "after") from e
-    data = [batch_object(b) for b in batches[:limit]]
-    first, last = (data[0].id, data[-1].id) if data else (None, None)
-    return BatchList(data=data, first_id=first, last_id=last, has_more=len(batches) > limit)
+    return batch_page(batches, limit)
 
 
 @router.post("/v1/batches/{batch_id}/cancel", response_model=BatchObject)

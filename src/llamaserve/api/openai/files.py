@@ -15,7 +15,7 @@ from llamaserve.api.openai.idempotency import idempotent
 from llamaserve.api.platform.keys import CallerDep
 from llamaserve.billing.batches import BatchStore, QuotaError
 from llamaserve.billing.store import StoreError
-from llamaserve.protocol.batches import FileDeleted, FileList, FileObject, file_object
+from llamaserve.protocol.batches import FileDeleted, FileList, FileObject, file_object, file_page
 from llamaserve.protocol.errors import APIError, invalid
 from llamaserve.serving.batches import jsonl_objects
 from llamaserve.serving.reply import Reply
@@ -65,9 +65,7 @@ async def list_files(
         files = await batch_store(request).files(caller.account_id, purpose, after, limit + 1)
     except StoreError as e:
         raise not_found(e, "after") from e
-    data = [file_object(f) for f in files[:limit]]
-    first, last = (data[0].id, data[-1].id) if data else (None, None)
-    return FileList(data=data, first_id=first, last_id=last, has_more=len(files) > limit)
+    return file_page(files, limit)
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject)

@@ -48,7 +48,7 @@ from llamaserve.protocol.account import (
     UsageBucketView,
     UsageSummary,
 )
-from llamaserve.protocol.batches import BatchList, batch_object
+from llamaserve.protocol.batches import BatchList, batch_page
 from llamaserve.protocol.common import StrictModel
 from llamaserve.protocol.errors import APIError, invalid
 from llamaserve.protocol.validation import StoredText
@@ -203,10 +203,7 @@ async def batches(
     request: Request, logged_in: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> BatchList:
     """The account's batches, newest first, as GET /v1/batches gives them (the usage page's table)."""
-    found = await request.app.state.batches.batches.batches(logged_in.account.id, None, limit + 1)
-    data = [batch_object(b) for b in found[:limit]]
-    first, last = (data[0].id, data[-1].id) if data else (None, None)
-    return BatchList(data=data, first_id=first, last_id=last, has_more=len(found) > limit)
+    return batch_page(await request.app.state.batches.batches.batches(logged_in.account.id, None, limit + 1), limit)
 
 
 @router.get("/files/{file_id}/content", response_class=Response)
