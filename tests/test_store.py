@@ -663,3 +663,47 @@ async def test_a_deferred_transaction_goes_with_the_next_one_or_alone_soon(tmp_p
     await asyncio.sleep(0)
     await writer.close()
     assert last.done() and last.result() > 0 and sent == [2, 1, 1, 1]
+
+
+# --- idempotency keys ----------------------------------------------------------------------------------------------
+@pytest.mark.anyio
+async def test_an_idempotency_key_runs_once_then_answers_from_the_store(store: Store) -> None:
+    from llamaserve.billing.idempotency import Claimed, IdempotencyStore
+
+    account = await new_account(store, credits=1)
+    keys = IdempotencyStore(store, dt.timedelta(hours=1), dt.timedelta(seconds=10))
+    assert (await keys.claim(account.id, "k", "h1")).outcome is Claimed.RUN
+    assert (await keys.claim(account.id, "k", "h1")).outcome is Claimed.RUNNING
+    assert (await keys.claim(account.id, "k", "h2")).outcome is Claimed.MISMATCH
+    await keys.finish(account.id, "k", 200, True, b"data: {}\n\n")
+    done = await keys.claim(account.id, "k", "h1")
+    assert (done.outcome, done.stream, done.response) == (Claimed.DONE, True, b"data: {}\n\n")
+    assert await keys.stored_bytes(account.id) == 10
+    # A refused request's key is freed; another account's same key is its own.
+    assert (await keys.claim(account.id, "refused", "h")).outcome is Claimed.RUN
+    await keys.forget(account.id, "refused")
+    assert (await keys.claim(account.id, "refused", "h")).outcome is Claimed.RUN
+    other = await store.create_account("other", "free", 1)
+    assert (await keys.claim(other.id, "k", "h2")).outcome is Claimed.RUN
+
+
+@pytest.mark.anyio
+async def test_an_expired_key_or_one_whose_gateway_died_is_claimed_again(store: Store) -> None:
+    from llamaserve.billing.idempotency import Claimed, IdempotencyStore
+
+    account = await new_account(store, credits=1)
+    await store.heartbeat()
+    short = IdempotencyStore(store, dt.timedelta(seconds=-1), dt.timedelta(seconds=10))  # expired at once
+    assert (await short.claim(account.id, "old", "h")).outcome is Claimed.RUN
+    keys = IdempotencyStore(store, dt.timedelta(hours=1), dt.timedelta(seconds=10))
+    assert (await keys.claim(account.id, "old", "other body")).outcome is Claimed.RUN
+    # A gateway that claimed a key and stopped beating long ago: its key goes to the next claimant.
+    dead = Store(store.url)
+    try:
+        dead_keys = IdempotencyStore(dead, dt.timedelta(hours=1), dt.timedelta(seconds=10))
+        async with store.write() as s:
+            s.add(Gateway(id=dead.instance, heartbeat_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)))
+        assert (await dead_keys.claim(account.id, "orphan", "h")).outcome is Claimed.RUN
+        assert (await keys.claim(account.id, "orphan", "h")).outcome is Claimed.RUN
+    finally:
+        await dead.close()

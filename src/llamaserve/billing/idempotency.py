@@ -3,20 +3,24 @@ response kept (for the key's lifetime) so that a retry gets it again instead of 
 
 A key's row is claimed by the gateway that runs the request (`running`, with its `owner`), then holds the response
 (`done`). Every replica sees it, so a retry may land anywhere. A key whose owner stopped beating (killed
-mid-request) is free to be claimed again.
+mid-request) is free to be claimed again. Claiming and keeping are one short transaction each, on the store's
+per-request path (SQLite's database thread; PostgreSQL without the ORM).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
+import time
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from llamaserve.billing.models import Gateway, IdempotencyRecord
-from llamaserve.billing.store import Store
+from llamaserve.billing.store import Statements, Store
+
+STORED_BYTES_SECONDS = 10.0  # how long an account's count of stored bytes is taken as it is
 
 
 class Claimed(enum.Enum):
@@ -29,15 +33,69 @@ class Claimed(enum.Enum):
 @dataclass(frozen=True)
 class Claim:
     outcome: Claimed
-    record: IdempotencyRecord | None = None  # DONE: the stored response
+    status_code: int = 200  # DONE: the stored response
+    stream: bool = False
+    response: bytes = b""
+
+
+_INSERT = text(
+    "INSERT INTO idempotency_keys (account_id, key, request_hash, status, owner, stream, bytes, created_at, "
+    "expires_at) VALUES (:account_id, :key, :request_hash, 'running', :owner, false, 0, :now, :expires) "
+    "ON CONFLICT (account_id, key) DO NOTHING RETURNING id"
+)
+_FOUND = text(
+    "SELECT k.id, k.request_hash, k.status, k.status_code, k.stream, k.response, k.owner, "
+    "CASE WHEN k.expires_at <= :now THEN 1 ELSE 0 END AS expired, "
+    "CASE WHEN k.owner = :owner OR EXISTS (SELECT 1 FROM gateways g WHERE g.id = k.owner "
+    "AND g.heartbeat_at >= :alive_since) THEN 1 ELSE 0 END AS owner_alive "
+    "FROM idempotency_keys k WHERE k.account_id = :account_id AND k.key = :key"
+)
+_DROP = text("DELETE FROM idempotency_keys WHERE id = :id")
+_TAKE_OVER = text("UPDATE idempotency_keys SET owner = :owner, created_at = :now WHERE id = :id AND owner = :old")
+_FINISH = text(
+    "UPDATE idempotency_keys SET status = 'done', status_code = :status_code, stream = :stream, "
+    "response = :response, bytes = :bytes WHERE account_id = :account_id AND key = :key AND owner = :owner"
+)
+_FORGET = text(
+    "DELETE FROM idempotency_keys WHERE account_id = :account_id AND key = :key AND owner = :owner "
+    "AND status = 'running'"
+)
+_STORED = text("SELECT sum(bytes) FROM idempotency_keys WHERE account_id = :account_id AND expires_at > :now")
+_PURGE = text("DELETE FROM idempotency_keys WHERE expires_at <= :now")
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _aware(t: dt.datetime) -> dt.datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+def _claim(run: Statements, params: dict[str, Any]) -> Claim:
+    for _ in range(2):  # a second time after dropping an expired key
+        if run(_INSERT, params).fetchone() is not None:
+            return Claim(Claimed.RUN)
+        row = run(_FOUND, params).fetchone()
+        if row is None:  # deleted between the two (a refused request's key): claim again
+            continue
+        key_id, request_hash, status, status_code, stream, response, owner, expired, owner_alive = row
+        if expired:
+            run(_DROP, {"id": key_id})
+            continue
+        if request_hash != params["request_hash"]:
+            return Claim(Claimed.MISMATCH)
+        if status == "done":
+            return Claim(Claimed.DONE, status_code or 200, bool(stream), bytes(response or b""))
+        if not owner_alive:  # its gateway died mid-request: run it here
+            taken = run(_TAKE_OVER, {"id": key_id, "owner": params["owner"], "now": params["now"], "old": owner})
+            return Claim(Claimed.RUN if taken.rowcount else Claimed.RUNNING)
+        return Claim(Claimed.RUNNING)
+    return Claim(Claimed.RUNNING)
+
+
+def _write(run: Statements, statement: Any, params: dict[str, Any]) -> None:
+    run(statement, params)
+
+
+def _stored(run: Statements, params: dict[str, Any]) -> int:
+    return int(run(_STORED, params).fetchone()[0] or 0)
 
 
 class IdempotencyStore:
@@ -45,93 +103,63 @@ class IdempotencyStore:
         self.store = store
         self.lifetime = lifetime
         self.dead_after = dead_after
+        self._stored: dict[int, tuple[int, float]] = {}  # account → (bytes, when counted)
 
     async def claim(self, account_id: int, key: str, request_hash: str) -> Claim:
         """Claim the key for a request whose body hashes to `request_hash`, or say why not."""
         now = _now()
-        owner = self.store.instance
-        try:
-            async with self.store.write() as s:
-                found = (
-                    select(IdempotencyRecord)
-                    .where(IdempotencyRecord.account_id == account_id, IdempotencyRecord.key == key)
-                    .with_for_update()
-                )
-                record = await s.scalar(found)
-                if record is not None and _aware(record.expires_at) <= now:
-                    await s.delete(record)
-                    await s.flush()
-                    record = None
-                if record is None:
-                    s.add(
-                        IdempotencyRecord(
-                            account_id=account_id,
-                            key=key,
-                            request_hash=request_hash,
-                            status="running",
-                            owner=owner,
-                            stream=False,
-                            bytes=0,
-                            created_at=now,
-                            expires_at=now + self.lifetime,
-                        )
-                    )
-                    return Claim(Claimed.RUN)
-                if record.request_hash != request_hash:
+        params = {
+            "account_id": account_id,
+            "key": key,
+            "request_hash": request_hash,
+            "owner": self.store.instance,
+            "now": now,
+            "expires": now + self.lifetime,
+            "alive_since": now - self.dead_after,
+        }
+        postgres = self.store.postgres
+        if postgres is not None:  # the usual case in one round trip: claimed, or the row found
+            row = await postgres.claim_key(params)
+            if row["claimed"] is not None:
+                return Claim(Claimed.RUN)
+            if row["id"] is not None and not row["expired"]:
+                if row["request_hash"] != request_hash:
                     return Claim(Claimed.MISMATCH)
-                if record.status == "done":
-                    return Claim(Claimed.DONE, record)
-                if not await self._alive(s, record.owner, now):  # its gateway died mid-request: run it here
-                    record.owner, record.created_at = owner, now
-                    return Claim(Claimed.RUN)
-                return Claim(Claimed.RUNNING)
-        except IntegrityError:  # another gateway inserted the key between our read and our insert
+                if row["status"] == "done":
+                    return Claim(Claimed.DONE, row["status_code"] or 200, row["stream"], bytes(row["response"]))
+                if row["owner_alive"]:
+                    return Claim(Claimed.RUNNING)
+        try:  # expired, deleted meanwhile, or its gateway dead: the whole rule, in one transaction
+            return await self.store.transaction(_claim, params)
+        except IntegrityError:  # PostgreSQL: another gateway inserted it meanwhile
             return Claim(Claimed.RUNNING)
-
-    async def _alive(self, s: object, owner: str | None, now: dt.datetime) -> bool:
-        if owner is None or owner == self.store.instance:
-            return True
-        beat = await s.scalar(select(Gateway.heartbeat_at).where(Gateway.id == owner))  # type: ignore[attr-defined]
-        return beat is not None and _aware(beat) >= now - self.dead_after
 
     async def finish(self, account_id: int, key: str, status_code: int, stream: bool, response: bytes) -> None:
         """Keep the response of the request that claimed the key."""
-        async with self.store.write() as s:
-            await s.execute(
-                update(IdempotencyRecord)
-                .where(
-                    IdempotencyRecord.account_id == account_id,
-                    IdempotencyRecord.key == key,
-                    IdempotencyRecord.owner == self.store.instance,
-                )
-                .values(status="done", status_code=status_code, stream=stream, response=response, bytes=len(response))
-            )
+        owner = self.store.instance
+        if self.store.postgres is not None:
+            await self.store.postgres.finish_key(account_id, key, owner, status_code, stream, response)
+            return
+        params = {"account_id": account_id, "key": key, "owner": owner, "status_code": status_code}
+        params |= {"stream": stream, "response": response, "bytes": len(response)}
+        await self.store.transaction(_write, _FINISH, params)
 
     async def forget(self, account_id: int, key: str) -> None:
         """Free the key (the request was refused or failed): a retry runs afresh."""
-        async with self.store.write() as s:
-            await s.execute(
-                delete(IdempotencyRecord).where(
-                    IdempotencyRecord.account_id == account_id,
-                    IdempotencyRecord.key == key,
-                    IdempotencyRecord.owner == self.store.instance,
-                    IdempotencyRecord.status == "running",
-                )
-            )
+        params = {"account_id": account_id, "key": key, "owner": self.store.instance}
+        await self.store.transaction(_write, _FORGET, params)
 
     async def stored_bytes(self, account_id: int) -> int:
-        """Bytes of responses the account's live keys hold."""
-        now = _now()
-        async with self.store.read() as s:
-            total = await s.scalar(
-                select(func.sum(IdempotencyRecord.bytes)).where(
-                    IdempotencyRecord.account_id == account_id, IdempotencyRecord.expires_at > now
-                )
-            )
-        return int(total or 0)
+        """Bytes of responses the account's live keys hold (counted at most every STORED_BYTES_SECONDS)."""
+        cached = self._stored.get(account_id)
+        if cached is not None and time.monotonic() - cached[1] < STORED_BYTES_SECONDS:
+            return cached[0]
+        if len(self._stored) > 10_000:
+            self._stored.clear()
+        stored = await self.store.transaction(_stored, {"account_id": account_id, "now": _now()})
+        self._stored[account_id] = (stored, time.monotonic())
+        return stored
 
-    async def purge(self) -> int:
+    async def purge(self) -> None:
         """Delete expired keys (their responses with them)."""
-        async with self.store.write() as s:
-            result = await s.execute(delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= _now()))
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        await self.store.transaction(_write, _PURGE, {"now": _now()})

@@ -68,6 +68,26 @@ SELECT EXISTS (SELECT 1 FROM closed) AS settled, EXISTS (SELECT 1 FROM holds WHE
 """
 
 
+# An idempotency key claimed, or the row that holds it: $1 account, $2 key, $3 request hash, $4 owner, $5 now,
+# $6 expires, $7 alive since. `claimed` is the new row's id; else the existing row as it was.
+CLAIM_KEY = """
+WITH inserted AS (
+    INSERT INTO idempotency_keys (account_id, key, request_hash, status, owner, stream, bytes, created_at, expires_at)
+    VALUES ($1, $2, $3, 'running', $4, false, 0, $5, $6)
+    ON CONFLICT (account_id, key) DO NOTHING RETURNING id
+)
+SELECT (SELECT id FROM inserted) AS claimed, k.id, k.request_hash, k.status, k.status_code, k.stream, k.response,
+       k.owner, k.expires_at <= $5 AS expired,
+       (k.owner = $4 OR EXISTS (SELECT 1 FROM gateways g WHERE g.id = k.owner AND g.heartbeat_at >= $7)) AS owner_alive
+FROM (SELECT 1) AS one LEFT JOIN idempotency_keys k ON k.account_id = $1 AND k.key = $2
+"""
+FINISH_KEY = """
+UPDATE idempotency_keys SET status = 'done', status_code = $4, stream = $5, response = $6::bytea,
+    bytes = length($6::bytea)
+WHERE account_id = $1 AND key = $2 AND owner = $3
+"""
+
+
 class KeyRow(NamedTuple):
     """A key and its account, as KEY_CHECK reads them."""
 
@@ -121,6 +141,17 @@ class PostgresRequests:
         row = await (await self.pool()).fetchrow(SETTLE, hold_id, charge, now, key_id, *recorded)
         assert row is not None
         return row["settled"], row["known"]
+
+    async def claim_key(self, params: dict[str, Any]) -> asyncpg.Record:
+        """CLAIM_KEY's row, for `params` as billing/idempotency.py names them."""
+        p = params
+        args = (p["account_id"], p["key"], p["request_hash"], p["owner"], p["now"], p["expires"], p["alive_since"])
+        row = await (await self.pool()).fetchrow(CLAIM_KEY, *args)
+        assert row is not None
+        return row
+
+    async def finish_key(self, account_id: int, key: str, owner: str, status: int, stream: bool, body: bytes) -> None:
+        await (await self.pool()).execute(FINISH_KEY, account_id, key, owner, status, stream, body)
 
     async def close(self) -> None:
         if self._pool is not None:

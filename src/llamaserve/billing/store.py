@@ -183,7 +183,7 @@ class Store:
         # SQLite has one writer at a time; queue writers here instead of failing with "database is locked".
         self._write_lock = asyncio.Lock()
         # PostgreSQL: the per-request statements, one round trip each, on asyncpg directly.
-        self._postgres: PostgresRequests | None = None if self.is_sqlite else PostgresRequests(url)
+        self.postgres: PostgresRequests | None = None if self.is_sqlite else PostgresRequests(url)
 
     async def ping(self) -> None:
         """Raises unless the database answers (readiness probes)."""
@@ -203,8 +203,8 @@ class Store:
         await self.engine.dispose()
         if self._sqlite is not None:
             await self._sqlite.close()
-        if self._postgres is not None:
-            await self._postgres.close()
+        if self.postgres is not None:
+            await self.postgres.close()
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -390,8 +390,8 @@ class Store:
         prefix, secret = parsed
         # Plain columns, not ORM objects: a found row then costs about what a missing one does (the time to
         # answer tells no one which prefixes exist), and the secret is hashed and compared either way.
-        if self._postgres is not None:
-            row: Any = await self._postgres.key(prefix)
+        if self.postgres is not None:
+            row: Any = await self.postgres.key(prefix)
         else:
             async with self._sessions() as s:
                 row = (await s.execute(_KEY_CHECK.where(ApiKey.prefix == prefix))).first()
@@ -505,8 +505,8 @@ class Store:
         """Reserve `amount` for a request; returns the hold's id, or None if the balance cannot cover it."""
         if amount < 0:
             raise ValueError(f"a hold cannot be negative ({amount})")
-        if self._postgres is not None:
-            return await self._postgres.hold(account_id, amount, request_id, self.instance, _now())
+        if self.postgres is not None:
+            return await self.postgres.hold(account_id, amount, request_id, self.instance, _now())
         return await self.transaction(_hold, account_id, amount, request_id, self.instance)
 
     async def settle(self, hold_id: int, charge: int, usage: Usage | None, key_id: int) -> bool:
@@ -517,9 +517,9 @@ class Store:
         with it: a request's settlement then runs while the next request waits for its engine, not while that
         request is being read, checked and sent (the thread's work slows the event loop's: they share the GIL).
         On PostgreSQL it is one statement, committed when this returns."""
-        if self._postgres is not None:
+        if self.postgres is not None:
             recorded = astuple(usage) if usage is not None else None  # in Usage's field order
-            settled, known = await self._postgres.settle(hold_id, charge, key_id, _now(), recorded)
+            settled, known = await self.postgres.settle(hold_id, charge, key_id, _now(), recorded)
             if not known:
                 raise StoreError(f"no hold {hold_id}")
             return settled
@@ -836,8 +836,8 @@ class SqliteWriter:
 
     def _statement(self, statement: TextClause, params: dict[str, Any]) -> sqlite3.Cursor:
         assert self.connection is not None
-        if "now" in params:  # stored as SQLAlchemy stores a DateTime on SQLite: UTC clock time, no offset
-            params = {**params, "now": params["now"].strftime("%Y-%m-%d %H:%M:%S.%f")}
+        # Times as SQLAlchemy stores a DateTime on SQLite: UTC clock time, no offset (so they compare as text).
+        params = {k: v.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(v, dt.datetime) else v for k, v in params.items()}
         return self.connection.execute(statement.text, params)
 
     async def close(self) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -30,6 +31,7 @@ from llamaserve.protocol.errors import APIError, invalid
 from llamaserve.serving.admission import Call
 from llamaserve.serving.reply import Reply
 
+log = logging.getLogger(__name__)
 HEADER = "Idempotency-Key"
 MAX_KEY = 255
 POLL_SECONDS = 0.05
@@ -63,8 +65,7 @@ async def idempotent(
                 code="idempotency_key_reused",
             )
         if claim.outcome is Claimed.DONE:
-            assert claim.record is not None and claim.record.response is not None
-            return _replay(claim.record.status_code or 200, claim.record.stream, claim.record.response)
+            return _replay(claim.status_code, claim.stream, claim.response)
         if time.monotonic() > deadline:
             raise APIError(
                 409,
@@ -91,9 +92,20 @@ async def idempotent(
         raise
     if reply.events is None:
         assert reply.body is not None
-        await keys.finish(account, key, 200, False, json.dumps(reply.body, ensure_ascii=False).encode())
+        await _keep(keys, account, key, False, json.dumps(reply.body, ensure_ascii=False).encode())
         return respond(reply, call)
     return _teed(request, reply, keys, account, key, call)
+
+
+async def _keep(keys: IdempotencyStore, account: int, key: str, stream: bool, response: bytes) -> None:
+    """Keep the response for retries. If the store cannot take it, the answer still goes out, and the key is
+    freed so that a retry is not left waiting (it runs again)."""
+    try:
+        await keys.finish(account, key, 200, stream, response)
+    except Exception:
+        log.exception("could not keep the response of an Idempotency-Key; its key is freed")
+        with contextlib.suppress(Exception):
+            await keys.forget(account, key)
 
 
 async def _request_hash(request: Request, content: bytes | None) -> str:
@@ -133,7 +145,7 @@ def _teed(request: Request, reply: Reply, keys: IdempotencyStore, account: int, 
             async for event in events:
                 sent.append(event)
                 queue.put_nowait(event)
-            await keys.finish(account, key, 200, True, "".join(sent).encode())
+            await _keep(keys, account, key, True, "".join(sent).encode())
         except BaseException:
             await keys.forget(account, key)
             raise
