@@ -172,8 +172,9 @@ def refusals_once_full_write_nothing(server: Server, body: dict[str, Any]) -> li
         async with httpx.AsyncClient(timeout=120, headers=server.auth) as c:
             url = f"{server.v1}/chat/completions"
             before = settled_records()
-            # The first runs for 30 tokens once the second waits: time enough for two refusals, one by one.
-            long = [asyncio.create_task(c.post(url, json={**body, "max_tokens": 30})) for _ in range(2)]
+            # The first runs for 120 tokens once the second waits: time enough for two refusals, one by one, also
+            # on a loaded machine (with 30, the first once ended before them under the whole suite's load).
+            long = [asyncio.create_task(c.post(url, json={**body, "max_tokens": 120})) for _ in range(2)]
             while (stats := server.engine_stats())["running"] + stats["waiting"] < 2:
                 await asyncio.sleep(0.05)
             refused = [(await c.post(url, json=body)).status_code for _ in range(2)]
