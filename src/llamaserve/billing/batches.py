@@ -275,9 +275,12 @@ class BatchStore:
             result = await s.execute(update(BatchLine).where(*orphaned).values(status="pending", owner=None))
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
-    async def requeue(self, owner: str) -> None:
-        """The lines running as `owner`'s back to pending (a gateway stopping)."""
-        running = BatchLine.status == "running", BatchLine.owner == owner
+    async def requeue(self, owner: str, line_id: int | None = None) -> None:
+        """The lines running as `owner`'s (or only the line `line_id`) back to pending: a gateway stopping, or a
+        line it could not finish."""
+        running = [BatchLine.status == "running", BatchLine.owner == owner]
+        if line_id is not None:
+            running.append(BatchLine.id == line_id)
         async with self.store.write() as s:
             await s.execute(update(BatchLine).where(*running).values(status="pending", owner=None))
 

@@ -10,6 +10,7 @@ batch lines count against no live rate limit. Lines are claimed from the store, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -94,16 +95,22 @@ class BatchRunner:
         self.wake.set()
 
     async def _run_line(self, line: ClaimedLine, call: Call) -> None:
-        status, body = await self._answer(line, call)
-        output = output_line(line.custom_id, status, body, call.request_id)
-        settlement = await self._settlement(call, line)
+        settlement = None
         try:
-            finished = await self.batches.finish_line(line, self.owner, output, status != 200, settlement)
-        except Exception:
-            finished = False
-            log.exception("batch line %d of %s: its output could not be written; it runs again", line.id, line.batch_id)
-        if not finished and settlement is not None:  # not ours to finish (or not written): nothing charged
-            await self.platform.store.settle(settlement.hold_id, 0, None, settlement.key_id)
+            status, body = await self._answer(line, call)
+            settlement = await self._settlement(call, line)
+            output = output_line(line.custom_id, status, body, call.request_id)
+            if await self.batches.finish_line(line, self.owner, output, status != 200, settlement):
+                return
+        except Exception:  # the database out of reach, or a bug: the line runs again
+            log.exception(
+                "batch line %d of %s could not be finished here; it goes back to pending", line.id, line.batch_id
+            )
+            with contextlib.suppress(Exception):
+                await self.batches.requeue(self.owner, line.id)
+        if settlement is not None:  # its output not written (or the line no longer ours): nothing charged
+            with contextlib.suppress(Exception):
+                await self.platform.store.settle(settlement.hold_id, 0, None, settlement.key_id)
 
     async def _answer(self, line: ClaimedLine, call: Call) -> tuple[int, dict[str, Any]]:
         """The line's response: status and body, as a live request would have had them."""
