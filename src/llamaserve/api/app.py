@@ -77,7 +77,7 @@ async def _open_platform(config: PlatformConfig) -> Platform:
         log.warning("released %d credit holds left open by an earlier process", released)
     return Platform(
         store=store,
-        limiter=make_limiter(config.redis_url),
+        limiter=make_limiter(config.redis_url, config.redis_namespace),
         price=Price.from_credits(config.price_input, config.price_output),
         request_timeout=config.request_timeout,
         admin_key=config.admin_key,

@@ -342,6 +342,11 @@ class RedisLimiter:
         await self._redis.aclose()
 
 
-def make_limiter(redis_url: str | None) -> RateLimiter:
-    """The in-process limiter by default; a Redis one (shared across replicas) when given --redis-url."""
-    return RedisLimiter(redis_url) if redis_url else MemoryLimiter()
+def make_limiter(redis_url: str | None, namespace: str = "") -> RateLimiter:
+    """The in-process limiter by default; a Redis one (shared across replicas) when given --redis-url, its keys
+    under `namespace` (a deployment's, so that deployments sharing one Redis keep their buckets apart)."""
+    if not redis_url:
+        return MemoryLimiter()
+    return RedisLimiter(
+        redis_url, prefix=f"llamaserve:ratelimit:{namespace}:" if namespace else "llamaserve:ratelimit:"
+    )
