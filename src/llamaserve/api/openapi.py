@@ -203,7 +203,23 @@ def _takes_input(operation: dict[str, Any]) -> bool:
     )
 
 
+# The POSTs that create work take an Idempotency-Key (api/openai/idempotency.py), where accounts are kept.
+IDEMPOTENT = {
+    ("POST", p) for p in ("/v1/chat/completions", "/v1/{model}", "/v1/completions", "/v1/files", "/v1/batches")
+}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Sent again with the same body, the request is answered with its first response "
+    "(`Idempotent-Replayed: true`) and not charged again; kept per account for --idempotency-hours.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+}
+
+
 def _fix_operation(operation: dict[str, Any], route: RouteContext, method: str, accounts: bool) -> None:
+    if accounts and (method, route.path_format) in IDEMPOTENT:
+        operation.setdefault("parameters", []).append(IDEMPOTENCY_KEY)
     responses = operation.setdefault("responses", {})
     responses.pop("422", None)
     security, statuses = _security(_calls(route.dependant), method, accounts)
