@@ -9,6 +9,8 @@ per-request path (SQLite's database thread; PostgreSQL without the ORM).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import enum
 import time
@@ -104,6 +106,20 @@ class IdempotencyStore:
         self.lifetime = lifetime
         self.dead_after = dead_after
         self._stored: dict[int, tuple[int, float]] = {}  # account → (bytes, when counted)
+        self._ended: dict[tuple[int, str], asyncio.Event] = {}  # keys run here that retries here wait for
+
+    async def wait_ended(self, account_id: int, key: str, timeout: float) -> None:
+        """Until the request holding the key ends, if it runs in this process; else (or at most) `timeout`."""
+        if len(self._ended) > 10_000:  # keys run elsewhere are never ended here: forget them (waiters time out)
+            self._ended.clear()
+        ended = self._ended.setdefault((account_id, key), asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), timeout)
+
+    def _end(self, account_id: int, key: str) -> None:
+        ended = self._ended.pop((account_id, key), None)
+        if ended is not None:
+            ended.set()
 
     async def claim(self, account_id: int, key: str, request_hash: str) -> Claim:
         """Claim the key for a request whose body hashes to `request_hash`, or say why not."""
@@ -137,17 +153,23 @@ class IdempotencyStore:
     async def finish(self, account_id: int, key: str, status_code: int, stream: bool, response: bytes) -> None:
         """Keep the response of the request that claimed the key."""
         owner = self.store.instance
-        if self.store.postgres is not None:
-            await self.store.postgres.finish_key(account_id, key, owner, status_code, stream, response)
-            return
-        params = {"account_id": account_id, "key": key, "owner": owner, "status_code": status_code}
-        params |= {"stream": stream, "response": response, "bytes": len(response)}
-        await self.store.transaction(_write, _FINISH, params)
+        try:
+            if self.store.postgres is not None:
+                await self.store.postgres.finish_key(account_id, key, owner, status_code, stream, response)
+                return
+            params = {"account_id": account_id, "key": key, "owner": owner, "status_code": status_code}
+            params |= {"stream": stream, "response": response, "bytes": len(response)}
+            await self.store.transaction(_write, _FINISH, params)
+        finally:
+            self._end(account_id, key)
 
     async def forget(self, account_id: int, key: str) -> None:
         """Free the key (the request was refused or failed): a retry runs afresh."""
         params = {"account_id": account_id, "key": key, "owner": self.store.instance}
-        await self.store.transaction(_write, _FORGET, params)
+        try:
+            await self.store.transaction(_write, _FORGET, params)
+        finally:
+            self._end(account_id, key)
 
     async def stored_bytes(self, account_id: int) -> int:
         """Bytes of responses the account's live keys hold (counted at most every STORED_BYTES_SECONDS)."""

@@ -34,7 +34,7 @@ from llamaserve.serving.reply import Reply
 log = logging.getLogger(__name__)
 HEADER = "Idempotency-Key"
 MAX_KEY = 255
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.25  # how often a retry looks again for a first request running on another replica
 STORED_BYTES_PER_ACCOUNT = 256 * 1024 * 1024  # responses an account's live keys may hold
 REPLAYED = {"Idempotent-Replayed": "true"}
 
@@ -73,7 +73,7 @@ async def idempotent(
                 code="idempotency_key_in_use",
                 headers={"Retry-After": "1"},
             )
-        await asyncio.sleep(POLL_SECONDS)
+        await keys.wait_ended(account, key, POLL_SECONDS)  # woken at once when the first runs in this process
     if await keys.stored_bytes(account) > STORED_BYTES_PER_ACCOUNT:
         await keys.forget(account, key)
         raise APIError(
