@@ -345,11 +345,6 @@ class BatchStore:
                 batch.status, batch.completed_at = "completed", now
         return True
 
-    async def open_lines(self) -> int:
-        """Lines pending or running, of every batch (for metrics and tests)."""
-        async with self.store.read() as s:
-            return int(await s.scalar(select(func.count()).where(BatchLine.status != "done")) or 0)
-
 
 CANCELLED = "This request was not run: its batch was cancelled."
 EXPIRED = "This request could not be executed before the completion window expired."

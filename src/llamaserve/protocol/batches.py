@@ -11,7 +11,6 @@ from llamaserve.billing.models import Batch, File
 from llamaserve.billing.pricing import format_credits
 from llamaserve.protocol.validation import StoredText
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_METADATA_PAIRS = 16
 
 
