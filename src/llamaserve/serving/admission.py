@@ -94,6 +94,12 @@ class Platform:
 ANONYMOUS = Caller(key_id=0, key_prefix="", account_id=0, account_name="", plan="unlimited", allowed_models=None)
 
 
+async def never_disconnects() -> None:
+    """`Call.disconnected` of a request whose client does not stop it: a batch line, or one sent with an
+    Idempotency-Key (its retry gets the whole answer)."""
+    await asyncio.Event().wait()
+
+
 @dataclass
 class Call:
     """One inference request as serving sees it, with HTTP left behind in the route: who asked, its id, and how

@@ -25,8 +25,9 @@ from llamaserve.billing.store import AuthError
 from llamaserve.protocol.chat import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest
 from llamaserve.protocol.completions import DEFAULT_COMPLETION_MAX_TOKENS, CompletionRequest
 from llamaserve.protocol.errors import APIError, ErrorDetail, ErrorResponse, invalid, validation_detail
-from llamaserve.serving.admission import ANONYMOUS, DEAD_AFTER, Call, Platform
+from llamaserve.serving.admission import ANONYMOUS, DEAD_AFTER, Call, Platform, never_disconnects
 from llamaserve.serving.directory import ModelDirectory
+from llamaserve.serving.reply import run_after
 
 log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 1.0  # how often an idle gateway looks for work (new batches of this gateway wake it at once)
@@ -83,7 +84,7 @@ class BatchRunner:
             call = Call(
                 caller=ANONYMOUS,  # until the line's key is checked
                 request_id=f"batch_req_{secrets.token_hex(12)}",
-                disconnected=_never,
+                disconnected=never_disconnects,
                 batch_discount=self.discount,
             )
             task = asyncio.get_running_loop().create_task(self._run_line(line, call))
@@ -123,8 +124,7 @@ class BatchRunner:
                 reply = await serving.chat(request, call)  # type: ignore[arg-type]
             else:
                 reply = await serving.completion(request, call)  # type: ignore[arg-type]
-            if reply.after is not None and asyncio.iscoroutine(settled := reply.after()):
-                await settled
+            await run_after(reply.after)
             assert reply.body is not None
             return 200, reply.body
         except AuthError as e:
@@ -242,8 +242,3 @@ def _request(endpoint: str, body: str) -> BaseModel:
     if getattr(request, "stream", False):
         raise invalid("a batch line cannot stream: leave `stream` out (each line is answered whole)", "stream")
     return request
-
-
-async def _never() -> None:
-    """A batch line's client never leaves."""
-    await asyncio.Event().wait()

@@ -3,6 +3,7 @@ pieces both are made of (ids, usage objects, SSE framing). The route turns a Rep
 
 from __future__ import annotations
 
+import inspect
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,13 @@ class Reply:
     # Run once the reply has gone out, or failed to (a client gone before the stream started included): settles
     # what is still open. May be a coroutine function.
     after: Callable[[], Any] | None = None
+
+
+async def run_after(after: Callable[[], Any] | None) -> None:
+    """A reply's `after`, on the event loop (not in Starlette's thread pool: settling schedules tasks), awaited
+    if it is a coroutine function."""
+    if after is not None and inspect.isawaitable(result := after()):
+        await result
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ from llamaserve.billing.store import Caller
 from llamaserve.protocol.errors import shutting_down
 from llamaserve.serving.admission import Call
 from llamaserve.serving.directory import ModelDirectory
-from llamaserve.serving.reply import Reply, sse
+from llamaserve.serving.reply import Reply, run_after, sse
 
 
 def models_of(request: Request) -> ModelDirectory:
@@ -42,7 +41,7 @@ def respond(reply: Reply, call: Call) -> Response:
             _until_stopping(reply.events, call.server_stopping),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **reply.headers},
-            background=BackgroundTask(_run_after, reply.after),
+            background=BackgroundTask(run_after, reply.after),
         )
     return AfterJSONResponse(reply.body, reply.headers, reply.after)
 
@@ -57,12 +56,6 @@ async def _until_stopping(events: AsyncIterator[str], stopping: asyncio.Event) -
                 return
 
 
-async def _run_after(after: Callable[[], Any] | None) -> None:
-    """On the event loop, not in Starlette's thread pool: settling schedules tasks."""
-    if after is not None and inspect.isawaitable(result := after()):
-        await result
-
-
 class AfterJSONResponse(JSONResponse):
     """A JSON response that runs `after` once it has been sent, or failed to be (Starlette's background tasks
     run only after a send that succeeded)."""
@@ -75,4 +68,4 @@ class AfterJSONResponse(JSONResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await _run_after(self.after)
+            await run_after(self.after)

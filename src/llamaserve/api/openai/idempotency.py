@@ -28,8 +28,8 @@ from starlette.responses import Response
 from llamaserve.api.openai.calls import respond
 from llamaserve.billing.idempotency import Claimed, IdempotencyStore
 from llamaserve.protocol.errors import APIError, invalid
-from llamaserve.serving.admission import Call
-from llamaserve.serving.reply import Reply
+from llamaserve.serving.admission import Call, never_disconnects
+from llamaserve.serving.reply import Reply, run_after
 
 log = logging.getLogger(__name__)
 HEADER = "Idempotency-Key"
@@ -84,7 +84,7 @@ async def idempotent(
             code="idempotency_storage_full",
             headers={"Retry-After": "60"},
         )
-    call.disconnected = _never  # with a key, a client that leaves does not stop the work: the retry gets it
+    call.disconnected = never_disconnects  # with a key, a client that leaves does not stop the work: the retry gets it
     try:
         reply = await serve()
     except BaseException:
@@ -151,10 +151,8 @@ def _teed(request: Request, reply: Reply, keys: IdempotencyStore, account: int, 
             raise
         finally:
             queue.put_nowait(None)
-            if reply.after is not None:
-                with contextlib.suppress(Exception):
-                    if asyncio.iscoroutine(done := reply.after()):
-                        await done
+            with contextlib.suppress(Exception):
+                await run_after(reply.after)
 
     task = asyncio.get_running_loop().create_task(consume())
     running: set[asyncio.Task[None]] = request.app.state.idempotent_streams
@@ -166,7 +164,3 @@ def _teed(request: Request, reply: Reply, keys: IdempotencyStore, account: int, 
             yield event
 
     return respond(Reply(reply.headers, events=relay()), call)
-
-
-async def _never() -> None:
-    await asyncio.Event().wait()
