@@ -136,6 +136,9 @@ class BatchStore:
         """A batch in progress, its lines stored (those refused already, done and failed); with `errors`, a batch
         that failed validation, with no lines."""
         now = _now()
+        failed, total = errors is not None, len(lines)
+        if failed:
+            lines = []  # a batch that failed validation keeps none of its lines
         refused = sum(1 for line in lines if line.output is not None)
         batch = Batch(
             id=f"batch_{secrets.token_hex(12)}",
@@ -144,25 +147,18 @@ class BatchStore:
             endpoint=endpoint,
             input_file_id=input_file_id,
             completion_window=completion_window,
-            status="in_progress",
+            status="failed" if failed else "in_progress",
             metadata_=metadata,
-            total=len(lines),
+            errors=errors,
+            total=total,
             completed=0,
             failed=refused,
             cost=0,
             created_at=now,
-            in_progress_at=now,
+            in_progress_at=None if failed else now,
+            failed_at=now if failed else None,
             expires_at=now + window,
         )
-        if errors is not None:
-            batch.status, batch.errors, batch.failed_at, batch.in_progress_at, batch.failed = (
-                "failed",
-                errors,
-                now,
-                None,
-                0,
-            )
-            lines = []
         rows = [
             {
                 "batch_id": batch.id,
@@ -351,7 +347,8 @@ EXPIRED = "This request could not be executed before the completion window expir
 
 
 async def _answer_pending(s: Any, batch_id: str, code: str, message: str) -> int:
-    """Mark a batch's pending lines done and failed with an `error` (no response); returns how many."""
+    """Mark a batch's pending lines done and failed with an `error` (no response), in one statement run for
+    every line; returns how many."""
     pending = (
         await s.execute(
             select(BatchLine.id, BatchLine.custom_id).where(
@@ -359,25 +356,27 @@ async def _answer_pending(s: Any, batch_id: str, code: str, message: str) -> int
             )
         )
     ).all()
-    for line_id, custom_id in pending:
-        output = error_line(custom_id, code, message)
-        await s.execute(
-            update(BatchLine).where(BatchLine.id == line_id).values(status="done", failed=True, output=output)
-        )
+    if pending:
+        error = {"code": code, "message": message}
+        answers = [
+            {"id": line_id, "status": "done", "failed": True, "output": result_line(custom_id, error=error)}
+            for line_id, custom_id in pending
+        ]
+        await s.execute(update(BatchLine), answers)  # by primary key
     return len(pending)
 
 
-def error_line(custom_id: str, code: str, message: str) -> str:
-    """An error file's line for a request that got no response."""
-    return json.dumps(
-        {
-            "id": f"batch_req_{secrets.token_hex(12)}",
-            "custom_id": custom_id,
-            "response": None,
-            "error": {"code": code, "message": message},
-        },
-        ensure_ascii=False,
-    )
+def result_line(
+    custom_id: str,
+    response: dict[str, Any] | None = None,
+    error: dict[str, str] | None = None,
+    request_id: str | None = None,
+) -> str:
+    """A line of a batch's output or error file, OpenAI's shape: the response a request got, or the error that
+    kept it from getting one."""
+    request_id = request_id or f"batch_req_{secrets.token_hex(12)}"
+    line = {"id": request_id, "custom_id": custom_id, "response": response, "error": error}
+    return json.dumps(line, ensure_ascii=False)
 
 
 _LINE_DONE = text(

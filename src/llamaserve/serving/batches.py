@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from llamaserve.billing.batches import BatchStore, ClaimedLine, NewLine, Settlement
+from llamaserve.billing.batches import BatchStore, ClaimedLine, NewLine, Settlement, result_line
 from llamaserve.billing.store import AuthError
 from llamaserve.protocol.chat import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest
 from llamaserve.protocol.completions import DEFAULT_COMPLETION_MAX_TOKENS, CompletionRequest
@@ -227,9 +227,7 @@ def output_line(custom_id: str, status: int, body: dict[str, Any], request_id: s
     """A line of a batch's output (status 200) or error file: the response a live request would have had."""
     request_id = request_id or f"batch_req_{secrets.token_hex(12)}"
     response = {"status_code": status, "request_id": request_id, "body": body}
-    return json.dumps(
-        {"id": request_id, "custom_id": custom_id, "response": response, "error": None}, ensure_ascii=False
-    )
+    return result_line(custom_id, response=response, request_id=request_id)
 
 
 def _request(endpoint: str, body: str) -> BaseModel:
