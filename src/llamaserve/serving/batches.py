@@ -3,8 +3,9 @@ requests (validation, the key's model allowance, admission, the model's backend)
 time, and writes each line's output with its charge in one transaction.
 
 The scheduling rule: a gateway runs at most `concurrency` lines at once (default: half its engine's slots), so
-live requests always keep the other slots and never wait behind a batch for more than the lines running now;
-batch lines count against no live rate limit. Lines are claimed from the store, so replicas share the work.
+live requests always keep the other slots; on the local engine the lines are background sequences, which sit out
+every step while a live request runs or has just run (engine/scheduler.py). Batch lines count against no live
+rate limit. Lines are claimed from the store, so replicas share the work.
 """
 
 from __future__ import annotations
